@@ -1,0 +1,12 @@
+"""CLI sub-commands, one module per area (build, serve, plan, bench...)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register_all(app: typer.Typer) -> None:
+    from trt_disagg.commands import build, plan, serve
+
+    for module in (build, plan, serve):
+        module.register(app)

@@ -1,0 +1,229 @@
+"""Everything that crosses a process boundary, in one place.
+
+The router, the Triton models (python and tensorrtllm backends), the engine, the KV transfer and the
+simulator all import these names, so a renamed field breaks the build instead of production.
+
+Tensor names and request types are TensorRT-LLM's (tensorrtllm_backend `inflight_batcher_llm`), so a
+client cannot tell our CPU instances from TensorRT-LLM ones:
+
+    inputs : input_ids INT32 [1,N], input_lengths INT32 [1,1], request_output_len INT32 [1,1],
+             end_id INT32 [1,1], pad_id INT32 [1,1], streaming BOOL [1,1],
+             context_phase_params UINT8 [-1] (generation_only requests),
+             sampling: temperature FP32, runtime_top_k INT32, runtime_top_p FP32, random_seed UINT64
+    outputs: output_ids INT32 [1,1,T], sequence_length INT32 [1,1], context_phase_params UINT8 [-1]
+    request parameter `request_type`: context_only | generation_only | context_and_generation
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+class Role(str, enum.Enum):
+    """The job an instance (and the engine built for it) does."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+class RequestType(str, enum.Enum):
+    """TensorRT-LLM's `request_type` request parameter."""
+
+    CONTEXT_ONLY = "context_only"
+    GENERATION_ONLY = "generation_only"
+    CONTEXT_AND_GENERATION = "context_and_generation"
+
+
+ROLE_REQUEST_TYPE: dict[Role, RequestType] = {
+    Role.PREFILL: RequestType.CONTEXT_ONLY,
+    Role.DECODE: RequestType.GENERATION_ONLY,
+    Role.COLOCATED: RequestType.CONTEXT_AND_GENERATION,
+}
+
+
+class TensorName:
+    """Triton tensor names of the shared contract (TensorRT-LLM's spelling)."""
+
+    INPUT_IDS = "input_ids"
+    INPUT_LENGTHS = "input_lengths"
+    REQUEST_OUTPUT_LEN = "request_output_len"
+    END_ID = "end_id"
+    PAD_ID = "pad_id"
+    STREAMING = "streaming"
+    CONTEXT_PHASE_PARAMS = "context_phase_params"
+    TEMPERATURE = "temperature"
+    TOP_K = "runtime_top_k"
+    TOP_P = "runtime_top_p"
+    RANDOM_SEED = "random_seed"
+    OUTPUT_IDS = "output_ids"
+    SEQUENCE_LENGTH = "sequence_length"
+
+
+REQUEST_TYPE_PARAMETER = "request_type"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a Llama-family decoder; enough to build, shard, size the KV cache and plan."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2
+        per_layer = attn + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of every layer for one token."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelShape:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelShape:
+        """From a Hugging Face `config.json` of a Llama-family model."""
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        return cls(
+            num_layers=int(cfg["num_hidden_layers"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def fingerprint(self, weights_digest: str) -> str:
+        """Identifies model weights + shape; KV only moves between engines with equal fingerprints."""
+        payload = json.dumps({"shape": self.to_dict(), "weights": weights_digest}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pp_layer_ranges(num_layers: int, pp: int) -> list[range]:
+    """Layers owned by each pipeline stage: contiguous, the first stages take the remainder."""
+    base, extra = divmod(num_layers, pp)
+    ranges, start = [], 0
+    for stage in range(pp):
+        n = base + (1 if stage < extra else 0)
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
+
+
+def rank_of(tp_rank: int, pp_rank: int, tp: int) -> int:
+    """TensorRT-LLM's global rank numbering: rank = pp_rank * tp_size + tp_rank."""
+    return pp_rank * tp + tp_rank
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Describes how an engine stores KV, so the receiving side can re-slice it.
+
+    TP splits KV heads (rank t holds heads [t*H/tp, (t+1)*H/tp)); PP splits layers (pp_layer_ranges).
+    """
+
+    fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "float32"
+    tokens_per_block: int
+    tp: int
+    pp: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVLayout:
+        return cls(**d)
+
+    def compatible_with(self, other: KVLayout) -> str | None:
+        """Why KV of `self` cannot be converted into `other`, or None when it can."""
+        if self.fingerprint != other.fingerprint:
+            return f"model fingerprint mismatch: {self.fingerprint} != {other.fingerprint}"
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} mismatch: {getattr(self, name)} != {getattr(other, name)}"
+        return None
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding controls. temperature 0 (or top_k 1) means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    end_id: int | None = None
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+@dataclass
+class InstanceLoad:
+    """Load figures an instance publishes for the router (and the simulator's dispatcher)."""
+
+    queued_prompt_tokens: int = 0
+    running_sequences: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    pending_kv_handoffs: int = 0
+
+
+@dataclass
+class InstanceInfo:
+    """What an instance registers in Redis."""
+
+    instance_id: str
+    role: Role
+    host: str
+    grpc_url: str
+    http_url: str
+    kv_url: str
+    tp: int
+    pp: int
+    kv_capacity_tokens: int
+    fingerprint: str
+    model_name: str
+    extra: dict = field(default_factory=dict)
