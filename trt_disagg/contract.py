@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """The job an instance (and the engine built for it) does."""
 
     PREFILL = "prefill"
@@ -30,7 +30,7 @@ class Role(str, enum.Enum):
     COLOCATED = "colocated"
 
 
-class RequestType(str, enum.Enum):
+class RequestType(enum.StrEnum):
     """TensorRT-LLM's `request_type` request parameter."""
 
     CONTEXT_ONLY = "context_only"
