@@ -1,0 +1,134 @@
+"""One rank's share of a Llama-family decoder: its pipeline stage's layers and its tensor-parallel slice.
+
+    stage 0        : embed_tokens (full) -> layers[r0] ...
+    stage s        : hidden from stage s-1 -> its layers
+    last stage     : ... -> norm -> lm_head (full) -> logits of each sequence's last token
+    within a stage : q/k/v/gate/up are column slices (heads / MLP columns of this TP rank); o/down are row
+                     slices whose partial outputs are summed by `all_reduce` across the stage's TP ranks.
+
+Weights arrive already sliced (sharding.py, by the build); names are Hugging Face's with global layer ids.
+q/k/v and gate/up are fused into one matmul each at load time: fewer, larger GEMMs are faster on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trt_disagg.contract import ModelShape
+from trt_disagg.engine.layers import Rotary, paged_attention, rms_norm
+from trt_disagg.engine.step_input import StepTensors
+
+AllReduce = Callable[[torch.Tensor], None]
+
+
+def _no_all_reduce(t: torch.Tensor) -> None:
+    return None
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [(H + 2 KVH) / tp * d, hidden]
+    o: torch.Tensor  # [hidden, H / tp * d]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * I / tp, hidden]
+    down: torch.Tensor  # [hidden, I / tp]
+
+
+class RankModel:
+    def __init__(
+        self,
+        shape: ModelShape,
+        weights: dict[str, torch.Tensor],
+        *,
+        tp: int,
+        layers: range,
+        is_first_stage: bool,
+        is_last_stage: bool,
+        num_kv_slots: int,
+        kv_dtype: torch.dtype,
+        max_positions: int,
+        all_reduce: AllReduce = _no_all_reduce,
+    ) -> None:
+        self.shape = shape
+        self.layer_ids = layers
+        self.is_first_stage = is_first_stage
+        self.is_last_stage = is_last_stage
+        self.all_reduce = all_reduce
+        self.heads = shape.num_heads // tp
+        self.kv_heads = shape.num_kv_heads // tp
+        self.head_dim = shape.head_dim
+        self.rotary = Rotary(self.head_dim, max_positions, shape.rope_theta)
+        self.embed = weights["model.embed_tokens.weight"] if is_first_stage else None
+        self.norm = weights["model.norm.weight"] if is_last_stage else None
+        self.lm_head = weights["lm_head.weight"] if is_last_stage else None
+        self.layers = [self._load_layer(weights, i) for i in layers]
+        # K and V of this rank's layers and heads: [layers, slots, kv_heads / tp, head_dim].
+        cache_shape = (len(layers), num_kv_slots, self.kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(cache_shape, dtype=kv_dtype)
+        self.v_cache = torch.zeros(cache_shape, dtype=kv_dtype)
+
+    @staticmethod
+    def _load_layer(w: dict[str, torch.Tensor], i: int) -> _Layer:
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        return _Layer(
+            input_norm=w[p + "input_layernorm.weight"],
+            qkv=torch.cat([w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]]),
+            o=w[attn + "o_proj.weight"],
+            post_norm=w[p + "post_attention_layernorm.weight"],
+            gate_up=torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
+            down=w[mlp + "down_proj.weight"],
+        )
+
+    @torch.inference_mode()
+    def forward(self, st: StepTensors, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Stage 0 takes token ids (hidden=None); others the previous stage's hidden [T, hidden_size].
+
+        Returns hidden [T, hidden_size], or on the last stage the logits [B, vocab] of each last token.
+        """
+        x = F.embedding(st.token_ids, self.embed) if hidden is None else hidden
+        for local, layer in enumerate(self.layers):
+            x = x + self._attention(local, layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), st)
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.shape.rms_norm_eps))
+        if not self.is_last_stage:
+            return x
+        last = rms_norm(x[st.last_token_index], self.norm, self.shape.rms_norm_eps)
+        return F.linear(last, self.lm_head).float()
+
+    def _attention(self, local: int, layer: _Layer, x: torch.Tensor, st: StepTensors) -> torch.Tensor:
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = F.linear(x, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q = self.rotary.apply(q.reshape(-1, self.heads, self.head_dim), st.positions)
+        k = self.rotary.apply(k.reshape(-1, self.kv_heads, self.head_dim), st.positions)
+        self.k_cache[local, st.new_slots] = k.to(self.k_cache.dtype)
+        self.v_cache[local, st.new_slots] = v.reshape(-1, self.kv_heads, self.head_dim).to(self.v_cache.dtype)
+        k_all, v_all = self.k_cache[local], self.v_cache[local]
+        if k_all.dtype != q.dtype:  # a narrower KV dtype than the compute dtype: widen for the matmuls
+            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+        attn = paged_attention(q, k_all, v_all, st)
+        out = F.linear(attn, layer.o)
+        self.all_reduce(out)
+        return out
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        out = F.linear(F.silu(gate) * up, layer.down)
+        self.all_reduce(out)
+        return out
+
+    # -- KV export / import: this rank's slice of given cache slots ----------------------------------------
+
+    def read_kv(self, slots: list[int]) -> torch.Tensor:
+        """[layers_of_stage, 2, len(slots), kv_heads / tp, head_dim]."""
+        idx = torch.tensor(slots, dtype=torch.long)
+        return torch.stack([self.k_cache[:, idx], self.v_cache[:, idx]], dim=1).clone()
+
+    def write_kv(self, slots: list[int], kv: torch.Tensor) -> None:
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.k_cache[:, idx] = kv[:, 0].to(self.k_cache.dtype)
+        self.v_cache[:, idx] = kv[:, 1].to(self.v_cache.dtype)

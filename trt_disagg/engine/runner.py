@@ -1,0 +1,272 @@
+"""Runs the model's forward pass on one process (TP1 x PP1) or on tp*pp rank processes.
+
+    driver (scheduler, sampling)                         rank processes (spawned, one per TP x PP rank)
+      | ForwardCmd(step) --pipe--> every rank      stage 0: embed + layers --dist.send--> stage 1 ...
+      |                                            TP ranks of a stage all-reduce o/down outputs (gloo)
+      | <--pipe-- logits [B, vocab]                last stage, tp rank 0 replies with the logits
+      | <--pipe-- Ack from every other rank        so a failed rank is seen at once, not as a hang
+
+Ranks load their own weight shard from the engine directory: no weights cross a pipe. Commands are typed
+dataclasses, not strings. Every rank answers every command; the driver raises `RankFailure` on an error
+reply or a dead rank. `shutdown()` stops and joins every rank (then kills what did not stop).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from trt_disagg.contract import pp_layer_ranges, rank_of
+from trt_disagg.engine.model import RankModel
+from trt_disagg.engine.step_input import StepInput, build_step_tensors
+from trt_disagg.engine.types import EngineConfig, rank_file
+
+log = logging.getLogger(__name__)
+
+RANK_START_TIMEOUT_S = 300.0
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+class RankFailure(RuntimeError):
+    """A rank process raised or died; the engine cannot continue."""
+
+
+class ModelRunner(Protocol):
+    def forward(self, step: StepInput) -> torch.Tensor: ...  # logits [num_seqs, vocab]
+    def read_kv(self, slots: list[int]) -> dict[int, torch.Tensor]: ...  # rank -> its KV slice
+    def write_kv(self, slots: list[int], shards: dict[int, torch.Tensor]) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name == "fp8":
+        return torch.float8_e4m3fn
+    return getattr(torch, name)
+
+
+def build_rank_model(cfg: EngineConfig, engine_dir: Path, rank: int, all_reduce=None) -> RankModel:
+    pp_rank = rank // cfg.tp
+    weights = load_file(str(engine_dir / rank_file(rank)))
+    dtype = _torch_dtype(cfg.dtype)
+    weights = {k: v.to(dtype) for k, v in weights.items()}
+    kwargs = {"all_reduce": all_reduce} if all_reduce is not None else {}
+    return RankModel(
+        cfg.shape, weights, tp=cfg.tp,
+        layers=pp_layer_ranges(cfg.shape.num_layers, cfg.pp)[pp_rank],
+        is_first_stage=pp_rank == 0, is_last_stage=pp_rank == cfg.pp - 1,
+        num_kv_slots=cfg.kv_cache.num_blocks * cfg.kv_cache.tokens_per_block,
+        kv_dtype=_torch_dtype(cfg.kv_cache.dtype),
+        max_positions=cfg.limits.max_seq_len,
+        **kwargs,
+    )
+
+
+class LocalRunner:
+    """TP1 x PP1: the model runs in the driver's process (no IPC on the hot path)."""
+
+    def __init__(self, cfg: EngineConfig, engine_dir: Path) -> None:
+        self.cfg = cfg
+        self.model = build_rank_model(cfg, engine_dir, 0)
+
+    def forward(self, step: StepInput) -> torch.Tensor:
+        return self.model.forward(build_step_tensors(step, self.cfg.kv_cache.tokens_per_block), None)
+
+    def read_kv(self, slots: list[int]) -> dict[int, torch.Tensor]:
+        return {0: self.model.read_kv(slots)}
+
+    def write_kv(self, slots: list[int], shards: dict[int, torch.Tensor]) -> None:
+        self.model.write_kv(slots, shards[0])
+
+    def shutdown(self) -> None:
+        return None
+
+
+# -- commands and replies between driver and ranks ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ForwardCmd:
+    step: StepInput
+
+
+@dataclass(frozen=True)
+class ReadKVCmd:
+    slots: list[int]
+
+
+@dataclass(frozen=True)
+class WriteKVCmd:
+    slots: list[int]
+    kv: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StopCmd:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    payload: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    rank: int
+    error: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(engine_dir: str, rank: int, port: int, conn, threads: int) -> None:
+    """Entry point of one rank process."""
+    torch.set_num_threads(threads)
+    cfg = EngineConfig.load(engine_dir)
+    tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=cfg.world_size, timeout=COLLECTIVE_TIMEOUT)
+        # Every rank creates every stage's TP group, in the same order (a torch.distributed rule).
+        groups = [dist.new_group([rank_of(t, s, cfg.tp) for t in range(cfg.tp)]) for s in range(cfg.pp)]
+        tp_group = groups[pp_rank]
+
+        def all_reduce(t: torch.Tensor) -> None:
+            dist.all_reduce(t, group=tp_group)
+
+        model = build_rank_model(cfg, Path(engine_dir), rank, all_reduce if cfg.tp > 1 else None)
+        conn.send(Ready(rank))
+    except Exception:
+        conn.send(Failed(rank, traceback.format_exc()))
+        return
+    tpb = cfg.kv_cache.tokens_per_block
+    is_last = pp_rank == cfg.pp - 1
+    while True:
+        try:
+            cmd = conn.recv()
+        except EOFError:  # the driver is gone
+            break
+        if isinstance(cmd, StopCmd):
+            break
+        try:
+            if isinstance(cmd, ForwardCmd):
+                st = build_step_tensors(cmd.step, tpb)
+                hidden = None
+                if pp_rank > 0:
+                    hidden = torch.empty(cmd.step.num_tokens, cfg.shape.hidden_size, dtype=_torch_dtype(cfg.dtype))
+                    dist.recv(hidden, src=rank_of(tp_rank, pp_rank - 1, cfg.tp))
+                out = model.forward(st, hidden)
+                if not is_last:
+                    dist.send(out, dst=rank_of(tp_rank, pp_rank + 1, cfg.tp))
+                conn.send(Ack(out if is_last and tp_rank == 0 else None))
+            elif isinstance(cmd, ReadKVCmd):
+                conn.send(Ack(model.read_kv(cmd.slots)))
+            elif isinstance(cmd, WriteKVCmd):
+                model.write_kv(cmd.slots, cmd.kv)
+                conn.send(Ack())
+        except Exception:
+            conn.send(Failed(rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistributedRunner:
+    """tp*pp rank processes started with torch.multiprocessing (spawn) and joined on shutdown."""
+
+    def __init__(self, cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> None:
+        self.cfg = cfg
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._conns = []
+        self._procs = []
+        try:
+            for rank in range(cfg.world_size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, port, child, threads_per_rank),
+                                   name=f"trt-disagg-rank{rank}", daemon=True)
+                proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+            for rank in range(cfg.world_size):
+                reply = self._recv(rank, timeout_s=RANK_START_TIMEOUT_S)
+                if not isinstance(reply, Ready):
+                    raise RankFailure(f"rank {rank} did not start: {reply}")
+        except BaseException:
+            self.shutdown()
+            raise
+        self._last_rank = rank_of(0, cfg.pp - 1, cfg.tp)
+
+    def _recv(self, rank: int, timeout_s: float | None = None):
+        conn, proc = self._conns[rank], self._procs[rank]
+        # Poll in slices so a rank that died is noticed instead of waiting forever.
+        waited = 0.0
+        while not conn.poll(1.0):
+            waited += 1.0
+            if not proc.is_alive():
+                raise RankFailure(f"rank {rank} died (exit code {proc.exitcode})")
+            if timeout_s is not None and waited >= timeout_s:
+                raise RankFailure(f"rank {rank} did not answer within {timeout_s:.0f} s")
+        reply = conn.recv()
+        if isinstance(reply, Failed):
+            raise RankFailure(f"rank {reply.rank} failed:\n{reply.error}")
+        return reply
+
+    def _broadcast(self, cmds: list) -> list:
+        for conn, cmd in zip(self._conns, cmds, strict=True):
+            conn.send(cmd)
+        return [self._recv(rank) for rank in range(len(cmds))]
+
+    def forward(self, step: StepInput) -> torch.Tensor:
+        replies = self._broadcast([ForwardCmd(step)] * self.cfg.world_size)
+        logits = replies[self._last_rank].payload
+        assert logits is not None
+        return logits
+
+    def read_kv(self, slots: list[int]) -> dict[int, torch.Tensor]:
+        replies = self._broadcast([ReadKVCmd(slots)] * self.cfg.world_size)
+        return {rank: r.payload for rank, r in enumerate(replies)}
+
+    def write_kv(self, slots: list[int], shards: dict[int, torch.Tensor]) -> None:
+        self._broadcast([WriteKVCmd(slots, shards[rank]) for rank in range(self.cfg.world_size)])
+
+    def shutdown(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(StopCmd())
+            except (OSError, BrokenPipeError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                log.warning("rank process %s did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._conns, self._procs = [], []
+
+
+def make_runner(cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> ModelRunner:
+    if cfg.world_size == 1:
+        torch.set_num_threads(threads_per_rank)
+        return LocalRunner(cfg, engine_dir)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return DistributedRunner(cfg, engine_dir, threads_per_rank)
