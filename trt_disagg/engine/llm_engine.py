@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,9 +35,15 @@ class EngineInputError(ValueError):
     """A request the engine refuses (too long, bad sampling values, unknown id...)."""
 
 
+LogitsHook = Callable[[list[str], torch.Tensor], None]
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, runner: ModelRunner) -> None:
         self.config = cfg
+        # Called with (request ids, last-position logits [B, vocab]) after every forward pass: for
+        # observability and for tests that compare logits with a reference implementation.
+        self.logits_hook: LogitsHook | None = None
         self._runner = runner
         self._pool = BlockPool(cfg.kv_cache.num_blocks, cfg.kv_cache.tokens_per_block)
         self._scheduler = Scheduler(cfg.limits, self._pool)
@@ -177,6 +184,8 @@ class LLMEngine:
                 return []
             step = self._step_input(scheduled.kind, scheduled.seqs)
             logits = self._runner.forward(step)
+            if self.logits_hook is not None:
+                self.logits_hook([seq.request_id for seq in scheduled.seqs], logits)
             return [self._advance(seq, logits[i]) for i, seq in enumerate(scheduled.seqs)]
 
     def _write_imported_kv(self, seq: Sequence) -> None:

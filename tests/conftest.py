@@ -1,0 +1,50 @@
+"""Shared test helpers: build engines once per session, run requests to completion, check for leaks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trt_disagg.config import parse_deployment
+
+
+def build_engine(root: Path, source: dict, *, tp: int = 1, pp: int = 1, max_tokens: int = 4096,
+                 max_input_len: int = 256, max_seq_len: int = 512, max_batch_size: int = 8) -> Path:
+    """A colocated engine directory for `source` at tp x pp, built with the real build step."""
+    from trt_disagg.build.builder import build_deployment
+
+    name = f"{source['source']}-tp{tp}pp{pp}"
+    dep = parse_deployment({
+        "name": name,
+        "model": source,
+        "colocated_servers": {
+            "tensor_parallel_size": tp, "pipeline_parallel_size": pp, "max_batch_size": max_batch_size,
+            "max_input_len": max_input_len, "max_seq_len": max_seq_len, "max_num_tokens": 2048,
+            "kv_cache_config": {"tokens_per_block": 16, "max_tokens": max_tokens},
+        },
+        "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
+    })
+    build_deployment(dep, engines_root=root)
+    return root / name / "colocated"
+
+
+TINY = {"source": "tiny", "seed": 0}
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
+    root = tmp_path_factory.mktemp("tiny-engines")
+    return {layout: build_engine(root, TINY, tp=layout[0], pp=layout[1]) for layout in LAYOUTS}
+
+
+def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list[int]]:
+    """Step an engine until it is idle; tokens per request id."""
+    out: dict[str, list[int]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return out
+        for ev in engine.step():
+            out.setdefault(ev.request_id, []).append(ev.token_id)
+    raise AssertionError(f"engine still busy after {max_steps} steps")
