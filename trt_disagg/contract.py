@@ -134,15 +134,45 @@ class ModelShape:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def balanced_ranges(n: int, parts: int) -> list[range]:
+    """Split [0, n) into `parts` contiguous ranges whose sizes differ by at most one (first ones larger)."""
+    base, extra = divmod(n, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
 def pp_layer_ranges(num_layers: int, pp: int) -> list[range]:
     """Layers owned by each pipeline stage: contiguous, the first stages take the remainder."""
-    base, extra = divmod(num_layers, pp)
-    ranges, start = [], 0
-    for stage in range(pp):
-        n = base + (1 if stage < extra else 0)
-        ranges.append(range(start, start + n))
-        start += n
-    return ranges
+    return balanced_ranges(num_layers, pp)
+
+
+@dataclass(frozen=True)
+class TPSlice:
+    """What one tensor-parallel rank computes: whole KV groups (a KV head with its query heads) and a
+    contiguous range of MLP columns. Splits are balanced, not necessarily equal: SmolLM2-135M has 3 KV
+    heads, and TP2 gives its ranks 2 and 1 KV groups (TensorRT-LLM needs equal splits; see
+    `tp_divides_evenly`)."""
+
+    kv_heads: range
+    q_heads: range
+    mlp_columns: range
+
+
+def tp_slices(shape: ModelShape, tp: int) -> list[TPSlice]:
+    group = shape.num_heads // shape.num_kv_heads
+    return [
+        TPSlice(kv, range(kv.start * group, kv.stop * group), mlp)
+        for kv, mlp in zip(balanced_ranges(shape.num_kv_heads, tp),
+                           balanced_ranges(shape.intermediate_size, tp), strict=True)
+    ]
+
+
+def tp_divides_evenly(shape: ModelShape, tp: int) -> bool:
+    return shape.num_kv_heads % tp == 0 and shape.num_heads % tp == 0 and shape.intermediate_size % tp == 0
 
 
 def rank_of(tp_rank: int, pp_rank: int, tp: int) -> int:

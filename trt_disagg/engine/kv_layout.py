@@ -5,7 +5,7 @@
     rank1: layers 0-3, heads 2-3 ┘  (stages concatenated    └ rank1: layers 2-3, heads 0-3
                                      on layers, TP ranks on heads)
 
-TP splits KV heads into contiguous groups, PP splits layers (contract.pp_layer_ranges). Assembling the full
+TP splits KV heads into balanced contiguous groups (contract.tp_slices), PP splits layers (contract.pp_layer_ranges). Assembling the full
 tensor then slicing is simple and exact; its cost is one copy of one sequence's KV.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from trt_disagg.contract import KVLayout, pp_layer_ranges, rank_of
+from trt_disagg.contract import KVLayout, balanced_ranges, pp_layer_ranges, rank_of
 from trt_disagg.engine.types import ExportedKV
 
 
@@ -29,11 +29,11 @@ def assemble_full(kv: ExportedKV) -> torch.Tensor:
 
 def slice_for(full: torch.Tensor, layout: KVLayout) -> dict[int, torch.Tensor]:
     """Shards of `full` for each rank of `layout`."""
-    heads_per_rank = layout.num_kv_heads // layout.tp
+    head_ranges = balanced_ranges(layout.num_kv_heads, layout.tp)  # as contract.tp_slices splits KV heads
     out: dict[int, torch.Tensor] = {}
     for pp_rank, layers in enumerate(pp_layer_ranges(layout.num_layers, layout.pp)):
-        for t in range(layout.tp):
-            part = full[layers.start:layers.stop, :, :, t * heads_per_rank:(t + 1) * heads_per_rank]
+        for t, heads in enumerate(head_ranges):
+            part = full[layers.start:layers.stop, :, :, heads.start:heads.stop]
             out[rank_of(t, pp_rank, layout.tp)] = part.contiguous()
     return out
 

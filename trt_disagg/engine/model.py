@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trt_disagg.contract import ModelShape
+from trt_disagg.contract import ModelShape, TPSlice
 from trt_disagg.engine.layers import Rotary, paged_attention, rms_norm
 from trt_disagg.engine.step_input import StepTensors
 
@@ -32,11 +32,11 @@ def _no_all_reduce(t: torch.Tensor) -> None:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2 KVH) / tp * d, hidden]
-    o: torch.Tensor  # [hidden, H / tp * d]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads of this rank) * d, hidden]
+    o: torch.Tensor  # [hidden, heads of this rank * d]
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * I / tp, hidden]
-    down: torch.Tensor  # [hidden, I / tp]
+    gate_up: torch.Tensor  # [2 * MLP columns of this rank, hidden]
+    down: torch.Tensor  # [hidden, MLP columns of this rank]
 
 
 class RankModel:
@@ -45,7 +45,7 @@ class RankModel:
         shape: ModelShape,
         weights: dict[str, torch.Tensor],
         *,
-        tp: int,
+        tp_slice: TPSlice,
         layers: range,
         is_first_stage: bool,
         is_last_stage: bool,
@@ -59,15 +59,15 @@ class RankModel:
         self.is_first_stage = is_first_stage
         self.is_last_stage = is_last_stage
         self.all_reduce = all_reduce
-        self.heads = shape.num_heads // tp
-        self.kv_heads = shape.num_kv_heads // tp
+        self.heads = len(tp_slice.q_heads)
+        self.kv_heads = len(tp_slice.kv_heads)
         self.head_dim = shape.head_dim
         self.rotary = Rotary(self.head_dim, max_positions, shape.rope_theta)
         self.embed = weights["model.embed_tokens.weight"] if is_first_stage else None
         self.norm = weights["model.norm.weight"] if is_last_stage else None
         self.lm_head = weights["lm_head.weight"] if is_last_stage else None
         self.layers = [self._load_layer(weights, i) for i in layers]
-        # K and V of this rank's layers and heads: [layers, slots, kv_heads / tp, head_dim].
+        # K and V of this rank's layers and KV heads: [layers, slots, kv_heads of this rank, head_dim].
         cache_shape = (len(layers), num_kv_slots, self.kv_heads, self.head_dim)
         self.k_cache = torch.zeros(cache_shape, dtype=kv_dtype)
         self.v_cache = torch.zeros(cache_shape, dtype=kv_dtype)
@@ -124,7 +124,7 @@ class RankModel:
     # -- KV export / import: this rank's slice of given cache slots ----------------------------------------
 
     def read_kv(self, slots: list[int]) -> torch.Tensor:
-        """[layers_of_stage, 2, len(slots), kv_heads / tp, head_dim]."""
+        """[layers_of_stage, 2, len(slots), kv_heads of this rank, head_dim]."""
         idx = torch.tensor(slots, dtype=torch.long)
         return torch.stack([self.k_cache[:, idx], self.v_cache[:, idx]], dim=1).clone()
 

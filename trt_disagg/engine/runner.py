@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from trt_disagg.contract import pp_layer_ranges, rank_of
+from trt_disagg.contract import pp_layer_ranges, rank_of, tp_slices
 from trt_disagg.engine.model import RankModel
 from trt_disagg.engine.step_input import StepInput, build_step_tensors
 from trt_disagg.engine.types import EngineConfig, rank_file
@@ -56,13 +56,13 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def build_rank_model(cfg: EngineConfig, engine_dir: Path, rank: int, all_reduce=None) -> RankModel:
-    pp_rank = rank // cfg.tp
+    tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
     weights = load_file(str(engine_dir / rank_file(rank)))
     dtype = _torch_dtype(cfg.dtype)
     weights = {k: v.to(dtype) for k, v in weights.items()}
     kwargs = {"all_reduce": all_reduce} if all_reduce is not None else {}
     return RankModel(
-        cfg.shape, weights, tp=cfg.tp,
+        cfg.shape, weights, tp_slice=tp_slices(cfg.shape, cfg.tp)[tp_rank],
         layers=pp_layer_ranges(cfg.shape.num_layers, cfg.pp)[pp_rank],
         is_first_stage=pp_rank == 0, is_last_stage=pp_rank == cfg.pp - 1,
         num_kv_slots=cfg.kv_cache.num_blocks * cfg.kv_cache.tokens_per_block,
