@@ -121,7 +121,8 @@ class ModelShape:
             num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            # transformers 5 moved rope_theta into rope_parameters
+            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
@@ -184,7 +185,7 @@ def rank_of(tp_rank: int, pp_rank: int, tp: int) -> int:
 class KVLayout:
     """Describes how an engine stores KV, so the receiving side can re-slice it.
 
-    TP splits KV heads (rank t holds heads [t*H/tp, (t+1)*H/tp)); PP splits layers (pp_layer_ranges).
+    TP splits KV heads into balanced contiguous groups (tp_slices); PP splits layers (pp_layer_ranges).
     """
 
     fingerprint: str

@@ -56,8 +56,6 @@ class RankModel:
     ) -> None:
         self.shape = shape
         self.layer_ids = layers
-        self.is_first_stage = is_first_stage
-        self.is_last_stage = is_last_stage
         self.all_reduce = all_reduce
         self.heads = len(tp_slice.q_heads)
         self.kv_heads = len(tp_slice.kv_heads)
@@ -91,11 +89,16 @@ class RankModel:
 
         Returns hidden [T, hidden_size], or on the last stage the logits [B, vocab] of each last token.
         """
-        x = F.embedding(st.token_ids, self.embed) if hidden is None else hidden
+        if hidden is None:
+            if self.embed is None:
+                raise ValueError("only the first pipeline stage embeds token ids")
+            x = F.embedding(st.token_ids, self.embed)
+        else:
+            x = hidden
         for local, layer in enumerate(self.layers):
             x = x + self._attention(local, layer, rms_norm(x, layer.input_norm, self.shape.rms_norm_eps), st)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.shape.rms_norm_eps))
-        if not self.is_last_stage:
+        if self.norm is None or self.lm_head is None:  # not the last stage
             return x
         last = rms_norm(x[st.last_token_index], self.norm, self.shape.rms_norm_eps)
         return F.linear(last, self.lm_head).float()
