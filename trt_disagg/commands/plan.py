@@ -1,9 +1,407 @@
-"""`trt-disagg` sub-commands of this area (filled in by its owner)."""
+"""`trt-disagg plan | simulate | profile`: the planning path from the command line.
+
+    profile ENGINE_DIR   time a real engine over a grid, fit the latency model   (planner/profile.py)
+    plan                 search placements, print best disaggregated vs colocated, write the deployment YAML
+    simulate             one configuration at given rates, or the tightest SLO scale met at one rate
+
+The heavy lifting is Python API (trt_disagg.planner / trt_disagg.sim); this module parses flags and prints.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from trt_disagg.errors import UserError
+
+log = logging.getLogger(__name__)
+out = Console()
+
+Opt = typer.Option
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the CLI."""
+    app.command("plan")(plan_cmd)
+    app.command("simulate")(simulate_cmd)
+    app.command("profile")(profile_cmd)
+
+
+def _check_slo(ttft: float, tpot: float, attainment: float) -> None:
+    if not ttft > 0:
+        raise UserError(f"--ttft must be > 0 seconds, got {ttft}")
+    if not tpot > 0:
+        raise UserError(f"--tpot must be > 0 seconds, got {tpot}")
+    if not 0 < attainment <= 1:
+        raise UserError(f"--attainment must be in (0, 1], got {attainment}")
+
+
+def _plan_inputs(model: str, gpu: str, nodes: int, gpus_per_node: int, pool: list[str] | None, network_gbps: float,
+                 workload: str, num_requests: int, seed: int, arrival: str, cv: float, ttft: float, tpot: float,
+                 attainment: float, affinity: str, latency_source: str, coefficients: list[str] | None,
+                 baseline_engine: str, max_input_len: int | None, max_output_len: int | None,
+                 prefill_max_num_tokens: int, input_len: int | None = None, output_len: int | None = None) -> Any:
+    from trt_disagg.planner import inputs
+    from trt_disagg.planner.goodput import SLOTarget
+    from trt_disagg.planner.models import get_model
+    from trt_disagg.planner.search import PlanInputs, check_fits
+
+    _check_slo(ttft, tpot, attainment)
+    if affinity not in ("high", "low"):
+        raise UserError(f"--affinity: expected high or low, got {affinity!r}")
+    if num_requests < 10:
+        raise UserError(f"--num-requests must be >= 10, got {num_requests}")
+    if prefill_max_num_tokens < 1:
+        raise UserError("--prefill-max-num-tokens must be >= 1")
+    spec = get_model(model)
+    cluster = inputs.parse_cluster(gpu, nodes, gpus_per_node, pool, network_gbps)
+    gpus = [p.gpu.name for p in cluster.pools]
+    check_fits(spec, cluster)
+    latency = inputs.latency_models(spec, gpus, latency_source, coefficients)
+    baseline = inputs.baseline_engine_models(spec, gpus, baseline_engine, latency)
+    lengths = inputs.plan_lengths(workload, spec, num_requests, seed, max_input_len, max_output_len,
+                                  input_len, output_len)
+    arrivals = inputs.unit_arrivals(arrival, seed, cv, max(inputs.MAX_SIM_REQUESTS, num_requests))
+    return PlanInputs(spec, cluster, lengths, arrivals, SLOTarget(ttft, tpot, attainment), latency, baseline,
+                      affinity, prefill_max_num_tokens)  # type: ignore[arg-type]
+
+
+def plan_cmd(
+    model: str = Opt(..., help="opt-13b, opt-66b, opt-175b, llama-3-8b, llama-3-70b, smollm2-135m, or a config.json"),
+    ttft: float = Opt(..., help="TTFT SLO, seconds"),
+    tpot: float = Opt(..., help="TPOT SLO, seconds"),
+    attainment: float = Opt(0.9, help="share of requests that must meet both SLOs"),
+    gpu: str = Opt("a100-80g", help="a100-40g, a100-80g, h100-sxm, h200, l40s"),
+    nodes: int = Opt(1, help="nodes of --gpu"),
+    gpus_per_node: int = Opt(8),
+    pool: list[str] = Opt(None, help="mixed clusters: GPU:NODESxGPUS[@COST], repeatable (replaces --gpu/--nodes)"),
+    workload: str = Opt("sharegpt", help="sharegpt, humaneval, longbench-synthetic, fixed"),
+    input_len: int = Opt(None, help="fixed workload: prompt tokens"),
+    output_len: int = Opt(None, help="output tokens (fixed workload; overrides the data set's otherwise)"),
+    num_requests: int = Opt(1000, help="distinct requests sampled from the workload"),
+    arrival: str = Opt("poisson", help="poisson or gamma"),
+    cv: float = Opt(1.0, help="gamma arrivals: coefficient of variation (burstiness)"),
+    seed: int = Opt(0),
+    affinity: str = Opt("high", help="high: fast cross-node links (Alg. 1); low: NVLink only (Alg. 2)"),
+    network_gbps: float = Opt(200.0, help="cross-node bandwidth per node, Gbit/s"),
+    latency_source: str = Opt("auto", help="auto, published, roofline"),
+    coefficients: list[str] = Opt(None, help="latency-model JSON from `trt-disagg profile` instead (repeatable: "
+                                  "one per TP degree)"),
+    baseline_engine: str = Opt("same", help="colocated baseline engine: same, or vllm (published vLLM fits)"),
+    max_input_len: int = Opt(None, help="default: half the model's context"),
+    max_output_len: int = Opt(None, help="default: the rest of the context"),
+    prefill_max_num_tokens: int = Opt(2048, help="prefill batch token budget"),
+    model_path: str = Opt(None, help="checkpoint path written into the deployment (default /models/<name>)"),
+    output: Path = Opt(None, "--output", "-o", help="write the deployment YAML here"),
+    plot: Path = Opt(None, help="write an attainment-vs-rate PNG here"),
+    as_json: bool = Opt(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Search placements (TP/PP per phase and the prefill:decode ratio) for the best per-GPU goodput."""
+    from trt_disagg.config import SLO, dump_deployment, load_deployment
+    from trt_disagg.planner.deployment import placement_to_deployment
+    from trt_disagg.planner.placement import Placement
+    from trt_disagg.planner.search import plan
+
+    inp = _plan_inputs(model, gpu, nodes, gpus_per_node, pool, network_gbps, workload, num_requests, seed, arrival,
+                       cv, ttft, tpot, attainment, affinity, latency_source, coefficients, baseline_engine,
+                       max_input_len, max_output_len, prefill_max_num_tokens, input_len, output_len)
+    result = plan(inp)
+    best = result.cluster or result.best_disagg
+    assert isinstance(best.placement, Placement)  # disaggregated candidates hold a Placement
+    max_seq = inp.model.max_seq_len
+    max_in = max_input_len if max_input_len is not None else max_seq // 2
+    dep = placement_to_deployment(best.placement, inp.model, SLO(ttft_s=ttft, tpot_s=tpot, attainment=attainment),
+                                  max_input_len=max_in, max_seq_len=max_seq,
+                                  prefill_max_num_tokens=prefill_max_num_tokens,
+                                  gpus_per_node={p.gpu.name: p.gpus_per_node for p in inp.cluster.pools},
+                                  model_path=model_path)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(dump_deployment(dep))
+        load_deployment(output)  # what we wrote must load back unchanged
+    if plot is not None:
+        _plot_plan(inp, result, plot)
+    summary = _plan_summary(inp, result)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    _print_plan(summary)
+    if output is not None:
+        out.print(f"deployment written to {output}")
+
+
+def _candidate_row(cand: Any) -> dict:
+    return {"placement": str(cand.placement), "unit_gpus": cand.unit_gpus, "goodput_rps": round(cand.goodput_rps, 4),
+            "per_gpu_goodput_rps": round(cand.per_gpu_goodput, 4),
+            "per_cost_goodput_rps": round(cand.per_cost_goodput, 4),
+            "replicas": cand.placement.replicas}
+
+
+def _plan_summary(inp: Any, result: Any) -> dict:
+    chunked = [c for c in result.colocated if c.placement.policy == "chunked"]
+    prefill_first = [c for c in result.colocated if c.placement.policy == "prefill-first"]
+    return {
+        "model": inp.model.name,
+        "cluster": [f"{p.gpu.name}:{p.nodes}x{p.gpus_per_node}@{p.cost:g}" for p in inp.cluster.pools],
+        "slo": {"ttft_s": inp.slo.ttft_s, "tpot_s": inp.slo.tpot_s, "attainment": inp.slo.attainment},
+        "latency": {g: lm.source for g, lm in inp.latency.items()},
+        "baseline_latency": {g: lm.source for g, lm in inp.baseline_latency.items()},
+        "workload": {"num_requests": len(inp.lengths), "mean_input_len": float(np.mean(inp.lengths.input_len)),
+                     "mean_output_len": float(np.mean(inp.lengths.output_len))},
+        "affinity": inp.affinity,
+        "best_disaggregated": _candidate_row(result.best_disagg),
+        "whole_cluster": _candidate_row(result.cluster) if result.cluster is not None else None,
+        "best_colocated": _candidate_row(result.best_colocated),
+        "best_colocated_prefill_first": _candidate_row(prefill_first[0]) if prefill_first else None,
+        "best_colocated_chunked": _candidate_row(chunked[0]) if chunked else None,
+        "ratio_per_cost": round(result.ratio, 4),
+        "disaggregated_candidates": [_candidate_row(c) for c in result.disagg],
+        "phase_goodput_rps": {k: round(v, 4) for k, v in result.phase_goodput.items()},
+        "elapsed_s": round(result.elapsed_s, 3),
+        "num_simulations": result.num_simulations,
+    }
+
+
+def _print_plan(summary: dict) -> None:
+    table = Table(title=f"{summary['model']} on {', '.join(summary['cluster'])} — SLO TTFT {summary['slo']['ttft_s']}s "
+                        f"TPOT {summary['slo']['tpot_s']}s at {summary['slo']['attainment']:.0%}")
+    weighted = any(not c.endswith("@1") for c in summary["cluster"])
+    for col in ("", "configuration (one unit)", "GPUs", "goodput req/s", "per-GPU req/s",
+                *(("per-cost req/s",) if weighted else ()), "vs best colocated"):
+        table.add_column(col)
+    base = summary["best_colocated"]["per_cost_goodput_rps"]
+    rows = [("disaggregated", summary["best_disaggregated"]), ("colocated", summary["best_colocated_prefill_first"]),
+            ("chunked prefill", summary["best_colocated_chunked"]), ("deployed (cluster)", summary["whole_cluster"])]
+    for label, row in rows:
+        if row is None:
+            continue
+        ratio = row["per_cost_goodput_rps"] / base if base else float("inf")
+        table.add_row(label, escape(row["placement"]), str(row["unit_gpus"]), f"{row['goodput_rps']:.2f}",
+                      f"{row['per_gpu_goodput_rps']:.3f}",
+                      *((f"{row['per_cost_goodput_rps']:.3f}",) if weighted else ()), f"{ratio:.2f}x")
+    out.print(table)
+    out.print(f"latency model: {summary['latency']}; {summary['num_simulations']} simulations in "
+              f"{summary['elapsed_s']:.1f}s")
+
+
+def _plot_plan(inp: Any, result: Any, path: Path) -> None:
+    from trt_disagg.planner.goodput import attainment_curve, min_duration_for
+    from trt_disagg.planner.plots import plot_attainment
+    from trt_disagg.planner.search import spec_for
+
+    curves = {}
+    picks = result.disagg[:2] + [c for c in result.colocated if c.placement.policy == "prefill-first"][:1] + [
+        c for c in result.colocated if c.placement.policy == "chunked"][:1]
+    top = max(c.per_gpu_goodput for c in picks) or 1.0
+    per_gpu_rates = np.linspace(0.1, 2.0, 12) * top
+    duration = min_duration_for(inp.slo, float(np.mean(inp.lengths.output_len)))
+    for cand in picks:
+        rates = per_gpu_rates * cand.unit_gpus
+        att = attainment_curve(spec_for(inp, cand.placement), inp.lengths, inp.unit_arrivals, inp.slo, rates,
+                               duration)
+        curves[str(cand.placement)] = (per_gpu_rates, att)
+    plot_attainment(curves, inp.slo.attainment, path, f"{inp.model.name}: attainment vs rate")
+
+
+def simulate_cmd(
+    model: str = Opt(..., help="model name or config.json"),
+    ttft: float = Opt(..., help="TTFT SLO, seconds"),
+    tpot: float = Opt(..., help="TPOT SLO, seconds"),
+    attainment: float = Opt(0.9),
+    gpu: str = Opt("a100-80g"),
+    prefill: str = Opt(None, help="prefill instance TPxPP (disaggregated)"),
+    decode: str = Opt(None, help="decode instance TPxPP (disaggregated)"),
+    num_prefill: int = Opt(1),
+    num_decode: int = Opt(1),
+    colocated: str = Opt(None, help="colocated instance TPxPP (instead of --prefill/--decode)"),
+    num_colocated: int = Opt(1),
+    policy: str = Opt("prefill-first", help="colocated: prefill-first or chunked"),
+    deployment: Path = Opt(None, help="take instances (context/generation/colocated servers) from this YAML"),
+    kv_capacity: int = Opt(None, help="KV tokens per instance (default: the deployment's max_tokens, else from "
+                           "GPU memory)"),
+    rates: str = Opt(None, help="comma-separated request rates (req/s)"),
+    slo_scale_rate: float = Opt(None, help="SLO-scale mode: the tightest SLO scale met at this rate"),
+    workload: str = Opt("sharegpt"),
+    input_len: int = Opt(None),
+    output_len: int = Opt(None),
+    num_requests: int = Opt(1000),
+    arrival: str = Opt("poisson"),
+    cv: float = Opt(1.0),
+    seed: int = Opt(0),
+    network_gbps: float = Opt(200.0),
+    latency_source: str = Opt("auto"),
+    coefficients: list[str] = Opt(None, help="profile JSON(s) from `trt-disagg profile`, one per TP degree"),
+    max_input_len: int = Opt(None),
+    max_output_len: int = Opt(None),
+    prefill_max_num_tokens: int = Opt(2048),
+    plot: Path = Opt(None, help="attainment-vs-rate PNG"),
+    as_json: bool = Opt(False, "--json"),
+) -> None:
+    """Simulate one configuration at given rates (attainment, goodput, percentiles), or find the tightest SLO."""
+    from trt_disagg.planner.goodput import attainment_curve, min_duration_for, workload_at
+    from trt_disagg.planner.inputs import parse_parallel
+    from trt_disagg.planner.placement import ColocatedPlacement, Placement
+    from trt_disagg.planner.search import spec_for
+    from trt_disagg.sim import COLOCATED_POLICIES, simulate
+
+    if (rates is None) == (slo_scale_rate is None):
+        raise UserError("give --rates (attainment at each rate) or --slo-scale-rate (tightest SLO at one rate)")
+    if policy not in COLOCATED_POLICIES:
+        raise UserError(f"--policy: expected one of {', '.join(COLOCATED_POLICIES)}, got {policy!r}")
+    inp = _plan_inputs(model, gpu, 1, 8, None, network_gbps, workload, num_requests, seed, arrival, cv, ttft, tpot,
+                       attainment, "high", latency_source, coefficients, "same", max_input_len, max_output_len,
+                       prefill_max_num_tokens, input_len, output_len)
+    placement: Placement | ColocatedPlacement
+    if kv_capacity is not None:
+        if kv_capacity < 1:
+            raise UserError(f"--kv-capacity must be >= 1 tokens, got {kv_capacity}")
+        inp = replace(inp, kv_capacity_by_role=dict.fromkeys(("prefill", "decode", "colocated"), kv_capacity))
+    if deployment is not None:
+        placement, capacities = _placement_from_deployment(deployment, gpu, policy)
+        inp = replace(inp, kv_capacity_by_role={**capacities, **inp.kv_capacity_by_role})
+    elif colocated is not None:
+        placement = ColocatedPlacement(parse_parallel(colocated, gpu, "--colocated"), policy, num_colocated)
+    elif prefill is not None and decode is not None:
+        placement = Placement(parse_parallel(prefill, gpu, "--prefill"), parse_parallel(decode, gpu, "--decode"),
+                              num_prefill, num_decode)
+    else:
+        raise UserError("give --prefill and --decode, or --colocated, or --deployment")
+    if isinstance(placement, ColocatedPlacement) and placement.replicas < 1:
+        raise UserError("--num-colocated must be >= 1")
+    spec = spec_for(inp, placement)
+    if isinstance(placement, ColocatedPlacement) and placement.replicas > 1:
+        from trt_disagg.sim import ColocatedSpec
+
+        spec = ColocatedSpec(spec.instance, placement.replicas, placement.policy)  # type: ignore[union-attr]
+    duration = min_duration_for(inp.slo, float(np.mean(inp.lengths.output_len)))
+    rows = []
+    if slo_scale_rate is not None:
+        if not slo_scale_rate > 0:
+            raise UserError(f"--slo-scale-rate must be > 0, got {slo_scale_rate}")
+        result = simulate(spec, workload_at(inp.lengths, inp.unit_arrivals, slo_scale_rate, duration))
+        scale = _tightest_scale(result, ttft, tpot, attainment)
+        rows.append({"rate_rps": slo_scale_rate, "slo_scale": scale, "ttft_s": ttft * scale, "tpot_s": tpot * scale,
+                     **result.percentiles()})
+    else:
+        try:
+            rate_list = [float(r) for r in rates.split(",")]  # type: ignore[union-attr]
+        except ValueError:
+            raise UserError(f"--rates {rates!r}: expected comma-separated numbers") from None
+        if not rate_list or min(rate_list) <= 0:
+            raise UserError("--rates must all be > 0")
+        for rate in rate_list:
+            result = simulate(spec, workload_at(inp.lengths, inp.unit_arrivals, rate, duration))
+            rows.append({"rate_rps": rate, "attainment": result.attainment(ttft, tpot), "num_requests": len(
+                result.arrival_s), **result.percentiles()})
+        if plot is not None:
+            from trt_disagg.planner.plots import plot_attainment
+
+            arr = np.array(rate_list)
+            att = attainment_curve(spec, inp.lengths, inp.unit_arrivals, inp.slo, arr, duration)
+            plot_attainment({str(placement): (arr, att)}, attainment, plot, f"{inp.model.name}: {placement}")
+    if as_json:
+        print(json.dumps({"placement": str(placement), "rows": rows}, indent=2))
+        return
+    table = Table(title=escape(str(placement)))
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    out.print(table)
+
+
+def _tightest_scale(result: Any, ttft: float, tpot: float, target: float) -> float:
+    """Smallest s with attainment(s*ttft, s*tpot) >= target, from one simulation (attainment grows with s)."""
+    lo, hi = 0.0, 1.0
+    while result.attainment(ttft * hi, tpot * hi) < target:
+        hi *= 2
+        if hi > 1e6:
+            return float("inf")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if result.attainment(ttft * mid, tpot * mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _placement_from_deployment(path: Path, gpu: str, policy: str) -> tuple[Any, dict[str, int]]:
+    """The deployment's instances as a placement, and the KV capacities it fixes (role -> tokens)."""
+    from trt_disagg.config import load_deployment
+    from trt_disagg.contract import Role
+    from trt_disagg.planner.placement import ColocatedPlacement, ParallelConfig, Placement
+
+    dep = load_deployment(path)
+    capacities = {role.value: group.kv_cache_config.max_tokens for role, group in dep.groups().items()
+                  if group.kv_cache_config.max_tokens is not None}
+
+    def cfg(group: Any) -> ParallelConfig:
+        return ParallelConfig(group.gpu or gpu, group.tp, group.pp)
+
+    groups = dep.groups()
+    if Role.PREFILL in groups and Role.DECODE in groups:
+        p, d = groups[Role.PREFILL], groups[Role.DECODE]
+        return Placement(cfg(p), cfg(d), p.num_instances, d.num_instances), capacities
+    c = groups[Role.COLOCATED]  # load_deployment checked that the roles come in one of these two shapes
+    return ColocatedPlacement(cfg(c), policy, c.num_instances), capacities
+
+
+def profile_cmd(
+    engine_dir: Path = typer.Argument(..., help="an engine directory built by `trt-disagg build`"),
+    output: Path = Opt(None, "--output", "-o", help="output directory (default ENGINE_DIR/profile)"),
+    batch_sizes: str = Opt("1,2,4,8"),
+    lengths: str = Opt("16,64,128,256"),
+    repeats: int = Opt(5, help="timed rounds per grid point; the fastest is fitted"),
+    warmup: int = Opt(1),
+    decode_steps: int = Opt(4),
+    threads_per_rank: int = Opt(None),
+) -> None:
+    """Time the engine over a grid of batch sizes and prompt lengths, fit the latency model, write both."""
+    from rich.progress import Progress
+
+    from trt_disagg.planner.profile import ProfileGrid, fit_profile, profile_engine, write_profile
+
+    if not (engine_dir / "config.json").is_file():
+        raise UserError(f"ENGINE_DIR {engine_dir}: no config.json (build one with `trt-disagg build`)")
+    grid = ProfileGrid(_ints(batch_sizes, "--batch-sizes"), _ints(lengths, "--lengths"), repeats, warmup, decode_steps)
+    try:
+        from trt_disagg.engine.llm_engine import LLMEngine
+    except ImportError as exc:
+        raise UserError(f"the engine is not available in this checkout: {exc}") from None
+    engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank)
+    try:
+        with Progress(console=Console(stderr=True)) as progress:
+            task = progress.add_task("profiling", total=None)
+            data = profile_engine(engine, grid, lambda done, total: progress.update(task, completed=done, total=total))
+        cfg = engine.config
+    finally:
+        engine.shutdown()
+    fit = fit_profile(data, cfg.tp, f"engine:{engine_dir.name}", "cpu", f"profile:{engine_dir}")
+    out_dir = output or engine_dir / "profile"
+    write_profile(out_dir, data, fit, grid, str(engine_dir))
+    table = Table(title=f"latency fit of {engine_dir} (TP{cfg.tp} PP{cfg.pp})")
+    for col in ("phase", "samples", "a (ms)", "b (ms)", "c (ms)", "max rel err", "mean rel err"):
+        table.add_column(col)
+    for phase, rep in fit.reports.items():
+        c = rep.coefficients
+        table.add_row(phase, str(rep.num_samples), f"{c.a * 1e3:.4g}", f"{c.b * 1e3:.4g}", f"{c.c * 1e3:.4g}",
+                      f"{rep.max_rel_error:.1%}", f"{rep.mean_rel_error:.1%}")
+    out.print(table)
+    out.print(f"measurements and fit written to {out_dir}/profile.csv, profile.json")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers") from None

@@ -1,0 +1,9 @@
+"""Discrete-event simulator of disaggregated and colocated serving (planning path: profile → latency model →
+simulate → place → plan)."""
+
+from trt_disagg.sim.loop import simulate
+from trt_disagg.sim.result import SimResult
+from trt_disagg.sim.spec import COLOCATED_POLICIES, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
+
+__all__ = ["COLOCATED_POLICIES", "ColocatedSpec", "DisaggSpec", "InstanceSpec", "SimResult", "SimWorkload",
+           "simulate"]

@@ -1,0 +1,132 @@
+"""Simulator behaviour against hand-computed timelines, closed-form queueing, and conservation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.unit.sim.sim_helpers import make_instance, make_workload
+from trt_disagg.sim import ColocatedSpec, DisaggSpec, SimWorkload, simulate
+from trt_disagg.sim.instances import ChunkedLane, ColocatedLane, DecodeLane, Recorder
+from trt_disagg.workload import make_arrivals
+
+
+def disagg(p, d, num_prefill=1, num_decode=1, kv_bytes=1000, link=1e9):
+    return DisaggSpec(p, d, num_prefill, num_decode, kv_bytes, link)
+
+
+def test_one_request_timeline_is_prefill_then_transfer_then_decode_steps():
+    p = make_instance(prefill=(0.01, 1e-4, 1e-7))
+    d = make_instance(decode=(0.02, 1e-5, 1e-3))
+    spec = disagg(p, d, kv_bytes=1000, link=1e6)  # 100 tokens x 1000 B / 1 MB/s = 0.1 s transfer
+    res = simulate(spec, make_workload([1.0], [100], [4]))
+    prefill_s = 0.01 + 1e-4 * 100 + 1e-7 * 100**2
+    assert res.ttft_s[0] == pytest.approx(prefill_s)
+    steps = [0.02 + 1e-5 * (101 + k) + 1e-3 for k in range(3)]  # context 101, 102, 103
+    assert res.finish_s[0] == pytest.approx(1.0 + prefill_s + 0.1 + sum(steps))
+    assert res.tpot_s[0] == pytest.approx((0.1 + sum(steps)) / 3)
+
+
+def test_one_token_answers_finish_at_their_first_token():
+    res = simulate(disagg(make_instance(), make_instance()), make_workload([0.0, 0.5], [10, 10], [1, 1]))
+    assert np.allclose(res.finish_s, res.first_token_s) and np.all(res.tpot_s == 0)
+
+
+def test_single_prefill_instance_batch_one_is_an_md1_queue():
+    """M/D/1 (Poisson arrivals, deterministic service D): mean wait = rho * D / (2 (1 - rho))."""
+    service_s, rho, n = 0.05, 0.7, 40_000
+    p = make_instance(prefill=(service_s, 0.0, 0.0), max_batch=1)
+    arrivals = make_arrivals("poisson", rho / service_s, n, seed=1)
+    res = simulate(disagg(p, make_instance()), make_workload(arrivals, [64] * n, [1] * n), phases="prefill")
+    mean_wait = float(np.mean(res.ttft_s)) - service_s
+    expected = rho * service_s / (2 * (1 - rho))
+    assert mean_wait == pytest.approx(expected, rel=0.05)
+
+
+def test_attainment_falls_monotonically_as_the_rate_grows():
+    lengths_in = np.random.default_rng(0).integers(20, 400, 800)
+    lengths_out = np.random.default_rng(1).integers(2, 200, 800)
+    spec = disagg(make_instance(), make_instance(kv=20_000))
+    unit = make_arrivals("poisson", 1.0, 800, seed=3)
+    attainment = [simulate(spec, make_workload(unit / rate, lengths_in, lengths_out)).attainment(0.3, 0.05)
+                  for rate in (2, 8, 16, 32, 64, 128)]
+    assert attainment == sorted(attainment, reverse=True)
+    assert attainment[0] > 0.9 > attainment[-1]
+
+
+@pytest.mark.parametrize("kind", ["disagg", "prefill-first", "chunked"])
+def test_every_request_finishes_exactly_once_with_consistent_times(kind):
+    n = 600
+    rng = np.random.default_rng(7)
+    wl = make_workload(make_arrivals("gamma", 40.0, n, seed=2, cv=3.0), rng.integers(1, 600, n),
+                       rng.integers(1, 120, n))
+    spec = (disagg(make_instance(), make_instance(kv=30_000), 2, 3) if kind == "disagg"
+            else ColocatedSpec(make_instance(kv=30_000), 2, kind))
+    res = simulate(spec, wl)
+    assert res.num_completed == n
+    assert np.all(res.first_token_s >= wl.arrival_s)
+    assert np.all(res.finish_s >= res.first_token_s)
+    assert np.all(res.tpot_s[wl.output_len > 1] > 0)
+
+
+def test_colocated_prefill_stalls_running_decodes_but_disaggregation_does_not():
+    # A long decode is running when a long prompt arrives: colocated, its prefill runs between decode steps.
+    wl = make_workload([0.0, 0.05], [10, 2000], [50, 2])
+    slow_prefill = make_instance(prefill=(0.01, 2e-4, 0.0), decode=(0.01, 0.0, 0.0))
+    colocated = simulate(ColocatedSpec(slow_prefill, 1), wl)
+    separate = simulate(disagg(slow_prefill, slow_prefill, link=1e15), wl)
+    assert colocated.tpot_s[0] > separate.tpot_s[0] + 0.005  # the 0.41 s prefill lands inside one decode gap
+    assert separate.tpot_s[0] == pytest.approx(0.01, rel=0.01)
+
+
+def test_chunked_prefill_spreads_a_long_prompt_over_iterations():
+    wl = make_workload([0.0], [1000], [2])
+    spec = ColocatedSpec(make_instance(prefill=(0.01, 1e-4, 0.0), max_tokens=256), 1, "chunked")
+    res = simulate(spec, wl)
+    # 4 iterations (256+256+256+232 tokens), each paying the fixed cost once
+    assert res.ttft_s[0] == pytest.approx(4 * 0.01 + 1e-4 * 1000)
+
+
+def test_pipeline_parallel_prefill_overlaps_batches():
+    p = make_instance(prefill=(0.1, 0.0, 0.0), pp=2, max_batch=1)
+    res = simulate(disagg(p, make_instance()), make_workload([0.0, 0.0], [10, 10], [1, 1]), phases="prefill")
+    # stage time 0.05: the second batch enters after 0.05 s and has the full 0.1 s (+ one hop) latency
+    assert sorted(res.ttft_s) == pytest.approx([0.1, 0.15], abs=1e-4)
+
+
+def test_decode_kv_capacity_limits_the_batch():
+    # Capacity fits one request (in+out = 60) at a time: the second waits for the first to finish.
+    d = make_instance(decode=(0.01, 0.0, 0.0), kv=100)
+    res = simulate(disagg(make_instance(), d, link=1e15), make_workload([0.0, 0.0], [10, 10], [50, 50]),
+                   phases="decode")
+    first, second = sorted(res.finish_s)
+    assert first == pytest.approx(49 * 0.01)
+    assert second == pytest.approx(2 * 49 * 0.01)
+
+
+def test_workload_arrays_must_agree():
+    with pytest.raises(ValueError):
+        SimWorkload.from_lengths([0.0, 1.0], [1], [1, 1])
+
+
+@pytest.mark.parametrize("lane_cls", [DecodeLane, ColocatedLane, ChunkedLane])
+def test_lanes_hold_no_kv_after_everything_finished(lane_cls):
+    rng = np.random.default_rng(5)
+    n = 200
+    inputs, outputs = rng.integers(1, 300, n).tolist(), rng.integers(1, 40, n).tolist()
+    rec = Recorder(n)
+    lane = lane_cls(make_instance(kv=2_000, max_tokens=128), inputs, outputs, rec)
+    for i in range(n):
+        now = i * 0.01
+        lane.advance(now)
+        if lane_cls is DecodeLane:  # as the loop does: the first token exists, one-token answers are done
+            rec.first_token(i, now)
+            if outputs[i] == 1:
+                rec.finish(i, now)
+                continue
+        lane.add(i, now)
+    lane.advance(math.inf)
+    assert rec.num_completed == n
+    assert lane.load == 0

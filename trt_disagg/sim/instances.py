@@ -1,0 +1,259 @@
+"""Instance models of the simulator: what each kind of engine does with its queue over time.
+
+    PrefillInstance   FCFS batches under a token budget; event-driven (its completions feed the decode side)
+    DecodeLane        continuous batching within a KV budget: a sequence joins at the next step start and
+                      leaves after output_len - 1 steps. A PP instance is pp lanes (micro-batches), each
+                      with 1/pp of the KV and a step time of the full TP latency plus the stage hops.
+    ColocatedLane     vLLM-style: a waiting prompt that fits the KV runs (as a prefill batch) before the next
+                      decode step, stalling every running sequence: the interference DistServe removes.
+    ChunkedLane       Sarathi-style chunked prefill: each iteration carries every running sequence's decode
+                      token plus prompt chunks up to the token budget.
+
+Lanes are advanced lazily (`advance(t)` runs the steps that start before t): nothing outside a lane
+depends on its steps except through `load`, which the dispatcher reads after advancing. That keeps decode
+steps out of the event heap, which is what makes 10,000 requests simulate in well under a second.
+Token accounting is by counters, not per-sequence updates: every step adds `batch` to `sum_ctx`, and a
+finishing sequence removes input_len + output_len (its context at the end).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from trt_disagg.sim.spec import InstanceSpec
+
+
+class Recorder:
+    """First-token and finish time of each request; refuses to record one twice (no double counting)."""
+
+    def __init__(self, n: int) -> None:
+        self.first_token_s = [-1.0] * n
+        self.finish_s = [-1.0] * n
+        self.num_completed = 0
+
+    def first_token(self, i: int, t: float) -> None:
+        if self.first_token_s[i] >= 0:
+            raise RuntimeError(f"simulator bug: request {i} got a first token twice")
+        self.first_token_s[i] = t
+
+    def finish(self, i: int, t: float) -> None:
+        if self.finish_s[i] >= 0:
+            raise RuntimeError(f"simulator bug: request {i} finished twice")
+        self.finish_s[i] = t
+        self.num_completed += 1
+
+
+class PrefillInstance:
+    def __init__(self, spec: InstanceSpec, input_len: list[int]) -> None:
+        self.spec = spec
+        self.input_len = input_len
+        self.queue: deque[int] = deque()
+        self.queued_tokens = 0
+        self.busy = False  # a batch occupies the first stage
+
+    def enqueue(self, i: int) -> None:
+        self.queue.append(i)
+        self.queued_tokens += self.input_len[i]
+
+    def try_start_batch(self) -> tuple[list[int], float, float] | None:
+        """FCFS batch under the token budget (one over-budget prompt runs alone): (batch, stage_s, latency_s)."""
+        if not self.queue:
+            return None
+        budget, max_batch = self.spec.max_num_tokens, self.spec.max_batch_size
+        batch: list[int] = []
+        total = total_sq = 0
+        while self.queue and len(batch) < max_batch:
+            n = self.input_len[self.queue[0]]
+            if batch and total + n > budget:
+                break
+            batch.append(self.queue.popleft())
+            total += n
+            total_sq += n * n
+        self.queued_tokens -= total
+        stage_s, latency_s = self.spec.timing.prefill_s(total, total_sq)
+        self.busy = True
+        return batch, stage_s, latency_s
+
+
+class DecodeLane:
+    def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder) -> None:
+        self.capacity = spec.kv_capacity_tokens // spec.pp
+        self.max_batch = max(1, spec.max_batch_size // spec.pp)
+        self.terms = spec.timing.decode_terms()
+        self.input_len, self.output_len, self.rec = input_len, output_len, rec
+        self.clock = 0.0  # start of the next step (or when the lane went idle)
+        self.waiting: deque[int] = deque()
+        self.waiting_tokens = 0
+        self.batch = 0
+        self.sum_ctx = 0
+        self.reserved = 0  # KV tokens reserved for running sequences (input + output, no preemption)
+        self.step = 0
+        self.finishing: list[tuple[int, int]] = []  # heap of (step at which it leaves, request)
+
+    @property
+    def load(self) -> int:
+        return self.reserved + self.waiting_tokens
+
+    def add(self, i: int, now: float) -> None:
+        """A request whose first token exists joins (at the next step start)."""
+        if self.batch == 0 and not self.waiting and self.clock < now:
+            self.clock = now
+        self.waiting.append(i)
+        self.waiting_tokens += self.input_len[i] + self.output_len[i]
+
+    def _admit(self) -> None:
+        waiting, inp, out = self.waiting, self.input_len, self.output_len
+        while waiting and self.batch < self.max_batch:
+            i = waiting[0]
+            need = inp[i] + out[i]
+            if self.batch and self.reserved + need > self.capacity:
+                return
+            waiting.popleft()
+            self.waiting_tokens -= need
+            self.join(i)
+
+    def join(self, i: int) -> None:
+        n_in, n_out = self.input_len[i], self.output_len[i]
+        self.batch += 1
+        self.reserved += n_in + n_out
+        self.sum_ctx += n_in + 1
+        heapq.heappush(self.finishing, (self.step + n_out - 1, i))
+
+    def decode_step(self) -> None:
+        thr, a_s, b_s, c_s, a_l, b_l, c_l, hop_fixed, hop_per = self.terms
+        batch = self.batch
+        if batch <= thr:
+            dt = a_s + b_s * self.sum_ctx + c_s * batch
+        else:
+            dt = a_l + b_l * self.sum_ctx + c_l * batch
+        self.clock += dt + hop_fixed + hop_per * batch
+        self.step += 1
+        self.sum_ctx += batch
+        finishing, step = self.finishing, self.step
+        while finishing and finishing[0][0] <= step:
+            i = heapq.heappop(finishing)[1]
+            done = self.input_len[i] + self.output_len[i]
+            self.batch -= 1
+            self.sum_ctx -= done
+            self.reserved -= done
+            self.rec.finish(i, self.clock)
+
+    def advance(self, t: float) -> None:
+        while self.clock < t:
+            self._admit()
+            if self.batch == 0:
+                return
+            self.decode_step()
+
+
+class ColocatedLane(DecodeLane):
+    """`waiting` holds prompts not yet prefilled; a prefill batch runs whenever the head prompt fits."""
+
+    def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder) -> None:
+        super().__init__(spec, input_len, output_len, rec)
+        self.spec = spec
+
+    def _prefill_batch(self) -> list[int]:
+        waiting, inp, out = self.waiting, self.input_len, self.output_len
+        budget = self.spec.max_num_tokens
+        batch: list[int] = []
+        tokens = reserved = 0
+        while waiting and self.batch + len(batch) < self.max_batch:
+            i = waiting[0]
+            need = inp[i] + out[i]
+            if (batch or self.batch) and self.reserved + reserved + need > self.capacity:
+                break
+            if batch and tokens + inp[i] > budget:
+                break
+            batch.append(waiting.popleft())
+            tokens += inp[i]
+            reserved += need
+        self.waiting_tokens -= reserved
+        return batch
+
+    def _run_prefill(self, batch: list[int]) -> None:
+        lengths = [self.input_len[i] for i in batch]
+        _, latency_s = self.spec.timing.prefill_s(sum(lengths), sum(n * n for n in lengths))
+        self.clock += latency_s
+        self._emit_first_tokens(batch)
+
+    def _emit_first_tokens(self, batch: list[int]) -> None:
+        for i in batch:
+            self.rec.first_token(i, self.clock)
+            if self.output_len[i] == 1:
+                self.rec.finish(i, self.clock)
+            else:
+                self.join(i)
+
+    def advance(self, t: float) -> None:
+        while self.clock < t:
+            batch = self._prefill_batch()
+            if batch:
+                self._run_prefill(batch)
+                continue
+            if self.batch == 0:
+                return
+            self.decode_step()
+
+
+class ChunkedLane(ColocatedLane):
+    """Each iteration: one decode token per running sequence + prompt chunks filling the token budget."""
+
+    def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder) -> None:
+        super().__init__(spec, input_len, output_len, rec)
+        self.prefilling: list[list[int]] = []  # [request, tokens already prefilled], admitted (KV reserved)
+
+    @property
+    def load(self) -> int:
+        return self.reserved + self.waiting_tokens + sum(self.input_len[i] for i, _ in self.prefilling)
+
+    def _admit_prompts(self) -> None:
+        waiting, inp, out = self.waiting, self.input_len, self.output_len
+        while waiting and self.batch + len(self.prefilling) < self.max_batch:
+            i = waiting[0]
+            need = inp[i] + out[i]
+            if (self.batch or self.prefilling) and self.reserved + need > self.capacity:
+                return
+            waiting.popleft()
+            self.waiting_tokens -= need
+            self.reserved += need  # held from admission on; handed over to join() at the first token
+            self.prefilling.append([i, 0])
+
+    def _emit_first_tokens(self, batch: list[int]) -> None:
+        for i in batch:
+            self.reserved -= self.input_len[i] + self.output_len[i]
+        super()._emit_first_tokens(batch)
+
+    def advance(self, t: float) -> None:
+        prefill = self.spec.timing.coeffs.prefill
+        hop_per = self.terms[8]
+        while self.clock < t:
+            self._admit_prompts()
+            if self.batch == 0 and not self.prefilling:
+                return
+            budget = self.spec.max_num_tokens - self.batch
+            chunk_tokens = 0
+            attn = 0.0
+            completed: list[int] = []
+            for entry in self.prefilling:
+                if budget <= 0:
+                    break
+                i, done = entry
+                x = min(budget, self.input_len[i] - done)
+                attn += x * (x + 2 * done)
+                chunk_tokens += x
+                budget -= x
+                entry[1] = done + x
+                if entry[1] == self.input_len[i]:
+                    completed.append(i)
+            # The chunks ride along the decode step (one launch): their linear and attention terms add to it.
+            extra_s = prefill.b * chunk_tokens + prefill.c * attn + hop_per * chunk_tokens
+            if self.batch:
+                self.clock += extra_s
+                self.decode_step()  # stamps finishes at the end of the whole iteration
+            else:
+                self.clock += prefill.a + extra_s
+            if completed:
+                self.prefilling = [e for e in self.prefilling if e[1] < self.input_len[e[0]]]
+                self._emit_first_tokens(completed)

@@ -1,0 +1,70 @@
+"""What the simulator simulates: instance specs, the cluster shape, and the workload as arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trt_disagg.planner.latency_model import InstanceTiming
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    timing: InstanceTiming
+    kv_capacity_tokens: int  # of the whole instance (all its GPUs)
+    max_batch_size: int = 1 << 20  # prefill: requests per batch; decode/colocated: running sequences
+    max_num_tokens: int = 2048  # prefill token budget per batch (chunked: per iteration)
+
+    @property
+    def pp(self) -> int:
+        return self.timing.pp
+
+
+@dataclass(frozen=True)
+class DisaggSpec:
+    """num_prefill x prefill instances feed num_decode x decode instances over a link."""
+
+    prefill: InstanceSpec
+    decode: InstanceSpec
+    num_prefill: int
+    num_decode: int
+    kv_bytes_per_token: int
+    kv_link_bytes_per_s: float
+
+
+COLOCATED_POLICIES = ("prefill-first", "chunked")
+
+
+@dataclass(frozen=True)
+class ColocatedSpec:
+    """num_instances engines that each run both phases; policy: prefill-first (vLLM) or chunked (Sarathi)."""
+
+    instance: InstanceSpec
+    num_instances: int
+    policy: str = "prefill-first"
+
+
+@dataclass(frozen=True)
+class SimWorkload:
+    arrival_s: np.ndarray  # float64, sorted
+    input_len: np.ndarray  # int64
+    output_len: np.ndarray  # int64 (>= 1; the first token comes from prefill)
+
+    def __post_init__(self) -> None:
+        n = len(self.arrival_s)
+        if len(self.input_len) != n or len(self.output_len) != n:
+            raise ValueError("arrival_s, input_len and output_len must have the same length")
+        if n and (self.input_len.min() < 1 or self.output_len.min() < 1):
+            raise ValueError("input_len and output_len must be >= 1")
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+    @classmethod
+    def from_lengths(cls, arrival_s, input_len, output_len) -> SimWorkload:
+        return cls(np.asarray(arrival_s, dtype=np.float64), np.asarray(input_len, dtype=np.int64),
+                   np.asarray(output_len, dtype=np.int64))
+
+    def with_arrivals(self, arrival_s: np.ndarray) -> SimWorkload:
+        return SimWorkload(np.asarray(arrival_s, dtype=np.float64), self.input_len, self.output_len)
