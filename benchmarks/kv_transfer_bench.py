@@ -1,0 +1,230 @@
+"""KV transfer between two instance processes: shm and TCP against an in-process copy; hand-off latency.
+
+    .venv/bin/python benchmarks/kv_transfer_bench.py [--reps 10] [--handoff-samples 20]
+                     [--engines-dir DIR]   (SmolLM2 engines for the hand-off part; built if missing)
+
+Part 1 moves SmolLM2-135M's KV (30 layers, 3 KV heads x 64, float32, prefill layout TP2) of 512 and 2048
+tokens from a sender process (the prefill instance's KV server, `SocketKVSender`) into this process
+(`ShmKVReceiver` / `TcpKVReceiver`, what a decode instance runs) and compares the throughput with a plain
+in-process copy of the same bytes (`clone()` of every shard: allocation + copy, like the receiver).
+Targets (issue 4): shm >= 0.5x and TCP >= 0.3x the in-process copy.
+
+Part 2 serves SmolLM2 with real tritonserver instances (prefill TP2, decode PP2) and measures, per request,
+the hand-off latency as a client sees it: prefill response received -> first decode token received
+(KV pull + layout conversion + one decode step), p50/p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trt_disagg.contract import KVLayout, pp_layer_ranges  # noqa: E402
+from trt_disagg.engine.types import ExportedKV  # noqa: E402
+
+SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
+TOKENS = (512, 2048)
+
+
+def smollm2_kv(num_tokens: int, tp: int = 2) -> ExportedKV:
+    """KV in a TP2 prefill layout: rank 0 holds 2 KV heads, rank 1 holds 1 (balanced split of 3)."""
+    layout = KVLayout(fingerprint="bench", dtype="float32", tokens_per_block=16, tp=tp, pp=1, **SMOLLM2)
+    heads = [2, 1] if tp == 2 else [3]
+    layers = len(pp_layer_ranges(SMOLLM2["num_layers"], 1)[0])
+    shards = {r: torch.randn(layers, 2, num_tokens, h, SMOLLM2["head_dim"]) for r, h in enumerate(heads)}
+    return ExportedKV(layout=layout, num_tokens=num_tokens, shards=shards)
+
+
+class _StaticSource:
+    """A prefill engine stand-in whose every request holds the same KV (export is free, release a no-op)."""
+
+    def __init__(self, kv: ExportedKV) -> None:
+        self.kv = kv
+
+    def export_kv(self, request_id: str) -> ExportedKV:
+        return self.kv
+
+    def release_kv(self, request_id: str) -> None:
+        pass
+
+
+def sender_process(conn, secret: bytes, num_tokens: int) -> None:
+    """The 'prefill instance': a KV server; answers offer requests from the pipe with handles."""
+    torch.set_num_threads(1)
+    from trt_disagg.kv.handle import encode_handle
+    from trt_disagg.kv.transport import make_sender
+
+    kv = smollm2_kv(num_tokens)
+    sender = make_sender("tcp", source=_StaticSource(kv), secret=secret, instance_id="bench-prefill",
+                         layout=kv.layout)
+    sender.start()
+    try:
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            handle = sender.offer(msg, num_tokens=num_tokens, first_token=0)
+            conn.send(encode_handle(handle, secret))
+    finally:
+        sender.close()
+
+
+def in_process_copy_s(kv: ExportedKV, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        copies = {r: t.clone() for r, t in kv.shards.items()}
+        times.append(time.perf_counter() - t0)
+        del copies
+    return statistics.median(times)
+
+
+def transfer_s(mode: str, num_tokens: int, reps: int) -> float:
+    from trt_disagg.kv.handle import decode_handle, new_secret
+    from trt_disagg.kv.transport import make_receiver
+
+    secret = new_secret()
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=sender_process, args=(child, secret, num_tokens), daemon=True)
+    proc.start()
+    try:
+        receiver = make_receiver(mode, secret=secret)
+        times = []
+        for i in range(reps + 1):  # the first pull warms up both processes
+            parent.send(f"r{i}")
+            handle = decode_handle(parent.recv(), secret)
+            t0 = time.perf_counter()
+            kv = receiver.fetch(handle)
+            dt = time.perf_counter() - t0
+            assert kv.num_tokens == num_tokens
+            if i:
+                times.append(dt)
+        return statistics.median(times)
+    finally:
+        parent.send(None)
+        proc.join(30)
+
+
+def part1(reps: int) -> None:
+    torch.set_num_threads(1)
+    print("KV transfer between two processes (SmolLM2-135M KV, float32, TP2 prefill layout)")
+    print(f"{'tokens':>7} {'MiB':>7} {'copy GiB/s':>11} {'shm GiB/s':>10} {'shm/copy':>9} "
+          f"{'tcp GiB/s':>10} {'tcp/copy':>9}")
+    for n in TOKENS:
+        kv = smollm2_kv(n)
+        nbytes = sum(t.numel() * t.element_size() for t in kv.shards.values())
+        copy_s = in_process_copy_s(kv, reps)
+        shm_s = transfer_s("shm", n, reps)
+        tcp_s = transfer_s("tcp", n, reps)
+        gib = nbytes / 2**30
+        print(f"{n:>7} {nbytes / 2**20:>7.1f} {gib / copy_s:>11.2f} {gib / shm_s:>10.2f} {copy_s / shm_s:>9.2f} "
+              f"{gib / tcp_s:>10.2f} {copy_s / tcp_s:>9.2f}")
+    print("targets: shm/copy >= 0.5, tcp/copy >= 0.3 (medians of", reps, "pulls)")
+
+
+def part2(engines_dir: Path, samples: int, prompt_tokens: list[int]) -> None:
+    import tritonclient.grpc as grpcclient
+
+    from trt_disagg.config import load_deployment
+    from trt_disagg.contract import Role
+    from trt_disagg.triton.cluster import LocalCluster
+
+    dep = load_deployment(REPO / "configs" / "smollm2.yaml")
+    if not (engines_dir / "smollm2" / "decode" / "config.json").is_file():
+        from trt_disagg.build.builder import build_deployment
+
+        print(f"building SmolLM2 engines into {engines_dir} ...")
+        build_deployment(dep, engines_root=engines_dir, roles=["prefill", "decode"])
+    dep = dep.model_copy(update={"colocated_servers": None})
+    with LocalCluster(dep, engines_root=engines_dir, start_router=False) as cluster:
+        ends = {e.role: e for e in cluster.endpoints()}
+        print(f"\nhand-off latency: prefill response received -> first decode token received "
+              f"(SmolLM2, prefill TP2 -> decode PP2, transport auto = shm, {samples} requests each)")
+        print(f"{'prompt':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+        for n in prompt_tokens:
+            lat = []
+            for i in range(samples):
+                prompt = [(i * 131 + k * 7) % 40000 + 100 for k in range(n)]
+                client = grpcclient.InferenceServerClient(ends[Role.PREFILL].grpc_url)
+                try:
+                    r = client.infer("prefill", _inputs(grpcclient, prompt, 4, None),
+                                     parameters={"request_type": "context_only"})
+                finally:
+                    client.close()
+                handle = r.as_numpy("context_phase_params").tobytes()
+                t_prefill_done = time.perf_counter()
+                first_token_at = _first_decode_token_at(ends[Role.DECODE].grpc_url, prompt, 4, handle)
+                lat.append((first_token_at - t_prefill_done) * 1000)
+            lat.sort()
+            p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
+            print(f"{n:>7} {statistics.median(lat):>8.1f} {p99:>8.1f} {lat[-1]:>8.1f}")
+
+
+def _inputs(module, prompt: list[int], n: int, handle: bytes | None) -> list:
+    import numpy as np
+
+    arrays = [("input_ids", np.asarray([prompt], np.int32), "INT32"),
+              ("input_lengths", np.asarray([[len(prompt)]], np.int32), "INT32"),
+              ("request_output_len", np.asarray([[n]], np.int32), "INT32"),
+              ("streaming", np.asarray([[True]], bool), "BOOL")]
+    if handle is not None:
+        arrays.append(("context_phase_params", np.frombuffer(handle, np.uint8), "UINT8"))
+    out = []
+    for name, arr, dtype in arrays:
+        i = module.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        out.append(i)
+    return out
+
+
+def _first_decode_token_at(url: str, prompt: list[int], n: int, handle: bytes) -> float:
+    """Stream a generation_only request; perf_counter() when its first token arrived (drains the rest)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((time.perf_counter(), result, error)))
+    first: float | None = None
+    try:
+        client.async_stream_infer("decode", _inputs(grpcclient, prompt, n, handle),
+                                  parameters={"request_type": "generation_only"}, enable_empty_final_response=True)
+        while True:
+            at, result, error = responses.get(timeout=120)
+            if error is not None:
+                raise RuntimeError(f"decode failed: {error}")
+            if first is None and result.as_numpy("output_ids") is not None and result.as_numpy("output_ids").size:
+                first = at
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                assert first is not None
+                return first
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--handoff-samples", type=int, default=20, help="0 skips part 2")
+    parser.add_argument("--handoff-prompts", type=int, nargs="+", default=[128, 512, 1000])
+    parser.add_argument("--engines-dir", type=Path, default=REPO / "engines")
+    args = parser.parse_args()
+    part1(args.reps)
+    if args.handoff_samples:
+        part2(args.engines_dir, args.handoff_samples, args.handoff_prompts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""KV pulls over tcp, shm and the fake transport, with a fake prefill engine on the sending side.
+
+Lifecycle walked in each test: (1) prefill a context_only request, (2) offer its KV, (3) pull it,
+(4) the bytes equal the export and the prefill engine's blocks are free again, nothing left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from trt_disagg.contract import RequestType, Role, SamplingParams
+from trt_disagg.kv import transport
+from trt_disagg.kv.errors import (
+    HandleExpiredError,
+    HandleForgedError,
+    KVNotFoundError,
+    KVTransferError,
+    LayoutMismatchError,
+    SourceUnreachableError,
+)
+from trt_disagg.kv.fake import FakeFabric
+from trt_disagg.kv.handle import new_secret
+from trt_disagg.kv.shm import SEGMENT_PREFIX
+from trt_disagg.triton.fake_engine import FakeEngine
+
+
+class LockedSource:
+    """The engine as the adapter hands it to a sender: calls serialised by one lock."""
+
+    def __init__(self, eng: FakeEngine) -> None:
+        self.eng = eng
+        self.lock = threading.Lock()
+        self.fail_next_export = False
+
+    def export_kv(self, request_id):
+        with self.lock:
+            if self.fail_next_export:
+                self.fail_next_export = False
+                raise RuntimeError("rank 1 did not answer")
+            return self.eng.export_kv(request_id)
+
+    def release_kv(self, request_id):
+        with self.lock:
+            self.eng.release_kv(request_id)
+
+
+TEST_PREFIX = f"{SEGMENT_PREFIX}unit{os.getpid()}_"  # only this test's segments (the machine is shared)
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(TEST_PREFIX)}
+
+
+@pytest.fixture
+def secret():
+    return new_secret()
+
+
+@pytest.fixture
+def prefill():
+    return FakeEngine(role=Role.PREFILL, tp=2, pp=1)
+
+
+@pytest.fixture
+def sender(prefill, secret):
+    s = transport.make_sender("tcp", source=LockedSource(prefill), secret=secret, instance_id="prefill-0",
+                              layout=prefill.config.kv_layout(), handle_ttl_s=30.0, max_pending_tokens=64,
+                              shm_prefix=TEST_PREFIX)
+    s.start()
+    yield s
+    s.close()
+
+
+def prefill_one(eng: FakeEngine, sender, rid: str = "r1", n: int = 40):
+    prompt = [(i * 13) % 997 + 1 for i in range(n)]
+    eng.add_request(rid, prompt, SamplingParams(max_new_tokens=8), RequestType.CONTEXT_ONLY)
+    (event,) = eng.step()
+    return prompt, sender.offer(rid, num_tokens=n, first_token=event.token_id)
+
+
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_pull_moves_exact_bytes_and_frees_source_blocks(mode, prefill, sender, secret):
+    before = shm_segments()
+    prompt, handle = prefill_one(prefill, sender)
+    expected = prefill.export_kv("r1")
+    assert prefill.num_free_blocks < prefill.num_total_blocks  # (2) held while offered
+    assert sender.pending_tokens() == len(prompt)
+
+    kv = transport.make_receiver(mode, secret=secret).fetch(handle)  # (3)
+
+    assert kv.num_tokens == len(prompt) and kv.layout == prefill.config.kv_layout()
+    assert sorted(kv.shards) == [0, 1]
+    for rank, t in expected.shards.items():
+        assert torch.equal(kv.shards[rank], t)
+    assert prefill.num_free_blocks == prefill.num_total_blocks  # (4) ACK released the blocks
+    assert sender.num_pending() == 0
+    assert len(shm_segments()) == (1 if mode == "shm" else 0)  # shm: the bytes went through one pooled segment
+    sender.close()
+    assert shm_segments() == before == set()  # pooled segments are unlinked with the sender
+
+
+def test_segment_pool_reuses_and_bounds_idle_bytes():
+    from trt_disagg.kv.shm import SegmentPool
+
+    before = shm_segments()
+    pool = SegmentPool(max_idle_bytes=3000, prefix=TEST_PREFIX)
+    a = pool.acquire(1000)
+    b = pool.acquire(1000)  # a is in use: a second segment
+    assert {a.name, b.name} <= shm_segments()
+    assert a.name != b.name
+    pool.release(a)
+    assert pool.acquire(500).name == a.name  # reused
+    pool.release(a)
+    pool.release(b)
+    big = pool.acquire(5000)
+    pool.release(big)  # over max_idle_bytes: unlinked at once
+    assert big.name not in shm_segments()
+    pool.close()
+    assert shm_segments() == before
+
+
+def test_decode_engine_of_other_layout_accepts_pulled_kv(prefill, sender, secret):
+    prompt, handle = prefill_one(prefill, sender)
+    kv = transport.make_receiver("tcp", secret=secret).fetch(handle)
+    decode = FakeEngine(role=Role.DECODE, tp=1, pp=2)
+    transport.check_layout(handle, decode.config.kv_layout())
+    decode.add_decode_request("r1", prompt, handle.first_token, kv, SamplingParams(max_new_tokens=4))
+    assert decode.num_free_blocks < decode.num_total_blocks
+
+
+def test_second_pull_of_the_same_handle_is_refused(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    receiver = transport.make_receiver("tcp", secret=secret)
+    receiver.fetch(handle)
+    with pytest.raises(KVNotFoundError, match="not held"):
+        receiver.fetch(handle)
+
+
+def test_server_refuses_handle_signed_with_another_secret(prefill, sender):
+    _, handle = prefill_one(prefill, sender)
+    with pytest.raises(HandleForgedError):
+        transport.make_receiver("tcp", secret=new_secret()).fetch(handle)
+    assert sender.num_pending() == 1  # a forged pull does not release the real owner's KV
+
+
+def test_expired_offer_is_released_and_then_refused(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    assert sender.reap_expired(now=time.time() + 3600) == ["r1"]
+    assert prefill.num_free_blocks == prefill.num_total_blocks
+    with pytest.raises(KVNotFoundError):
+        transport.make_receiver("tcp", secret=secret).fetch(handle)
+
+
+def test_server_refuses_expired_handle(prefill, secret):
+    s = transport.make_sender("tcp", source=LockedSource(prefill), secret=secret, instance_id="prefill-0",
+                              layout=prefill.config.kv_layout(), handle_ttl_s=1e-6)
+    s.start()
+    try:
+        _, handle = prefill_one(prefill, s)
+        with pytest.raises(HandleExpiredError):
+            transport.make_receiver("tcp", secret=secret).fetch(handle)
+    finally:
+        s.close()
+    assert prefill.num_free_blocks == prefill.num_total_blocks  # close() released the offer
+
+
+def test_source_gone_is_a_clear_error(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    sender.close()
+    with pytest.raises(SourceUnreachableError, match=r"prefill instance prefill-0 at tcp://127\.0\.0\.1:\d+ unreachable"):
+        transport.make_receiver("tcp", secret=secret).fetch(handle)
+
+
+def test_source_that_accepts_and_hangs_times_out(prefill, secret, sender):
+    _, handle = prefill_one(prefill, sender)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    from dataclasses import replace
+
+    try:
+        mute = replace(handle, kv_url=f"tcp://127.0.0.1:{port}")
+        with pytest.raises(SourceUnreachableError, match="unreachable: it stopped answering"):
+            transport.make_receiver("tcp", secret=secret, io_timeout_s=0.2).fetch(mute)
+    finally:
+        silent.close()
+
+
+def test_failed_export_keeps_offer_for_a_retry(prefill, secret):
+    source = LockedSource(prefill)
+    s = transport.make_sender("tcp", source=source, secret=secret, instance_id="prefill-0",
+                              layout=prefill.config.kv_layout())
+    s.start()
+    try:
+        _, handle = prefill_one(prefill, s)
+        source.fail_next_export = True
+        with pytest.raises(KVTransferError, match="rank 1 did not answer"):
+            transport.make_receiver("shm", secret=secret).fetch(handle)
+        assert s.num_pending() == 1
+        kv = transport.make_receiver("shm", secret=secret).fetch(handle)
+        assert kv.num_tokens == 40 and s.num_pending() == 0
+    finally:
+        s.close()
+
+
+def test_pending_kv_counts_against_admission(prefill, sender):
+    assert sender.can_admit(64)
+    prefill_one(prefill, sender, n=40)
+    assert not sender.can_admit(32)  # 40 pending + 32 > 64
+    assert sender.can_admit(24)
+    sender.release("r1")
+    sender.release("r1")  # idempotent
+    assert sender.can_admit(64) and prefill.num_free_blocks == prefill.num_total_blocks
+
+
+def test_layout_mismatch_names_the_reason(prefill, sender):
+    _, handle = prefill_one(prefill, sender)
+    other = FakeEngine(role=Role.DECODE).config.kv_layout()
+    from dataclasses import replace
+
+    with pytest.raises(LayoutMismatchError, match="num_layers mismatch"):
+        transport.check_layout(handle, replace(other, num_layers=8))
+    with pytest.raises(LayoutMismatchError, match="fingerprint"):
+        transport.check_layout(handle, replace(other, fingerprint="other"))
+
+
+def test_fake_transport_follows_the_same_rules(prefill, secret):
+    fabric = FakeFabric()
+    s = transport.make_sender("fake", source=LockedSource(prefill), secret=secret, instance_id="p",
+                              layout=prefill.config.kv_layout(), fabric=fabric)
+    s.start()
+    _, handle = prefill_one(prefill, s)
+    receiver = transport.make_receiver("fake", secret=secret, fabric=fabric)
+    assert receiver.fetch(handle).num_tokens == 40
+    assert prefill.num_free_blocks == prefill.num_total_blocks
+    with pytest.raises(KVNotFoundError):
+        receiver.fetch(handle)
+    _, handle2 = prefill_one(prefill, s, rid="r2")
+    fabric.down("p")
+    with pytest.raises(SourceUnreachableError, match="unreachable"):
+        receiver.fetch(handle2)
+    s.close()
+    assert prefill.num_free_blocks == prefill.num_total_blocks
+
+
+def test_auto_picks_shm_on_this_host_and_tcp_elsewhere(prefill, sender):
+    from dataclasses import replace
+
+    _, handle = prefill_one(prefill, sender)
+    assert transport.resolve_receiver_name("auto", handle) == "shm"
+    remote = replace(handle, source_host="elsewhere/1")
+    assert transport.resolve_receiver_name("auto", remote) == "tcp"
+    with pytest.raises(KVTransferError, match="same host|this host"):
+        transport.resolve_receiver_name("shm", remote)
+    with pytest.raises(KVTransferError, match="not a CPU transport"):
+        transport.make_sender("UCX")

@@ -1,0 +1,249 @@
+"""The prefill instance's KV server: holds offered KV, serves pulls over TCP or shm, frees on ACK or expiry.
+
+    offer(rid) ─▶ PENDING ──pull starts──▶ SENDING ──ACK──▶ released (engine.release_kv)
+                    ▲  │                      │
+                    │  └─ TTL passed ─▶ released   (a reaper thread, checked every reap_interval_s)
+                    └──── pull failed ───────┘     (the decode side may retry until the TTL)
+
+One thread per connection (socketserver), one reaper thread. The handle is verified again here (the
+receiver already did): this port is reachable from the network and must not trust its peers.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+
+from trt_disagg.contract import KVLayout
+from trt_disagg.engine.types import ExportedKV
+from trt_disagg.kv import shm, wire
+from trt_disagg.kv.errors import HandleExpiredError, InvalidHandleError
+from trt_disagg.kv.handle import KVHandle, decode_handle
+from trt_disagg.kv.transport import KVSource, local_host_id
+
+log = logging.getLogger(__name__)
+
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+class OfferState(enum.Enum):
+    PENDING = "pending"
+    SENDING = "sending"
+
+
+@dataclass
+class _Offer:
+    handle: KVHandle
+    state: OfferState
+
+
+class SocketKVSender:
+    """KVSender over a TCP listening socket (bytes inline for tcp pulls, in /dev/shm for shm pulls)."""
+
+    def __init__(self, source: KVSource, secret: bytes, instance_id: str, layout: KVLayout,
+                 host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
+                 handle_ttl_s: float = 60.0, max_pending_tokens: int | None = None,
+                 ack_timeout_s: float = 30.0, reap_interval_s: float = 0.5,
+                 shm_prefix: str | None = None) -> None:
+        self._source = source
+        self._secret = secret
+        self.instance_id = instance_id
+        self.layout = layout
+        self._bind = (host, port)
+        self._advertise_host = advertise_host or host
+        self.handle_ttl_s = handle_ttl_s
+        self.max_pending_tokens = max_pending_tokens
+        self._ack_timeout_s = ack_timeout_s
+        self._reap_interval_s = reap_interval_s
+        self._offers: dict[str, _Offer] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._segments = shm.SegmentPool(prefix=shm_prefix or shm.SEGMENT_PREFIX)
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        sender = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sender._serve(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(self._bind, Handler)
+        for target, name in ((self._serve_forever, "kv-server"), (self._reap_loop, "kv-reaper")):
+            t = threading.Thread(target=target, name=f"{name}-{self.instance_id}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("KV server of %s at %s", self.instance_id, self.url)
+
+    def _serve_forever(self) -> None:
+        if self._server is not None:
+            self._server.serve_forever(poll_interval=0.05)  # shutdown() waits at most one poll
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("KV server not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"tcp://{self._advertise_host}:{self.port}"
+
+    def close(self) -> None:
+        """Stop serving and release every offer still held; idempotent."""
+        self._stop.set()
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        with self._lock:
+            ids = list(self._offers)
+        for rid in ids:
+            self.release(rid)
+        self._segments.close()
+
+    # ---- KVSender ----
+    def can_admit(self, num_tokens: int) -> bool:
+        if self.max_pending_tokens is None:
+            return True
+        return self.pending_tokens() + num_tokens <= self.max_pending_tokens
+
+    def offer(self, request_id: str, num_tokens: int, first_token: int,
+              block_ids: tuple[int, ...] = ()) -> KVHandle:
+        handle = KVHandle(request_id=request_id, source_instance=self.instance_id, kv_url=self.url,
+                          source_host=local_host_id(), layout=self.layout, num_tokens=num_tokens,
+                          first_token=first_token, expires_at=time.time() + self.handle_ttl_s,
+                          block_ids=tuple(block_ids))
+        with self._lock:
+            self._offers[request_id] = _Offer(handle, OfferState.PENDING)
+        return handle
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            offer = self._offers.pop(request_id, None)
+        if offer is not None:
+            self._source.release_kv(request_id)
+
+    def pending_tokens(self) -> int:
+        with self._lock:
+            return sum(o.handle.num_tokens for o in self._offers.values())
+
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._offers)
+
+    # ---- expiry ----
+    def reap_expired(self, now: float | None = None) -> list[str]:
+        """Release PENDING offers whose TTL passed; returns their ids."""
+        now = time.time() if now is None else now
+        with self._lock:
+            gone = [rid for rid, o in self._offers.items()
+                    if o.state is OfferState.PENDING and o.handle.expired(now)]
+        for rid in gone:
+            log.info("KV of %s expired un-pulled; released", rid)
+            self.release(rid)
+        return gone
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self._reap_interval_s):
+            self.reap_expired()
+
+    # ---- serving one pull ----
+    def _claim(self, handle: KVHandle) -> str | None:
+        """Move the offer to SENDING; returns why not when it cannot be served."""
+        if handle.source_instance != self.instance_id:
+            return f"handle names instance {handle.source_instance}, this is {self.instance_id}"
+        with self._lock:
+            offer = self._offers.get(handle.request_id)
+            if offer is None:
+                return f"request {handle.request_id} is not held here (already pulled, released or expired)"
+            if offer.state is not OfferState.PENDING:
+                return f"request {handle.request_id} is being pulled by another connection"
+            offer.state = OfferState.SENDING
+        return None
+
+    def _unclaim(self, request_id: str) -> None:
+        with self._lock:
+            offer = self._offers.get(request_id)
+            if offer is not None:
+                offer.state = OfferState.PENDING
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.settimeout(self._ack_timeout_s)
+        try:
+            req = wire.recv_header(sock)
+            if req.get("op") != "fetch":
+                raise ValueError(f"unexpected op {req.get('op')!r}")
+            handle = decode_handle(bytes.fromhex(str(req["handle"])), self._secret)
+        except HandleExpiredError as exc:
+            return _send_error(sock, "expired", str(exc))
+        except InvalidHandleError as exc:
+            return _send_error(sock, "forged", str(exc))
+        except (ValueError, KeyError, OSError) as exc:
+            return _send_error(sock, "internal", f"bad fetch request: {exc}")
+        why = self._claim(handle)
+        if why is not None:
+            return _send_error(sock, "not_found", why)
+        try:
+            kv = self._source.export_kv(handle.request_id)
+            acked = self._stream(sock, kv, str(req.get("mode", "tcp")))
+        except Exception as exc:
+            log.warning("KV pull of %s failed: %s", handle.request_id, exc)
+            self._unclaim(handle.request_id)  # before the error goes out: a retry must find it PENDING
+            try:
+                _send_error(sock, "internal", f"prefill side failed while sending: {exc}")
+            except OSError:
+                pass
+            return
+        if not acked:
+            self._unclaim(handle.request_id)
+            return
+        self.release(handle.request_id)  # free first, then confirm: when fetch() returns, the source is free
+        try:
+            wire.send_header(sock, {"op": "released"})
+        except OSError:
+            pass
+
+    def _stream(self, sock: socket.socket, kv: ExportedKV, mode: str) -> bool:
+        """Send meta, the bytes (inline or via a shm segment) and "end"; True when the receiver ACKed."""
+        ranks = sorted(kv.shards)
+        shards = [kv.shards[r].contiguous() for r in ranks]
+        wire.send_header(sock, {
+            "op": "meta", "num_tokens": kv.num_tokens, "layout": kv.layout.to_dict(),
+            "shards": [{"rank": r, "shape": list(t.shape), "dtype": wire.dtype_name(t.dtype)}
+                       for r, t in zip(ranks, shards, strict=True)],
+        })
+        if mode == "shm":
+            # The segment is this pull's until the receiver has copied out and ACKed (or failed).
+            seg = self._segments.acquire(sum(t.numel() * t.element_size() for t in shards))
+            try:
+                shm.stream_to_segment(sock, seg, shards)
+                wire.send_header(sock, {"op": "end"})
+                return wire.recv_header(sock).get("op") == "ack"
+            finally:
+                self._segments.release(seg)
+        for t in shards:
+            for layer in range(t.shape[0]):  # layer by layer: the receiver can start on layer 0 early
+                sock.sendall(wire.byte_view(t[layer]))
+        wire.send_header(sock, {"op": "end"})
+        return wire.recv_header(sock).get("op") == "ack"
+
+
+def _send_error(sock: socket.socket, kind: str, message: str) -> None:
+    wire.send_header(sock, {"op": "error", "kind": kind, "message": message})

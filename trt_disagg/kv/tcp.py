@@ -1,0 +1,100 @@
+"""Cross-host KV pulls over TCP: the decode side connects to the prefill instance's KV endpoint.
+
+`fetch` sends the signed handle, receives the layout and shard shapes, then the raw bytes layer by layer
+straight into preallocated tensors (`recv_into`, no intermediate copies), and ACKs so that the prefill side
+frees its blocks. Every failure becomes a KVTransferError that names the source instance and its URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from urllib.parse import urlsplit
+
+import torch
+
+from trt_disagg.contract import KVLayout
+from trt_disagg.engine.types import ExportedKV
+from trt_disagg.kv import wire
+from trt_disagg.kv.errors import (
+    HandleExpiredError,
+    HandleForgedError,
+    KVNotFoundError,
+    KVTransferError,
+    SourceUnreachableError,
+)
+from trt_disagg.kv.handle import KVHandle, encode_handle
+
+log = logging.getLogger(__name__)
+
+SOCKET_BUFFER_BYTES = 4 << 20
+_ERRORS: dict[str, type[KVTransferError]] = {
+    "expired": HandleExpiredError, "forged": HandleForgedError, "not_found": KVNotFoundError,
+}
+
+
+def parse_kv_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise KVTransferError(f"bad KV endpoint {url!r}: expected tcp://host:port")
+    return parts.hostname, parts.port
+
+
+class TcpKVReceiver:
+    """KVReceiver that moves the bytes inline on the socket."""
+
+    mode = "tcp"
+
+    def __init__(self, secret: bytes, connect_timeout_s: float = 5.0, io_timeout_s: float = 30.0) -> None:
+        self._secret = secret
+        self._connect_timeout_s = connect_timeout_s
+        self._io_timeout_s = io_timeout_s
+
+    def fetch(self, handle: KVHandle) -> ExportedKV:
+        where = f"prefill instance {handle.source_instance} at {handle.kv_url}"
+        host, port = parse_kv_url(handle.kv_url)
+        try:
+            sock = socket.create_connection((host, port), timeout=self._connect_timeout_s)
+        except OSError as exc:
+            raise SourceUnreachableError(f"{where} unreachable: {exc}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+            sock.settimeout(self._io_timeout_s)
+            wire.send_header(sock, {"op": "fetch", "mode": self.mode,
+                                    "handle": encode_handle(handle, self._secret).hex()})
+            meta = self._expect(sock, "meta")
+            shards = {int(s["rank"]): torch.empty(tuple(s["shape"]), dtype=wire.dtype_of(s["dtype"]))
+                      for s in meta["shards"]}
+            self._receive_shards(sock, [shards[r] for r in sorted(shards)])
+            self._expect(sock, "end")
+            wire.send_header(sock, {"op": "ack"})
+            try:
+                self._expect(sock, "released")
+            except (OSError, ValueError) as exc:  # we hold the bytes; the source frees on its own expiry
+                log.warning("no release confirmation from %s for %s: %s", where, handle.request_id, exc)
+            return ExportedKV(layout=KVLayout.from_dict(meta["layout"]), num_tokens=int(meta["num_tokens"]),
+                              shards=shards)
+        except KVTransferError:
+            raise
+        except TimeoutError:
+            raise SourceUnreachableError(f"{where} unreachable: it stopped answering for "
+                                         f"{self._io_timeout_s:.0f}s during the KV pull of {handle.request_id}") from None
+        except (OSError, ValueError) as exc:
+            raise SourceUnreachableError(f"{where} unreachable: it went away during the KV pull of "
+                                         f"{handle.request_id} ({exc})") from None
+        finally:
+            sock.close()
+
+    def _expect(self, sock: socket.socket, op: str) -> dict:
+        msg = wire.recv_header(sock)
+        if msg["op"] == "error":
+            raise _ERRORS.get(str(msg.get("kind")), KVTransferError)(str(msg.get("message")))
+        if msg["op"] != op:
+            raise KVTransferError(f"KV protocol error: expected {op!r}, got {msg['op']!r}")
+        return msg
+
+    def _receive_shards(self, sock: socket.socket, shards: list[torch.Tensor]) -> None:
+        for t in shards:
+            for layer in range(t.shape[0]):
+                wire.recv_exact_into(sock, wire.byte_view(t[layer]))

@@ -1,0 +1,75 @@
+"""Framing of the KV pull protocol: a 4-byte length, a JSON header, and (for tensors) raw bytes.
+
+    decode -> prefill   {"op": "fetch", "handle": <hex>, "mode": "tcp" | "shm"}
+    prefill -> decode   {"op": "meta", "num_tokens", "layout", "shards": [{"rank", "shape", "dtype"}]}
+                        tcp: the raw bytes of every shard, layer by layer (rank order), no framing between
+                        shm: {"op": "shm", "name", "offsets"} (the bytes lie in a /dev/shm segment),
+                             then {"op": "ready", "upto": k} as layers are written (the receiver copies out layers < k)
+                        {"op": "end"}
+    decode -> prefill   {"op": "ack"}            the prefill side then frees the blocks
+    prefill -> decode   {"op": "released"}       so fetch() returns only once the source is free
+    any error           {"op": "error", "kind": "forged" | "expired" | "not_found" | "internal", "message"}
+
+Never pickle: the peer is on the network. Tensors travel as raw little-endian bytes of a known shape/dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import torch
+
+_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 1 << 20
+
+
+class PeerClosed(ConnectionError):
+    """The other side closed the connection in the middle of a frame."""
+
+
+def send_header(sock: socket.socket, header: dict) -> None:
+    data = json.dumps(header, separators=(",", ":")).encode()
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` completely from the socket (recv_into: no intermediate copies)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerClosed(f"connection closed after {got} of {n} bytes")
+        got += k
+
+
+def recv_header(sock: socket.socket) -> dict:
+    raw = bytearray(_LEN.size)
+    recv_exact_into(sock, memoryview(raw))
+    (n,) = _LEN.unpack(raw)
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"KV protocol header of {n} bytes is too large")
+    body = bytearray(n)
+    recv_exact_into(sock, memoryview(body))
+    header = json.loads(body)
+    if not isinstance(header, dict) or "op" not in header:
+        raise ValueError("KV protocol header without 'op'")
+    return header
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous tensor, any dtype (bfloat16 included), without a copy."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
+
+
+def dtype_of(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in KV stream")
+    return dt
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")

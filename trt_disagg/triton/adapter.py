@@ -1,0 +1,147 @@
+"""Start-up and shut-down of one instance inside Triton's Python backend (model.py stays a thin shell).
+
+Static settings come from the rendered config.pbtxt `parameters` (engine dir, role, transport, TTL...);
+per-process ones from the environment `trt-disagg serve` sets (instance id, ports, Redis, the secret):
+
+    TRTD_INSTANCE_ID  TRTD_KV_HOST  TRTD_KV_PORT  TRTD_ADVERTISE_HOST  TRTD_GRPC_URL  TRTD_HTTP_URL
+    TRTD_KV_SHM_PREFIX
+    REDIS_URL         TRT_DISAGG_KV_SECRET (hex)
+
+Without them (a repository served by hand) the instance still works: ephemeral KV port, no registry, and
+a secret from Redis or, failing that, a random one (then only this instance can read its own handles).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from trt_disagg.contract import InstanceInfo, Role
+from trt_disagg.kv.handle import new_secret, secret_from_env
+from trt_disagg.kv.transport import make_sender
+from trt_disagg.triton.fake_engine import FAKE_PREFIX, FakeEngine
+from trt_disagg.triton.instance import InstanceServer
+from trt_disagg.triton.registry import Registrar, get_or_create_secret
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    engine_dir: str
+    role: Role
+    model_name: str
+    instance_id: str
+    transport: str
+    handle_ttl_s: float
+    max_pending_tokens: int | None
+    threads_per_rank: int | None
+    kv_host: str
+    kv_port: int
+    advertise_host: str
+    grpc_url: str
+    http_url: str
+    redis_url: str | None
+    kv_shm_prefix: str | None  # names of this instance's /dev/shm KV segments (serve removes them after a kill)
+
+    @classmethod
+    def from_model_config(cls, model_config: dict, env: dict[str, str] | None = None) -> InstanceSettings:
+        env = dict(os.environ) if env is None else env
+        params = {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+        def need(key: str) -> str:
+            if not params.get(key):
+                raise ValueError(f"model {model_config.get('name')}: parameter {key} is missing in config.pbtxt")
+            return params[key]
+
+        role = Role(need("ROLE"))
+        pending = params.get("MAX_PENDING_TOKENS", "")
+        threads = params.get("THREADS_PER_RANK", "")
+        kv_host = env.get("TRTD_KV_HOST", "127.0.0.1")
+        return cls(
+            engine_dir=need("ENGINE_DIR"), role=role, model_name=str(model_config.get("name", role.value)),
+            instance_id=env.get("TRTD_INSTANCE_ID") or f"{role.value}-{socket.gethostname()}-{os.getpid()}",
+            transport=params.get("KV_TRANSPORT") or "auto",
+            handle_ttl_s=float(params.get("HANDLE_TTL_S") or 60.0),
+            max_pending_tokens=int(pending) if pending else None,
+            threads_per_rank=int(threads) if threads else None,
+            kv_host=kv_host, kv_port=int(env.get("TRTD_KV_PORT", "0")),
+            advertise_host=env.get("TRTD_ADVERTISE_HOST", kv_host),
+            grpc_url=env.get("TRTD_GRPC_URL", ""), http_url=env.get("TRTD_HTTP_URL", ""),
+            redis_url=env.get("REDIS_URL") or None, kv_shm_prefix=env.get("TRTD_KV_SHM_PREFIX") or None,
+        )
+
+
+def load_engine(engine_dir: str, threads_per_rank: int | None) -> Any:
+    """The real engine, or the fake one for ENGINE_DIR "fake:<role>[:tp:pp]" (tests)."""
+    if engine_dir.startswith(FAKE_PREFIX):
+        return FakeEngine.from_spec(engine_dir)
+    from trt_disagg.engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank)
+
+
+class RunningInstance:
+    """Engine + InstanceServer (+ KV server) + Redis registrar, started and stopped together."""
+
+    def __init__(self, settings: InstanceSettings) -> None:
+        self.settings = settings
+        self._redis: Any = None
+        self.registrar: Registrar | None = None
+        secret = self._secret()
+        engine = load_engine(settings.engine_dir, settings.threads_per_rank)
+        try:
+            sender = None
+            if settings.role is Role.PREFILL:
+                sender = make_sender(
+                    "fake" if settings.transport == "fake" else "tcp", source=engine, secret=secret,
+                    instance_id=settings.instance_id, layout=engine.config.kv_layout(), host=settings.kv_host,
+                    port=settings.kv_port, advertise_host=settings.advertise_host,
+                    handle_ttl_s=settings.handle_ttl_s, max_pending_tokens=settings.max_pending_tokens,
+                    shm_prefix=settings.kv_shm_prefix)
+            self.server = InstanceServer(settings.role, engine, secret, sender=sender,
+                                         transport=settings.transport)
+            self.server.start()
+            self.kv_url = sender.url if sender is not None else ""
+        except Exception:
+            engine.shutdown()
+            raise
+        if self._redis is not None:
+            self.registrar = Registrar(self._redis, self.info(), self.server.load)
+            self.registrar.start()
+
+    def _secret(self) -> bytes:
+        secret = secret_from_env()
+        if self.settings.redis_url:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.settings.redis_url)
+            if secret is None:
+                secret = bytes.fromhex(get_or_create_secret(self._redis, new_secret().hex()))
+        if secret is None:
+            log.warning("no TRT_DISAGG_KV_SECRET and no Redis: KV handles of %s are readable only by itself",
+                        self.settings.instance_id)
+            secret = new_secret()
+        return secret
+
+    def info(self) -> InstanceInfo:
+        cfg = self.server.engine.config
+        return InstanceInfo(
+            instance_id=self.settings.instance_id, role=self.settings.role, host=self.settings.advertise_host,
+            grpc_url=self.settings.grpc_url, http_url=self.settings.http_url, kv_url=self.kv_url,
+            tp=cfg.tp, pp=cfg.pp, kv_capacity_tokens=int(self.server.engine.kv_capacity_tokens),
+            fingerprint=cfg.fingerprint, model_name=self.settings.model_name,
+            extra={"transport": self.settings.transport, "backend": "python"})
+
+    def stop(self) -> None:
+        """Deregister first (the router stops picking us), then drain and stop everything."""
+        if self.registrar is not None:
+            self.registrar.stop()
+            self.registrar = None
+        self.server.stop()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None

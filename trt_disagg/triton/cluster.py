@@ -1,0 +1,267 @@
+"""Everything `trt-disagg serve` starts for a deployment on this host, started and stopped as one.
+
+    start(): Redis (embedded Valkey unless REDIS_URL / redis.url) ─▶ KV secret (env, or Redis: first wins)
+             ─▶ render one repository per instance into a temp run dir ─▶ start every tritonserver
+             ─▶ wait until each model is ready ─▶ the router (when the router package is present)
+    stop():  router ─▶ instances (SIGTERM, then kill) ─▶ Redis ─▶ run dir.   Idempotent, any order of failure.
+
+A start that fails (port taken, engine missing, model fails to load) stops what was started and raises
+UserError with the reason and the failing instance's log tail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from trt_disagg.config import Deployment
+from trt_disagg.contract import Role
+from trt_disagg.engine.types import CONFIG_FILE
+from trt_disagg.errors import UserError
+from trt_disagg.kv.handle import new_secret, secret_from_env
+from trt_disagg.triton import launch
+from trt_disagg.triton.fake_engine import FAKE_PREFIX
+from trt_disagg.triton.redis_server import EmbeddedRedis, configured_redis_url
+from trt_disagg.triton.registry import get_or_create_secret
+from trt_disagg.triton.render import InstancePlan, plan_instances, render_instance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    instance_id: str
+    role: Role
+    model_name: str
+    grpc_url: str
+    http_url: str
+    kv_port: int
+    log_path: Path
+
+
+class LocalCluster:
+    """The instances (all, or `only` some ids) of one deployment on this host."""
+
+    def __init__(self, dep: Deployment, *, config_path: Path | None = None, engines_root: Path | None = None,
+                 only: list[str] | None = None, start_router: bool = True, decoupled: bool = True,
+                 engine_overrides: dict[Role, str] | None = None, ready_timeout_s: float = 300.0,
+                 transport: str | None = None, run_dir: Path | None = None) -> None:
+        self.dep = dep
+        self._config_path = config_path
+        self._engines_root = engines_root
+        self._only = only
+        self._start_router = start_router
+        self._decoupled = decoupled
+        self._engine_overrides = engine_overrides or {}
+        self._ready_timeout_s = ready_timeout_s
+        self._transport = transport
+        self.redis_url: str | None = None
+        self.secret_hex: str | None = None
+        self.processes: list[launch.TritonProcess] = []
+        self._used_ports: set[int] = set()
+        self.router_proc: subprocess.Popen | None = None
+        self.router_url: str | None = None
+        self._redis: EmbeddedRedis | None = None
+        self.run_dir: Path | None = run_dir  # repositories and logs; a temp dir (removed on stop) when None
+        self._own_run_dir = run_dir is None
+
+    # ---- plan ----
+    def plans(self) -> list[InstancePlan]:
+        plans = plan_instances(self.dep, self._engines_root)
+        if self._only is not None:
+            known = {p.instance_id for p in plans}
+            unknown = [i for i in self._only if i not in known]
+            if unknown:
+                raise UserError(f"--instance {', '.join(unknown)}: not in this deployment "
+                                f"(instances: {', '.join(sorted(known))})")
+            plans = [p for p in plans if p.instance_id in self._only]
+        out = []
+        for p in plans:
+            override = self._engine_overrides.get(p.role)
+            if override is not None:
+                p = replace(p, engine_dir=Path(override))
+            if self._transport is not None:
+                ct = p.group.cache_transceiver_config.model_copy(update={"backend": self._transport})
+                p = replace(p, group=p.group.model_copy(update={"cache_transceiver_config": ct}))
+            out.append(p)
+        return out
+
+    def _check_engines(self, plans: list[InstancePlan]) -> None:
+        for p in plans:
+            if p.backend != "python" or str(p.engine_dir).startswith(FAKE_PREFIX):
+                continue
+            if not (p.engine_dir / CONFIG_FILE).is_file():
+                raise UserError(f"engine for {p.role} missing: {p.engine_dir}/{CONFIG_FILE} not found "
+                                "(build it with `trt-disagg build CONFIG`)")
+
+    # ---- start / stop ----
+    def start(self) -> None:
+        plans = self.plans()
+        self._check_engines(plans)
+        if any(p.backend == "tensorrtllm" for p in plans) and launch.system_tritonserver() is None:
+            raise UserError("the tensorrtllm backend needs `tritonserver` on PATH (the NGC Triton TRT-LLM "
+                            "container); this host has none")
+        try:
+            self._start(plans)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, plans: list[InstancePlan]) -> None:
+        t0 = time.monotonic()
+        if self.run_dir is None:
+            self.run_dir = launch.make_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = configured_redis_url(self.dep)
+        if self.redis_url is None:
+            if self._only is not None:
+                raise UserError("--instance needs a shared Redis: set REDIS_URL (or redis.url in the config) "
+                                "to the one the other hosts use")
+            self._redis = EmbeddedRedis()
+            self.redis_url = self._redis.start()
+        self.secret_hex = self._secret()
+        launched = [(p, self._launch(p)) for p in plans]  # all start loading in parallel
+        self.processes = [proc for _, proc in launched]
+        for i, (plan, proc) in enumerate(launched):
+            self.processes[i] = self._ready(plan, proc)
+        if self._start_router:
+            self._launch_router()
+        log.info("deployment %s up in %.1fs", self.dep.name, time.monotonic() - t0)
+
+    def _ready(self, plan: InstancePlan, proc: launch.TritonProcess, attempts: int = 3) -> launch.TritonProcess:
+        """Wait for an instance; if a port we picked was taken meanwhile by another process, retry with new
+        ports (a port given in `urls` is the user's: that failure is reported as is)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                proc.wait_ready(self._ready_timeout_s)
+                return proc
+            except UserError:
+                if plan.url is not None or attempt == attempts or not proc.port_conflict():
+                    raise
+                log.warning("a port of %s was taken during start-up; retrying with new ports", plan.instance_id)
+                proc.stop()
+                self.processes[self.processes.index(proc)] = proc = self._launch(plan)
+        raise AssertionError("unreachable")
+
+    def _secret(self) -> str:
+        env = secret_from_env()
+        candidate = env.hex() if env is not None else new_secret().hex()
+        import redis
+
+        client = redis.Redis.from_url(str(self.redis_url))
+        try:
+            return get_or_create_secret(client, candidate) if env is None else candidate
+        except redis.RedisError as exc:
+            raise UserError(f"Redis at {self.redis_url} unreachable: {exc}") from None
+        finally:
+            client.close()
+
+    def _launch(self, plan: InstancePlan) -> launch.TritonProcess:
+        assert self.run_dir is not None
+        binary = (launch.system_tritonserver() if plan.backend == "tensorrtllm"
+                  else launch.bundled_tritonserver(self.run_dir))
+        assert binary is not None
+        host, grpc_port, bind = "127.0.0.1", None, "127.0.0.1"
+        if plan.url is not None:
+            host, _, port = plan.url.rpartition(":")
+            grpc_port, bind = int(port), "0.0.0.0"
+        ports = launch.Ports.pick(bind, grpc=grpc_port, exclude=self._used_ports)
+        self._used_ports |= {ports.grpc, ports.http, ports.metrics, ports.kv}
+        repo = render_instance(plan, self.run_dir / "repos", decoupled=self._decoupled)
+        env = launch.server_env(binary, {
+            **plan.env(),
+            "TRTD_INSTANCE_ID": plan.instance_id, "TRTD_KV_HOST": bind, "TRTD_KV_PORT": str(ports.kv),
+            "TRTD_ADVERTISE_HOST": host, "TRTD_GRPC_URL": f"{host}:{ports.grpc}",
+            "TRTD_HTTP_URL": f"{host}:{ports.http}", "REDIS_URL": str(self.redis_url),
+            "TRT_DISAGG_KV_SECRET": str(self.secret_hex),
+        }, threads=plan.group.threads_per_instance * plan.group.world_size)
+        proc = launch.TritonProcess(plan.instance_id, plan.model_name, repo, binary, ports, env,
+                                    self.run_dir / f"{plan.instance_id}.log", host=host, bind=bind)
+        proc.start()
+        return proc
+
+    def _launch_router(self) -> None:
+        if importlib.util.find_spec("router.app") is None or self._config_path is None:
+            log.info("no router started (router package or config path missing)")
+            return
+        # The router helper's entry point: trt_disagg.triton.router_runner builds RouterSettings and runs uvicorn.
+        host, port = self.dep.router.host, self.dep.router.port or launch.free_port()
+        assert self.run_dir is not None
+        logf = open(self.run_dir / "router.log", "ab")  # noqa: SIM115 - owned by the process below
+        self.router_proc = subprocess.Popen(
+            [sys.executable, "-m", "trt_disagg.triton.router_runner", str(self._config_path),
+             "--redis-url", str(self.redis_url), "--port", str(port)],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        logf.close()
+        self.router_url = f"http://{host}:{port}"
+        self._wait_router(self.router_url)
+
+    def _wait_router(self, url: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.router_proc is None or self.router_proc.poll() is not None:
+                raise UserError(f"router exited during start-up; log {self.run_dir}/router.log")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)  # polling another process's readiness
+        raise UserError(f"router at {url} not healthy after 60s; log {self.run_dir}/router.log")
+
+    def stop(self) -> None:
+        """Stop everything this cluster started; safe to call twice or after a failed start."""
+        router, self.router_proc = self.router_proc, None
+        if router is not None:
+            _stop_process(router, timeout_s=5.0)
+        procs, self.processes = self.processes, []
+        for proc in procs:  # SIGTERM all first: they shut down in parallel
+            if proc.proc is not None and proc.alive():
+                proc.proc.terminate()
+        for proc in procs:
+            proc.stop()
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self.run_dir is not None and self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def endpoints(self) -> list[Endpoint]:
+        return [Endpoint(p.instance_id, Role(p.model_name), p.model_name, p.grpc_url, p.http_url, p.ports.kv,
+                         p.log_path) for p in self.processes]
+
+    def dead_instances(self) -> list[str]:
+        return [p.instance_id for p in self.processes if not p.alive()]
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

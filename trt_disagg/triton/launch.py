@@ -1,0 +1,240 @@
+"""Start and stop one `tritonserver` process per instance.
+
+How the bundled server runs here (DESIGN.md, checked): the `nvidia-pytriton` wheel ships tritonserver
+2.51 and a Python-backend stub per Python version. The backend directory must hold the stub next to
+libtriton_python.so (pytriton copies them into a workspace; we link them into a temp dir);
+LD_LIBRARY_PATH starts with this interpreter's sysconfig LIBDIR (else the stub loads the system
+libpython and every model fails), then the wheel's bundled libs; the virtualenv's bin is first on PATH
+(the stub runs the `python` it finds there). GPU deployments use `tritonserver` from PATH instead.
+
+Each server runs in its own session (process group): Ctrl-C in the terminal reaches only `serve`, which
+stops servers with SIGTERM (Triton then finalizes the models: rank processes, KV server, registry) and,
+past the timeout, SIGKILLs the group and removes the group's Python-backend /dev/shm regions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trt_disagg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SHM_PREFIX = "trtd_tb_"  # our Python-backend shm regions: /dev/shm/trtd_tb_<instance>_<random>_*
+KV_SHM_PREFIX = "trtd_kv_"  # = kv.shm.SEGMENT_PREFIX: the KV server's segments, /dev/shm/trtd_kv_<instance>_<random>_*
+
+
+@dataclass(frozen=True)
+class TritonBinary:
+    executable: Path
+    backend_dir: Path | None  # None: the server's default (/opt/tritonserver/backends)
+    cache_dir: Path | None
+    lib_dirs: tuple[Path, ...]
+
+
+def bundled_tritonserver(work_dir: Path) -> TritonBinary:
+    """The pytriton wheel's server, with a backend dir that holds this interpreter's stub."""
+    try:
+        import pytriton
+    except ImportError:
+        raise UserError("no tritonserver: install nvidia-pytriton (CPU) or put tritonserver on PATH") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserError(f"nvidia-pytriton has no Python-backend stub for Python {version} ({stub})")
+    backends = work_dir / "backends"
+    (backends / "python").mkdir(parents=True, exist_ok=True)
+    for item in (root / "backends" / "python").iterdir():
+        if item.is_file():
+            _link(item, backends / "python" / item.name)
+    _link(stub, backends / "python" / "triton_python_backend_stub")
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return TritonBinary(root / "bin" / "tritonserver", backends, root / "caches",
+                        tuple(p for p in (libs, root / "external_libs") if p.is_dir()))
+
+
+def system_tritonserver() -> TritonBinary | None:
+    found = shutil.which("tritonserver")
+    return None if found is None else TritonBinary(Path(found), None, None, ())
+
+
+def _link(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.symlink(src, dst)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (bind to 0). The server binds it a moment later; a race loses with a clear
+    'port taken' failure, never a hang."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int
+    http: int
+    metrics: int
+    kv: int
+
+    @classmethod
+    def pick(cls, host: str = "127.0.0.1", grpc: int | None = None, exclude: set[int] | None = None) -> Ports:
+        """Four distinct free ports, none in `exclude` (ports already handed to this deployment's servers:
+        a probe socket closes at once, so the kernel may offer the same port again)."""
+        ports: set[int] = set() if grpc is None else {grpc}
+        while len(ports) < 4:
+            port = free_port(host)
+            if exclude is None or port not in exclude:
+                ports.add(port)
+        rest = sorted(ports - ({grpc} if grpc is not None else set()))
+        if grpc is None:
+            grpc, rest = rest[0], rest[1:]
+        return cls(grpc=grpc, http=rest[0], metrics=rest[1], kv=rest[2])
+
+
+def server_env(binary: TritonBinary, extra: dict[str, str], threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    ld = [libdir, *map(str, binary.lib_dirs)]
+    if env.get("LD_LIBRARY_PATH"):
+        ld.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in ld if p)
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = ":".join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+    env.update(extra)
+    return env
+
+
+class TritonProcess:
+    """One tritonserver serving one instance's model repository."""
+
+    def __init__(self, instance_id: str, model_name: str, repo_dir: Path, binary: TritonBinary,
+                 ports: Ports, env: dict[str, str], log_path: Path, host: str = "127.0.0.1",
+                 bind: str = "127.0.0.1") -> None:
+        self.instance_id = instance_id
+        self.model_name = model_name
+        self.repo_dir = repo_dir
+        self.ports = ports
+        self.host = host  # advertised to clients
+        self.bind = bind  # listened on: 127.0.0.1 on a single host, 0.0.0.0 for multi-host
+        self.log_path = log_path
+        self._binary = binary
+        self._env = env
+        self.proc: subprocess.Popen | None = None
+        # Unique per process object: clean-up after a kill must never touch another deployment's regions.
+        token = f"{instance_id.replace('-', '_')}_{secrets.token_hex(4)}_"
+        self.shm_prefix = f"{SHM_PREFIX}{token}"
+        self.kv_shm_prefix = f"{KV_SHM_PREFIX}{token}"  # the instance's KV segments (TRTD_KV_SHM_PREFIX)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.ports.http}"
+
+    def command(self) -> list[str]:
+        cmd = [str(self._binary.executable), f"--model-repository={self.repo_dir}",
+               f"--grpc-port={self.ports.grpc}", f"--http-port={self.ports.http}",
+               f"--metrics-port={self.ports.metrics}", f"--grpc-address={self.bind}",
+               f"--http-address={self.bind}", f"--metrics-address={self.bind}",
+               "--exit-on-error=true", "--strict-readiness=true",
+               "--exit-timeout-secs=10", "--log-verbose=0",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        if self._binary.backend_dir is not None:
+            cmd.append(f"--backend-directory={self._binary.backend_dir}")
+        if self._binary.cache_dir is not None:
+            cmd.append(f"--cache-directory={self._binary.cache_dir}")
+        return cmd
+
+    def start(self) -> None:
+        env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix}
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def port_conflict(self) -> bool:
+        """Did the server fail because one of its ports was taken meanwhile (a race with another process)?"""
+        return "already in use" in self.log_tail(60)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, num_lines: int = 25) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-num_lines:])
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Poll Triton's readiness API until the model is ready; raise with the log tail if it dies."""
+        import tritonclient.http as httpclient
+
+        deadline = time.monotonic() + timeout_s
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=1.0, network_timeout=2.0)
+        try:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    raise UserError(f"instance {self.instance_id} exited during start-up "
+                                    f"(exit code {self.proc.returncode if self.proc else '?'}); "
+                                    f"log {self.log_path}:\n{self.log_tail()}")
+                try:
+                    if client.is_server_ready() and client.is_model_ready(self.model_name):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.1)  # polling an external process; no event to wait on
+        finally:
+            client.close()
+        raise UserError(f"instance {self.instance_id} not ready after {timeout_s:.0f}s; log {self.log_path}:\n"
+                        f"{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (graceful: models finalize), then SIGKILL the whole group; idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("instance %s did not stop in %.0fs; killing it", self.instance_id, timeout_s)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group: stubs, rank processes
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for prefix in (self.shm_prefix, self.kv_shm_prefix):
+                for p in shm.glob(f"{prefix}*"):
+                    p.unlink(missing_ok=True)
+
+
+def make_run_dir(prefix: str = "trtd-serve-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
