@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/trt-disagg demo configs/smollm2.yaml
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/trt-disagg demo configs/smollm2-demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check trt_disagg router tests benchmarks

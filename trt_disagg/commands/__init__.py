@@ -6,7 +6,7 @@ import typer
 
 
 def register_all(app: typer.Typer) -> None:
-    from trt_disagg.commands import bench, build, plan, serve
+    from trt_disagg.commands import bench, build, demo, plan, serve
 
-    for module in (build, serve, plan, bench):
+    for module in (build, serve, plan, bench, demo):
         module.register(app)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from trt_disagg.build.builder import BuildStatus, RolePlan, RoleResult, build_deployment
 from trt_disagg.build.tensorrtllm import BuildFailed
-from trt_disagg.config import load_deployment
+from trt_disagg.config import Deployment, load_deployment
 from trt_disagg.contract import Role
 
 out = Console()
@@ -60,6 +60,16 @@ def _summary(results: list[RoleResult]) -> Table:
     return table
 
 
+def build_with_progress(dep: Deployment, *, engines_root: Path | None = None, roles: list[str] | None = None,
+                        force: bool = False, dry_run: bool = False) -> list[RoleResult]:
+    """`build_deployment` with a rich progress bar per role on stderr (also used by `trt-disagg demo`)."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} {task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        return build_deployment(dep, engines_root=engines_root, roles=roles, force=force, dry_run=dry_run,
+                                observer=RichObserver(progress))
+
+
 def build_cmd(
     config: Annotated[Path, typer.Argument(help="deployment YAML (configs/*.yaml)")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print what would be built; "
@@ -73,12 +83,8 @@ def build_cmd(
     """Convert the model source into per-rank shards: one engine dir per role of the deployment."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     dep = load_deployment(config)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} {task.fields[status]}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=err, transient=False) as progress:
-            results = build_deployment(dep, engines_root=engines_dir, roles=role, force=force, dry_run=dry_run,
-                                       observer=RichObserver(progress))
+        results = build_with_progress(dep, engines_root=engines_dir, roles=role, force=force, dry_run=dry_run)
     except BuildFailed as exc:  # a TensorRT-LLM tool failed; its own output above says why
         err.print(f"[red]build failed:[/red] {exc}")
         raise typer.Exit(1) from None

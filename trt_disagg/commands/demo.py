@@ -1,0 +1,119 @@
+"""`trt-disagg demo CONFIG`: the main job, end to end on this machine.
+
+    build the engines ─▶ load the workload (the engine's tokenizer) ─▶ profile the engine (1 thread)
+    ─▶ predict both deployments (simulator) ─▶ serve + benchmark the disaggregated deployment ─▶ stop
+    ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop ─▶ tables + JSON/CSV/PNG
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from trt_disagg.errors import UserError
+
+# Wide enough for the comparison tables when the output is a pipe or a CI log (rich defaults to 80 there).
+out = Console(width=120)
+err = Console(stderr=True)
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--rates {text!r}: expected comma-separated numbers") from None
+    if not rates or min(rates) <= 0:
+        raise UserError("--rates: give one or more rates > 0 (requests/s)")
+    return sorted(rates)
+
+
+def demo_cmd(
+    config: Annotated[Path, typer.Argument(help="a deployment with context, generation and colocated servers")],
+    workload: Annotated[str, typer.Option(help="sharegpt | humaneval | longbench-synthetic | fixed")] = "fixed",
+    input_len: Annotated[int, typer.Option(help="fixed workload: prompt tokens")] = 512,
+    output_len: Annotated[int, typer.Option(help="output tokens (fixed; ignore_eos)")] = 32,
+    rates: Annotated[str, typer.Option(help="comma-separated request rates, req/s")] = "0.25,0.5,0.75,1.0",
+    num_requests: Annotated[int, typer.Option(help="requests per rate")] = 40,
+    seed: int = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="results: JSON, CSV, PNG")] = Path("runs/demo"),
+    engines_dir: Annotated[Path | None, typer.Option("--engines-dir")] = None,
+) -> None:
+    """Disaggregated vs colocated on this machine: build, serve, benchmark, predict, compare."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from trt_disagg.bench.report import write_report
+    from trt_disagg.commands.build import build_with_progress
+    from trt_disagg.config import load_deployment
+    from trt_disagg.contract import Role
+    from trt_disagg.demo.measure import measure
+    from trt_disagg.demo.predict import predict_attainment, profile, sim_spec
+    from trt_disagg.demo.report import (
+        VariantOutcome,
+        goodput_table,
+        plot_predicted_vs_measured,
+        prediction_table,
+    )
+    from trt_disagg.demo.variants import split_variants
+    from trt_disagg.engine.tokenizer import load_tokenizer
+    from trt_disagg.engine.types import EngineConfig
+    from trt_disagg.workload import load_workload
+
+    started = time.perf_counter()
+    rate_list = _rates(rates)
+    if num_requests < 1:
+        raise UserError("--num-requests must be >= 1")
+    dep = load_deployment(config)
+    variants = split_variants(dep)
+    engines_root = engines_dir or Path(dep.engines_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    err.rule("1/5 build the engines")
+    build_with_progress(dep, engines_root=engines_root)
+    engine_dirs = {role: dep.engine_dir(role, engines_root) for role in dep.groups()}
+    engine_cfgs = {role: EngineConfig.load(d) for role, d in engine_dirs.items()}
+    colocated_cfg = engine_cfgs[Role.COLOCATED]
+    requests = load_workload(workload, num_requests=num_requests, seed=seed,
+                             tokenizer=load_tokenizer(engine_dirs[Role.COLOCATED]),
+                             max_input_len=colocated_cfg.limits.max_input_len, max_output_len=output_len,
+                             input_len=input_len if workload == "fixed" else None, output_len=output_len)
+
+    err.rule("2/5 profile the engine (one thread, as served) and predict")
+    threads = dep.groups()[Role.COLOCATED].threads_per_instance
+    with err.status("profiling") as status:
+        fit = profile(engine_dirs[Role.COLOCATED], dep.name, threads, out_dir / "profile",
+                      lambda done, total: status.update(f"profiling {done}/{total}"))
+    for phase, rep in fit.reports.items():
+        err.print(f"  fit {phase}: max rel err {rep.max_rel_error:.1%}, mean {rep.mean_rel_error:.1%}")
+    predicted = {v.label: predict_attainment(sim_spec(v, engine_cfgs, fit.latency_model), requests, rate_list,
+                                             dep.slo.ttft_s, dep.slo.tpot_s, seed=seed)
+                 for v in variants}
+
+    outcomes = []
+    for step, variant in enumerate(variants, start=3):
+        err.rule(f"{step}/5 serve and benchmark: {variant.label} ({variant.describe()})")
+        runs = measure(variant, requests, rate_list, dep.slo, engines_root=engines_root,
+                       run_dir=out_dir / variant.label, seed=seed)
+        outcomes.append(VariantOutcome(variant, runs, predicted[variant.label]))
+
+    err.rule("5/5 report")
+    target = dep.slo.attainment
+    paths = write_report({o.variant.label: o.goodput(target) for o in outcomes}, out_dir)
+    paths.append(plot_predicted_vs_measured(outcomes, target, out_dir / "predicted_vs_measured.png"))
+    slo_text = f"TTFT <= {dep.slo.ttft_s:g} s and TPOT <= {dep.slo.tpot_s:g} s"
+    out.print(goodput_table(outcomes, target, slo_text))
+    out.print(prediction_table(outcomes))
+    out.print(f"workload: {workload}, {len(requests)} requests per rate, "
+              f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
+              f"output {output_len} tokens; rates {rate_list} req/s (Poisson)")
+    for p in paths:
+        out.print(f"  wrote {p}")
+    out.print(f"demo finished in {time.perf_counter() - started:.0f} s; nothing left running")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `demo` to the CLI."""
+    app.command("demo")(demo_cmd)
