@@ -1,0 +1,94 @@
+"""The demo's pure parts: splitting a config into its two deployments, predicting attainment, the tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from trt_disagg.bench.metrics import RequestRecord, RunResult
+from trt_disagg.config import SLO, load_deployment, parse_deployment
+from trt_disagg.contract import ModelShape, Role
+from trt_disagg.demo.predict import predict_attainment, sim_spec
+from trt_disagg.demo.report import VariantOutcome, goodput_table, prediction_table
+from trt_disagg.demo.variants import COLOCATED, DISAGGREGATED, split_variants
+from trt_disagg.engine.types import EngineConfig, EngineLimits, KVCacheSpec
+from trt_disagg.errors import UserError
+from trt_disagg.planner.latency_model import Coefficients, LatencyModel, PhaseCoefficients
+from trt_disagg.sim import ColocatedSpec, DisaggSpec
+from trt_disagg.workload import WorkloadRequest
+
+SHAPE = ModelShape(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+                   vocab_size=49152)
+
+
+def demo_config():
+    return load_deployment("configs/smollm2-demo.yaml")
+
+
+def engine_cfg(role: Role) -> EngineConfig:
+    return EngineConfig(role, SHAPE, 1, 1, "float32", EngineLimits(32, 1024, 1280, 2048),
+                        KVCacheSpec("float32", 16, 32768), "f")
+
+
+# prefill 0.8 s for 512 tokens on one core; decode 50 ms + 5 ms per sequence (the CPU figures, rounded)
+MODEL = LatencyModel("smollm2", "cpu", "test", {1: PhaseCoefficients(
+    Coefficients(0.01, 0.0015, 0.0), Coefficients(0.05, 0.0, 0.005), Coefficients(0.05, 0.0, 0.005))})
+
+
+def test_split_keeps_the_roles_of_each_variant_and_counts_cores() -> None:
+    disagg, colocated = split_variants(demo_config())
+    assert disagg.label == DISAGGREGATED and set(disagg.deployment.groups()) == {Role.PREFILL, Role.DECODE}
+    assert colocated.label == COLOCATED and set(colocated.deployment.groups()) == {Role.COLOCATED}
+    assert disagg.num_cores == colocated.num_cores == 2
+    assert disagg.describe() == "1 prefill + 1 decode"
+
+
+def test_split_refuses_a_config_without_the_baseline() -> None:
+    dep = parse_deployment({"name": "x", "model": {"source": "tiny"}, "context_servers": {},
+                            "generation_servers": {}, "slo": {"ttft_s": 1, "tpot_s": 1}})
+    with pytest.raises(UserError, match="colocated_servers"):
+        split_variants(dep)
+
+
+def test_prediction_uses_the_variant_shape_and_falls_with_rate() -> None:
+    disagg, colocated = split_variants(demo_config())
+    cfgs = {role: engine_cfg(role) for role in Role}
+    d_spec, c_spec = sim_spec(disagg, cfgs, MODEL), sim_spec(colocated, cfgs, MODEL)
+    assert isinstance(d_spec, DisaggSpec) and (d_spec.num_prefill, d_spec.num_decode) == (1, 1)
+    assert isinstance(c_spec, ColocatedSpec) and c_spec.num_instances == 2
+    requests = [WorkloadRequest(None, None, 512, 32)] * 200
+    for spec in (d_spec, c_spec):
+        curve = predict_attainment(spec, requests, [0.2, 0.8, 3.0], ttft_s=3.0, tpot_s=0.1)
+        assert curve[0] >= curve[1] >= curve[2]
+        assert curve[0] > 0.9 and curve[2] < 0.5
+    # Colocated prefills stall decodes; disaggregated decode never waits behind a prefill.
+    c_low = predict_attainment(c_spec, requests, [0.8], ttft_s=100.0, tpot_s=0.07)[0]
+    d_low = predict_attainment(d_spec, requests, [0.8], ttft_s=100.0, tpot_s=0.07)[0]
+    assert d_low > c_low
+
+
+def _run(rate: float, attained: int, total: int) -> RunResult:
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    records = []
+    for i in range(total):
+        ok = i < attained
+        rec = RequestRecord(index=i, input_len=8, expected_output_len=3, scheduled_s=0.0, sent_s=0.0)
+        rec.token_times_s = [0.5, 0.55, 0.6] if ok else [5.0, 5.1, 5.2]
+        rec.output_tokens = 3
+        records.append(rec)
+    return RunResult(rate, "poisson", slo, records, 6.0)
+
+
+def test_tables_report_goodput_ratio_and_prediction_error() -> None:
+    disagg, colocated = split_variants(demo_config())
+    outcomes = [VariantOutcome(disagg, [_run(0.5, 10, 10), _run(1.0, 10, 10)], [1.0, 0.95]),
+                VariantOutcome(colocated, [_run(0.5, 10, 10), _run(1.0, 5, 10)], [1.0, 0.6])]
+    assert outcomes[0].goodput(0.9).goodput_rps == 1.0
+    assert outcomes[1].goodput(0.9).goodput_rps == 0.5
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(goodput_table(outcomes, 0.9, "slo"))
+    console.print(prediction_table(outcomes))
+    text = console.export_text()
+    assert "2.00x" in text  # per-core goodput ratio, disaggregated vs colocated
+    assert "+10" in text  # colocated at 1.0 req/s: predicted 60%, measured 50%
