@@ -65,6 +65,9 @@ class TensorName:
 
 REQUEST_TYPE_PARAMETER = "request_type"
 
+# TensorRT-LLM's way to say "ignore end-of-sequence": an end_id that no token matches.
+IGNORE_EOS_END_ID = -1
+
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -1,0 +1,265 @@
+"""Where each request goes: prefill to the shortest queue, decode to the least loaded, or colocated.
+
+    Redis ──refresh() every refresh_interval_s──▶ snapshot: live instances + their published load
+      trtd:role:<role>, trtd:instance:<id>, trtd:load:<id>        (written by the instances, registry.py)
+      trtd:drain:<id>                                             (written by /admin: take no new work)
+      trtd:router_inflight:<router_id>  HASH instance -> outstanding work this router sent there
+    pick(role) = policy.choose(candidates)                        (in memory, no Redis round trip)
+
+The load of an instance is what it published (queued prompt tokens, running sequences, free KV blocks)
+and what the routers have outstanding on it: every router publishes its own outstanding counts at each
+refresh and reads the others', so several routers agree without a Redis call on the request path. Each
+figure is a lower bound of the truth (the instance's is a moment old, a router's misses the others' last
+refresh), so a policy takes the larger of the two.
+
+Policies are chosen by name from `POLICIES` (least_loaded, round_robin); adding one is one class and one
+line. Conditional disaggregation: `choose_path` sends prompts shorter than the threshold (or every prompt,
+when no prefill+decode pair is up) to a colocated instance.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
+from trt_disagg.triton.registry import decode_load, list_instances, load_key
+
+log = logging.getLogger(__name__)
+
+PREFIX = "trtd:"
+ROUTERS_KEY = f"{PREFIX}routers"
+
+
+def drain_key(instance_id: str) -> str:
+    return f"{PREFIX}drain:{instance_id}"
+
+
+def router_inflight_key(router_id: str) -> str:
+    return f"{PREFIX}router_inflight:{router_id}"
+
+
+class ServePath(enum.StrEnum):
+    DISAGGREGATED = "disaggregated"
+    COLOCATED = "colocated"
+
+
+@dataclass
+class Outstanding:
+    """Work sent to an instance and not finished yet."""
+
+    prompt_tokens: int = 0
+    sequences: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An instance as a policy sees it: identity, published load, and what all routers have outstanding."""
+
+    info: InstanceInfo
+    load: InstanceLoad
+    outstanding: Outstanding
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        return max(self.load.queued_prompt_tokens, self.outstanding.prompt_tokens)
+
+    @property
+    def running_sequences(self) -> int:
+        return max(self.load.running_sequences, self.outstanding.sequences)
+
+
+class DispatchPolicy(Protocol):
+    def choose(self, role: Role, candidates: Sequence[Candidate]) -> Candidate | None: ...
+
+
+class LeastLoaded:
+    """Prefill: fewest outstanding prompt tokens. Decode/colocated: fewest sequences, then most free KV."""
+
+    def choose(self, role: Role, candidates: Sequence[Candidate]) -> Candidate | None:
+        if not candidates:
+            return None
+        if role is Role.PREFILL:
+            return min(candidates, key=lambda c: (c.queued_prompt_tokens, c.info.instance_id))
+        return min(candidates, key=lambda c: (c.running_sequences, -c.load.free_kv_blocks, c.info.instance_id))
+
+
+class RoundRobin:
+    """Each role's instances in turn, by id."""
+
+    def __init__(self) -> None:
+        self._counters: dict[Role, Iterator[int]] = defaultdict(itertools.count)
+
+    def choose(self, role: Role, candidates: Sequence[Candidate]) -> Candidate | None:
+        if not candidates:
+            return None
+        ordered = sorted(candidates, key=lambda c: c.info.instance_id)
+        return ordered[next(self._counters[role]) % len(ordered)]
+
+
+POLICIES: dict[str, type[DispatchPolicy]] = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+
+
+def make_policy(name: str) -> DispatchPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown dispatch policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+
+
+@dataclass
+class InstanceView:
+    info: InstanceInfo
+    load: InstanceLoad
+    draining: bool
+
+
+@dataclass
+class Snapshot:
+    """The deployment as last read from Redis."""
+
+    instances: dict[Role, list[InstanceView]] = field(default_factory=dict)
+    others_outstanding: dict[str, Outstanding] = field(default_factory=dict)
+    taken_at: float = 0.0
+
+    def live(self, role: Role) -> list[InstanceView]:
+        return [v for v in self.instances.get(role, []) if not v.draining]
+
+
+class Dispatcher:
+    def __init__(self, redis: Any, router_id: str, policy: DispatchPolicy, *, colocated_threshold_tokens: int,
+                 max_queued_prompt_tokens: int, publish_ttl_s: float) -> None:
+        self._redis = redis
+        self.router_id = router_id
+        self.policy = policy
+        self._threshold = colocated_threshold_tokens
+        self._max_queued_prompt_tokens = max_queued_prompt_tokens
+        self._publish_ttl_ms = max(1, int(publish_ttl_s * 1000))
+        self._mine: dict[str, Outstanding] = defaultdict(Outstanding)
+        self.snapshot = Snapshot()
+
+    # ---- reading and publishing the shared view ----------------------------------------------------
+
+    async def refresh(self) -> Snapshot:
+        """Re-read instances, loads and drain marks; publish our outstanding work, read the others'."""
+        now = time.time()
+        instances: dict[Role, list[InstanceView]] = {}
+        for role in Role:
+            infos = await list_instances(self._redis, role)
+            if not infos:
+                instances[role] = []
+                continue
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.mget([load_key(i.instance_id) for i in infos])
+            pipe.mget([drain_key(i.instance_id) for i in infos])
+            loads, drains = await pipe.execute()
+            instances[role] = [InstanceView(info, decode_load(raw) if raw is not None else InstanceLoad(),
+                                            drain is not None)
+                               for info, raw, drain in zip(infos, loads, drains, strict=True)]
+        others = await self._exchange_outstanding(now)
+        self.snapshot = Snapshot(instances, others, now)
+        return self.snapshot
+
+    async def _exchange_outstanding(self, now: float) -> dict[str, Outstanding]:
+        mine = {k: json.dumps([v.prompt_tokens, v.sequences]) for k, v in self._mine.items()
+                if v.prompt_tokens or v.sequences}
+        key = router_inflight_key(self.router_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        if mine:
+            pipe.hset(key, mapping=mine)
+            pipe.pexpire(key, self._publish_ttl_ms)
+        pipe.zadd(ROUTERS_KEY, {self.router_id: now})
+        pipe.zremrangebyscore(ROUTERS_KEY, "-inf", now - 3600)
+        pipe.zrangebyscore(ROUTERS_KEY, now - self._publish_ttl_ms / 1000, "+inf")
+        routers = (await pipe.execute())[-1]
+        others: dict[str, Outstanding] = defaultdict(Outstanding)
+        peers = [_text(r) for r in routers if _text(r) != self.router_id]
+        if not peers:
+            return others
+        pipe = self._redis.pipeline(transaction=False)
+        for peer in peers:
+            pipe.hgetall(router_inflight_key(peer))
+        for table in await pipe.execute():
+            for inst, raw in table.items():
+                prompt_tokens, sequences = json.loads(raw)
+                o = others[_text(inst)]
+                o.prompt_tokens += int(prompt_tokens)
+                o.sequences += int(sequences)
+        return others
+
+    async def withdraw(self) -> None:
+        """Stop advertising outstanding work (router shutting down)."""
+        await self._redis.delete(router_inflight_key(self.router_id))
+        await self._redis.zrem(ROUTERS_KEY, self.router_id)
+
+    # ---- choosing -----------------------------------------------------------------------------------
+
+    def can_serve(self) -> bool:
+        """A prefill+decode pair or a colocated instance is up and not draining."""
+        s = self.snapshot
+        return bool(s.live(Role.PREFILL) and s.live(Role.DECODE)) or bool(s.live(Role.COLOCATED))
+
+    def choose_path(self, prompt_tokens: int) -> ServePath | None:
+        s = self.snapshot
+        has_pair = bool(s.live(Role.PREFILL) and s.live(Role.DECODE))
+        has_colocated = bool(s.live(Role.COLOCATED))
+        if has_colocated and (not has_pair or prompt_tokens < self._threshold):
+            return ServePath.COLOCATED
+        if has_pair:
+            return ServePath.DISAGGREGATED
+        return None
+
+    def outstanding(self, instance_id: str) -> Outstanding:
+        mine = self._mine.get(instance_id, Outstanding())
+        theirs = self.snapshot.others_outstanding.get(instance_id, Outstanding())
+        return Outstanding(mine.prompt_tokens + theirs.prompt_tokens, mine.sequences + theirs.sequences)
+
+    def candidates(self, role: Role, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
+        return [Candidate(v.info, v.load, self.outstanding(v.info.instance_id))
+                for v in self.snapshot.live(role) if v.info.instance_id not in exclude]
+
+    def pick(self, role: Role, exclude: frozenset[str] = frozenset()) -> InstanceInfo | None:
+        """The instance for the next leg of `role`, or None when none is live (and not excluded)."""
+        cands = self.candidates(role, exclude)
+        if role is Role.PREFILL:
+            cands = [c for c in cands if c.queued_prompt_tokens < self._max_queued_prompt_tokens]
+        chosen = self.policy.choose(role, cands)
+        return None if chosen is None else chosen.info
+
+    def saturated(self, role: Role) -> bool:
+        """Every live instance of `role` has a full queue (the answer is 429, not 503)."""
+        cands = self.candidates(role)
+        return bool(cands) and role is Role.PREFILL and all(
+            c.queued_prompt_tokens >= self._max_queued_prompt_tokens for c in cands)
+
+    @contextmanager
+    def lease(self, instance_id: str, *, prompt_tokens: int = 0, sequences: int = 0) -> Iterator[None]:
+        """Count work as outstanding on `instance_id` for as long as the block runs."""
+        o = self._mine[instance_id]
+        o.prompt_tokens += prompt_tokens
+        o.sequences += sequences
+        try:
+            yield
+        finally:
+            o.prompt_tokens -= prompt_tokens
+            o.sequences -= sequences
+
+    def instance(self, instance_id: str) -> InstanceView | None:
+        for views in self.snapshot.instances.values():
+            for v in views:
+                if v.info.instance_id == instance_id:
+                    return v
+        return None
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,50 @@
+"""A request in flight, as the router's request path (`pipeline.py`) keeps it.
+
+`generated` is the single list of tokens the client has received; every continuation (a retried prefill,
+a decode leg moved to another instance) starts from it, which is why no token is repeated or lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from router.dispatch import ServePath
+from router.states import RequestState
+from trt_disagg.contract import InstanceInfo, SamplingParams
+
+
+@dataclass
+class Job:
+    """A request in flight: what it asked for and what the client has received so far."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    received_s: float  # monotonic
+    deadline_s: float  # monotonic
+    state: RequestState = RequestState.RECEIVED
+    model: str = ""
+    created: bool = False  # the record exists in Redis (written with the first dispatch)
+    record_write: asyncio.Future[None] | None = None  # that first write, while in flight
+    reaped: bool = False  # failed by the reaper; the generator must not go on
+    path: ServePath | None = None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    legs: dict[str, InstanceInfo] = field(default_factory=dict)  # role -> instance of the current leg
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.generated)
+
+
+def with_max(sampling: SamplingParams, max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, seed=sampling.seed, end_id=sampling.end_id,
+                          ignore_eos=sampling.ignore_eos)

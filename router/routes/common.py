@@ -1,0 +1,78 @@
+"""What the completion and chat routes share: deployment limits, admission, streaming or not."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Response
+
+from router.errors import BadRequest, ModelNotFound, PromptTooLong, RouterError
+from router.job import Job
+from router.pipeline import RequestRunner
+from router.schemas import _Sampling
+from router.settings import RouterSettings
+from router.streaming import ChunkFn, Primed, SSEResponse, prime, sse_events
+from router.tokenizer import TextTokenizer
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid request (OpenAI error body)"},
+    404: {"description": "unknown model"},
+    429: {"description": "queues full; see Retry-After"},
+    502: {"description": "an instance failed"},
+    503: {"description": "no instance available"},
+    504: {"description": "deadline exceeded"},
+}
+
+
+def check_model(model: str, settings: RouterSettings) -> None:
+    if model != settings.served_model_name:
+        raise ModelNotFound(f"model {model!r} is not served here; available: {settings.served_model_name!r}",
+                            param="model")
+
+
+def check_prompt(prompt_ids: list[int], settings: RouterSettings, tokenizer: TextTokenizer, param: str) -> None:
+    if not prompt_ids:
+        raise BadRequest(f"{param}: the prompt is empty after tokenization", param=param)
+    if len(prompt_ids) > settings.max_input_len:
+        raise PromptTooLong(f"{param}: the prompt has {len(prompt_ids)} tokens; this deployment takes at most "
+                            f"{settings.max_input_len} (max_input_len)", param=param)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and any(t >= vocab for t in prompt_ids):
+        raise BadRequest(f"{param}: token ids must be < {vocab} (the vocabulary size)", param=param)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, settings: RouterSettings, param: str) -> int:
+    room = settings.max_seq_len - prompt_len
+    if requested is None:
+        return max(1, min(settings.max_tokens_default, room))
+    if requested > room:
+        raise BadRequest(f"{param}={requested} is too large: the prompt has {prompt_len} tokens and "
+                         f"max_seq_len is {settings.max_seq_len}, so at most {room} can be generated",
+                         param=param)
+    return requested
+
+
+def end_id(settings: RouterSettings, tokenizer: TextTokenizer) -> int | None:
+    return settings.end_id if settings.end_id is not None else tokenizer.eos_token_id
+
+
+async def start(runner: RequestRunner, req: _Sampling, prompt_ids: list[int], max_tokens: int,
+                settings: RouterSettings, tokenizer: TextTokenizer) -> tuple[Job, Primed]:
+    """Admit the request and run it to its first token (errors until then are plain HTTP errors)."""
+    job = await runner.admit(prompt_ids, req.sampling(max_tokens, end_id(settings, tokenizer)), req.model)
+    return job, await prime(runner.tokens(job))
+
+
+def stream_response(job: Job, primed: Primed, tokenizer: TextTokenizer, chunk: ChunkFn, include_usage: bool,
+                    opening: dict[str, Any] | None = None) -> Response:
+    body = sse_events(job, primed, tokenizer, chunk, include_usage=include_usage, opening=opening)
+    return SSEResponse(body, headers={"X-Request-Id": job.request_id, "Cache-Control": "no-cache"})
+
+
+def created_now() -> int:
+    return int(time.time())
+
+
+__all__ = ["ERROR_RESPONSES", "RouterError", "check_model", "check_prompt", "created_now", "end_id",
+           "resolve_max_tokens", "start", "stream_response"]

@@ -1,0 +1,94 @@
+"""Text ↔ token ids for the router: a small Protocol, the Hugging Face implementation, and the
+incremental detokenizer that turns a token stream into text deltas.
+
+The tokenizer comes from the engine directory (`engines/<deployment>/<role>/tokenizer/`), so the router
+needs no hub access. Chat requests are rendered with the tokenizer's own chat template.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+from trt_disagg.errors import UserError
+
+
+class TextTokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer."""
+
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+        self.eos_token_id: int | None = tok.eos_token_id
+        self.vocab_size: int = len(tok)
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: Path) -> HFTokenizer:
+        try:  # the engine's own loader when it exists (same code the instances use)
+            loader = importlib.import_module("trt_disagg.engine.tokenizer").load_tokenizer
+            return cls(loader(engine_dir))
+        except (ImportError, AttributeError):
+            pass
+        from trt_disagg.engine.types import TOKENIZER_DIR  # here: that module imports torch
+
+        path = Path(engine_dir) / TOKENIZER_DIR
+        if not path.is_dir():
+            raise UserError(f"engine_dir {engine_dir} has no {TOKENIZER_DIR}/ (build the engine first)")
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=True))
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # transformers 5 may return a BatchEncoding
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+
+class Detokenizer:
+    """Emits the text each new token adds, decoding only a short window (not the whole output each time).
+
+    `prefix` .. `read` is text already sent, kept as left context because a token's text can depend on its
+    neighbour (leading spaces, merged bytes); a delta ending in U+FFFD (half a UTF-8 character) waits for
+    the next token.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        self._ids.append(token)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        if self._read >= len(self._ids):
+            return ""
+        sent = self._tok.decode(self._ids[self._prefix:self._read])
+        text = self._tok.decode(self._ids[self._prefix:])
+        if len(text) <= len(sent) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta = text[len(sent):]
+        self._prefix, self._read = self._read, len(self._ids)
+        return delta

@@ -1,0 +1,120 @@
+"""The router against real tritonserver instances (the bundled Triton, Python backend) and Valkey.
+
+Two deployments of configs/tiny.yaml's shape:
+- fake engines (ENGINE_DIR "fake:<role>", trt_disagg.triton.fake_engine): the tokens are a known function
+  of the context, so 64 concurrent streams, two routers sharing one Redis, and a decode instance killed
+  mid-stream are checked token by token, with a token-id "tokenizer" whose text spells the ids (<17><4>...);
+- the real tiny engines (built into a temp dir): the official `openai` client, completions and chat,
+  streaming and not, disaggregated text equal to the colocated text.
+The router runs in this process (uvicorn on 127.0.0.1) with its real Triton gRPC client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+
+from router.app import create_app
+from router.settings import RouterSettings
+from tests.integration.router_helpers import IdTokenizer, expected, serve, tiny
+from trt_disagg.config import Deployment
+from trt_disagg.contract import Role
+from trt_disagg.triton.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+def router_settings(dep: Deployment, redis_url: str, **overrides: object) -> RouterSettings:
+    values: dict[str, object] = {"port": 0, "refresh_interval_s": 0.2, "router_id": f"it-{id(overrides)}"}
+    return RouterSettings.from_deployment(dep, redis_url, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def fake_cluster():
+    overrides = {Role.PREFILL: "fake:prefill:2:1", Role.DECODE: "fake:decode:1:2", Role.COLOCATED: "fake:colocated"}
+    cluster = LocalCluster(tiny(num_decode=2), start_router=False, engine_overrides=overrides, ready_timeout_s=120)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def prompt_of(i: int) -> list[int]:
+    return [1, 100 + i, 7, 300 + 3 * i, 42]
+
+
+async def _stream_ids(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
+                      started: asyncio.Event | None = None) -> tuple[str, list[int], str | None]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    text, error = [], None
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        rid = resp.headers["x-request-id"]
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                error = chunk["error"]["message"]
+                continue
+            text.append(chunk["choices"][0]["text"])
+            if started is not None and len(text) >= 2:
+                started.set()
+    return rid, IdTokenizer().encode("".join(text)), error
+
+
+async def test_64_concurrent_streams_through_prefill_and_decode(fake_cluster):
+    app = create_app(router_settings(fake_cluster.dep, fake_cluster.redis_url), tokenizer=IdTokenizer())
+    async with serve(app) as url:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as http:
+            results = await asyncio.gather(*(_stream_ids(http, url, prompt_of(i), 24) for i in range(64)))
+            for i, (rid, ids, error) in enumerate(results):
+                assert error is None
+                assert ids == expected(prompt_of(i), 24), f"stream {i}"
+                rec = await app.state.router.records.get(rid)
+                walked = [e["state"] for e in rec.events]
+                assert walked == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE",
+                                  "DECODE_DISPATCHED", "DECODING", "DONE"], walked
+            metrics = (await http.get(f"{url}/metrics")).text
+    assert 'trtd_router_requests_total{outcome="done",path="disaggregated"} 64.0' in metrics
+
+
+async def test_two_routers_on_one_redis_serve_and_balance_one_deployment(fake_cluster):
+    apps = [create_app(router_settings(fake_cluster.dep, fake_cluster.redis_url, router_id=f"twin-{k}"),
+                       tokenizer=IdTokenizer()) for k in range(2)]
+    async with serve(apps[0]) as url_a, serve(apps[1]) as url_b:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as http:
+            results = await asyncio.gather(*(_stream_ids(http, (url_a, url_b)[i % 2], prompt_of(i), 24)
+                                             for i in range(32)))
+            for i, (rid, ids, error) in enumerate(results):
+                assert error is None and ids == expected(prompt_of(i), 24), f"stream {i}"
+                rec = await apps[(i + 1) % 2].state.router.records.get(rid)  # read through the other router
+                assert rec.state.value == "DONE" and rec.fields["router"] == f"twin-{i % 2}"
+            decode_used = [(await apps[0].state.router.records.get(rid)).fields["decode_instance"]
+                           for rid, _, _ in results]
+    assert set(decode_used) == {"decode-0", "decode-1"}
+    for k in range(2):  # each router placed work on both decode instances
+        assert {decode_used[i] for i in range(k, 32, 2)} == {"decode-0", "decode-1"}
+
+
+async def test_killing_a_decode_instance_mid_stream_loses_and_repeats_nothing(fake_cluster):
+    app = create_app(router_settings(fake_cluster.dep, fake_cluster.redis_url, max_decode_retries=3),
+                     tokenizer=IdTokenizer())
+    victim = next(p for p in fake_cluster.processes if p.instance_id == "decode-0")
+    n = 400
+    async with serve(app) as url:
+        async with httpx.AsyncClient(timeout=120) as http:
+            started = [asyncio.Event() for _ in range(8)]
+            tasks = [asyncio.create_task(_stream_ids(http, url, prompt_of(i), n, started[i])) for i in range(8)]
+            await asyncio.gather(*(e.wait() for e in started))
+            victim.proc.kill()
+            results = await asyncio.gather(*tasks)
+        metrics = app.state.router.metrics.render().decode()
+    for i, (_, ids, error) in enumerate(results):
+        assert error is None, error
+        assert ids == expected(prompt_of(i), n), f"stream {i}"
+    retried = re.search(r'trtd_router_retries_total\{phase="decode"\} (\S+)', metrics)
+    assert retried is not None and float(retried.group(1)) >= 1  # the kill hit streams in flight

@@ -1,0 +1,112 @@
+"""Dispatch policies, drain marks, conditional disaggregation, and load shared between routers."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.dispatch import (
+    Candidate,
+    Dispatcher,
+    LeastLoaded,
+    Outstanding,
+    RoundRobin,
+    ServePath,
+    drain_key,
+    make_policy,
+)
+from tests.unit.router.router_testkit import register
+from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
+
+
+def cand(i: str, role: Role = Role.PREFILL, *, queued: int = 0, running: int = 0, free: int = 10,
+         outstanding: Outstanding | None = None) -> Candidate:
+    info = InstanceInfo(i, role, "h", "g", "h", "k", 1, 1, 100, "f", role.value)
+    return Candidate(info, InstanceLoad(queued_prompt_tokens=queued, running_sequences=running,
+                                        free_kv_blocks=free), outstanding or Outstanding())
+
+
+def test_least_loaded_prefill_takes_the_shortest_queue_counting_outstanding_tokens():
+    p = LeastLoaded()
+    assert p.choose(Role.PREFILL, [cand("a", queued=50), cand("b", queued=10)]).info.instance_id == "b"
+    # an instance's report lags; the routers' outstanding tokens count when larger
+    busy = cand("b", queued=10, outstanding=Outstanding(prompt_tokens=90))
+    assert p.choose(Role.PREFILL, [cand("a", queued=50), busy]).info.instance_id == "a"
+    assert p.choose(Role.PREFILL, []) is None
+
+
+def test_least_loaded_decode_takes_fewest_sequences_then_most_free_kv():
+    p = LeastLoaded()
+    cs = [cand("a", Role.DECODE, running=3), cand("b", Role.DECODE, running=1, free=2),
+          cand("c", Role.DECODE, running=1, free=9)]
+    assert p.choose(Role.DECODE, cs).info.instance_id == "c"
+
+
+def test_round_robin_cycles_by_id():
+    p = RoundRobin()
+    cs = [cand("b"), cand("a"), cand("c")]
+    assert [p.choose(Role.PREFILL, cs).info.instance_id for _ in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_policy_registry():
+    assert isinstance(make_policy("round_robin"), RoundRobin)
+    with pytest.raises(ValueError, match="least_loaded"):
+        make_policy("random")
+
+
+def make_dispatcher(redis, router_id: str = "r1", threshold: int = 0, max_queued: int = 1000) -> Dispatcher:
+    return Dispatcher(redis, router_id, LeastLoaded(), colocated_threshold_tokens=threshold,
+                      max_queued_prompt_tokens=max_queued, publish_ttl_s=5.0)
+
+
+async def test_refresh_reads_registry_and_drain_marks(redis):
+    await register(redis, "p0", Role.PREFILL)
+    await register(redis, "p1", Role.PREFILL)
+    await register(redis, "d0", Role.DECODE)
+    d = make_dispatcher(redis)
+    await d.refresh()
+    assert d.can_serve() and d.choose_path(10) is ServePath.DISAGGREGATED
+    await redis.set(drain_key("p0"), "1")
+    await d.refresh()
+    assert [d.pick(Role.PREFILL).instance_id for _ in range(3)] == ["p1"] * 3
+    await redis.set(drain_key("p1"), "1")
+    await d.refresh()
+    assert not d.can_serve() and d.pick(Role.PREFILL) is None and d.choose_path(10) is None
+
+
+async def test_conditional_disaggregation(redis):
+    await register(redis, "p0", Role.PREFILL)
+    await register(redis, "d0", Role.DECODE)
+    await register(redis, "c0", Role.COLOCATED)
+    d = make_dispatcher(redis, threshold=100)
+    await d.refresh()
+    assert d.choose_path(99) is ServePath.COLOCATED
+    assert d.choose_path(100) is ServePath.DISAGGREGATED
+    await redis.set(drain_key("p0"), "1")
+    await d.refresh()
+    assert d.choose_path(500) is ServePath.COLOCATED  # no pair left: everything goes colocated
+
+
+async def test_full_prefill_queues_are_saturated_not_missing(redis):
+    await register(redis, "p0", Role.PREFILL, InstanceLoad(queued_prompt_tokens=600))
+    d = make_dispatcher(redis, max_queued=500)
+    await d.refresh()
+    assert d.pick(Role.PREFILL) is None and d.saturated(Role.PREFILL)
+
+
+async def test_two_routers_see_each_others_outstanding_work(redis):
+    await register(redis, "d0", Role.DECODE)
+    await register(redis, "d1", Role.DECODE)
+    a, b = make_dispatcher(redis, "ra"), make_dispatcher(redis, "rb")
+    await a.refresh()
+    await b.refresh()
+    first = a.pick(Role.DECODE)
+    with a.lease(first.instance_id, sequences=1):
+        assert a.pick(Role.DECODE).instance_id != first.instance_id  # its own lease counts at once
+        await a.refresh()  # publishes
+        await b.refresh()  # reads
+        assert b.outstanding(first.instance_id).sequences == 1
+        assert b.pick(Role.DECODE).instance_id != first.instance_id
+    await a.refresh()
+    await b.refresh()
+    assert b.outstanding(first.instance_id).sequences == 0
+    await a.withdraw()

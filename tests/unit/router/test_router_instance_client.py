@@ -1,0 +1,85 @@
+"""The Triton client's request protos (the shared tensor contract) and its error classification."""
+
+from __future__ import annotations
+
+import numpy as np
+from tritonclient.grpc import InferResult, service_pb2
+
+from router.instance_client import (
+    ENABLE_FINAL_PARAM,
+    InstanceLost,
+    InstanceRejected,
+    build_request,
+    classify_error,
+    output_tokens,
+)
+from trt_disagg.contract import (
+    REQUEST_TYPE_PARAMETER,
+    InstanceInfo,
+    RequestType,
+    Role,
+    SamplingParams,
+    TensorName,
+)
+
+INFO = InstanceInfo("decode-0", Role.DECODE, "h", "127.0.0.1:1", "", "", 1, 1, 10, "f", "decode")
+
+
+def tensors(req) -> dict[str, np.ndarray]:
+    dtypes = {"INT32": np.int32, "FP32": np.float32, "BOOL": bool, "UINT8": np.uint8, "UINT64": np.uint64}
+    return {t.name: np.frombuffer(raw, dtype=dtypes[t.datatype]).reshape(list(t.shape))
+            for t, raw in zip(req.inputs, req.raw_input_contents, strict=True)}
+
+
+def test_generation_only_request_carries_the_contract():
+    sampling = SamplingParams(max_new_tokens=9, temperature=0.5, top_p=0.9, top_k=4, seed=7, end_id=2)
+    req = build_request("decode", "r1", [5, 6, 7], sampling, RequestType.GENERATION_ONLY, streaming=True,
+                        handle=b"\x01\x02\x03")
+    t = tensors(req)
+    assert t[TensorName.INPUT_IDS].tolist() == [[5, 6, 7]]
+    assert t[TensorName.INPUT_LENGTHS].tolist() == [[3]]
+    assert t[TensorName.REQUEST_OUTPUT_LEN].tolist() == [[9]]
+    assert t[TensorName.END_ID].tolist() == [[2]] and t[TensorName.STREAMING].tolist() == [[True]]
+    assert t[TensorName.CONTEXT_PHASE_PARAMS].tobytes() == b"\x01\x02\x03"
+    assert t[TensorName.RANDOM_SEED].tolist() == [[7]] and t[TensorName.TOP_K].tolist() == [[4]]
+    assert req.parameters[REQUEST_TYPE_PARAMETER].string_param == "generation_only"
+    assert req.parameters[ENABLE_FINAL_PARAM].bool_param
+    assert req.model_name == "decode" and req.id == "r1"
+
+
+def test_output_tokens_reads_output_ids_and_drops_an_echoed_prompt():
+    resp = service_pb2.ModelInferResponse()
+    for name, arr in ((TensorName.OUTPUT_IDS, np.asarray([[[5, 6, 11, 12]]], dtype=np.int32)),
+                      (TensorName.SEQUENCE_LENGTH, np.asarray([[4]], dtype=np.int32))):
+        out = resp.outputs.add()
+        out.name, out.datatype = name, "INT32"
+        out.shape.extend(arr.shape)
+        resp.raw_output_contents.append(arr.tobytes())
+    assert output_tokens(InferResult(resp), [5, 6]) == [11, 12]
+    assert output_tokens(InferResult(resp), [9]) == [5, 6, 11, 12]
+
+
+def test_errors_are_classified_by_the_instance_tag_first():
+    assert isinstance(classify_error(INFO, "invalid_handle: expired", lost=True), InstanceRejected)
+    assert classify_error(INFO, "overloaded: 9000 pending tokens", lost=True).kind == "overloaded"
+    assert isinstance(classify_error(INFO, "shutting_down: bye", lost=False), InstanceLost)
+    assert isinstance(classify_error(INFO, "Socket closed", lost=True), InstanceLost)
+    assert classify_error(INFO, "bad_request: input_ids missing", lost=True).kind == "bad_request"
+
+
+def test_detokenizer_deltas_add_up_to_the_full_text():
+    from router.tokenizer import Detokenizer
+    from tests.unit.router.router_testkit import FakeTokenizer
+
+    class Bytes(FakeTokenizer):
+        """Tokens are UTF-8 bytes: a multi-byte character arrives in pieces."""
+
+        def decode(self, ids: list[int]) -> str:
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    tok = Bytes()
+    ids = list("héllo → wörld".encode())
+    d = Detokenizer(tok)
+    deltas = [d.add(t) for t in ids] + [d.flush()]
+    assert "".join(deltas) == "héllo → wörld"
+    assert all("\ufffd" not in x for x in deltas)
