@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from trt_disagg.contract import KVLayout, pp_layer_ranges  # noqa: E402
 from trt_disagg.engine.types import ExportedKV  # noqa: E402
+from trt_disagg.triton.tensors import client_inputs  # noqa: E402
 
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
 TOKENS = (512, 2048)
@@ -157,7 +158,7 @@ def part2(engines_dir: Path, samples: int, prompt_tokens: list[int]) -> None:
                 prompt = [(i * 131 + k * 7) % 40000 + 100 for k in range(n)]
                 client = grpcclient.InferenceServerClient(ends[Role.PREFILL].grpc_url)
                 try:
-                    r = client.infer("prefill", _inputs(grpcclient, prompt, 4, None),
+                    r = client.infer("prefill", client_inputs(grpcclient, prompt, 4, None, streaming=True),
                                      parameters={"request_type": "context_only"})
                 finally:
                     client.close()
@@ -168,23 +169,6 @@ def part2(engines_dir: Path, samples: int, prompt_tokens: list[int]) -> None:
             lat.sort()
             p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
             print(f"{n:>7} {statistics.median(lat):>8.1f} {p99:>8.1f} {lat[-1]:>8.1f}")
-
-
-def _inputs(module, prompt: list[int], n: int, handle: bytes | None) -> list:
-    import numpy as np
-
-    arrays = [("input_ids", np.asarray([prompt], np.int32), "INT32"),
-              ("input_lengths", np.asarray([[len(prompt)]], np.int32), "INT32"),
-              ("request_output_len", np.asarray([[n]], np.int32), "INT32"),
-              ("streaming", np.asarray([[True]], bool), "BOOL")]
-    if handle is not None:
-        arrays.append(("context_phase_params", np.frombuffer(handle, np.uint8), "UINT8"))
-    out = []
-    for name, arr, dtype in arrays:
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        out.append(i)
-    return out
 
 
 def _first_decode_token_at(url: str, prompt: list[int], n: int, handle: bytes) -> float:
@@ -198,7 +182,7 @@ def _first_decode_token_at(url: str, prompt: list[int], n: int, handle: bytes) -
     client.start_stream(callback=lambda result, error: responses.put((time.perf_counter(), result, error)))
     first: float | None = None
     try:
-        client.async_stream_infer("decode", _inputs(grpcclient, prompt, n, handle),
+        client.async_stream_infer("decode", client_inputs(grpcclient, prompt, n, handle, streaming=True),
                                   parameters={"request_type": "generation_only"}, enable_empty_final_response=True)
         while True:
             at, result, error = responses.get(timeout=120)

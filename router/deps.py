@@ -11,7 +11,7 @@ import asyncio
 import hmac
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -24,6 +24,8 @@ from router.pipeline import RequestRunner
 from router.records import RecordStore
 from router.settings import RouterSettings
 from router.tokenizer import TextTokenizer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,28 +57,26 @@ def get_settings(request: Request) -> RouterSettings:
     return get_state(request).settings
 
 
+def _started(value: T | None) -> T:
+    """What the lifespan opens is None until it has run."""
+    assert value is not None, "lifespan not started"
+    return value
+
+
 def get_runner(request: Request) -> RequestRunner:
-    runner = get_state(request).runner
-    assert runner is not None, "lifespan not started"
-    return runner
+    return _started(get_state(request).runner)
 
 
 def get_records(request: Request) -> RecordStore:
-    records = get_state(request).records
-    assert records is not None, "lifespan not started"
-    return records
+    return _started(get_state(request).records)
 
 
 def get_dispatcher(request: Request) -> Dispatcher:
-    dispatcher = get_state(request).dispatcher
-    assert dispatcher is not None, "lifespan not started"
-    return dispatcher
+    return _started(get_state(request).dispatcher)
 
 
 def get_tokenizer(request: Request) -> TextTokenizer:
-    tokenizer = get_state(request).tokenizer
-    assert tokenizer is not None, "lifespan not started"
-    return tokenizer
+    return _started(get_state(request).tokenizer)
 
 
 def get_metrics(request: Request) -> RouterMetrics:

@@ -17,7 +17,7 @@
 Every instance call runs under the request's deadline. The generator never repeats or drops a token:
 `job.generated` is the single list of what the client received, and every continuation starts from it.
 A CANCELLED settle runs in a task of its own, because the consumer's cancel scope is still cancelled
-while the generator unwinds.
+while the generator unwinds. Admission, the record and settling are `RequestLifecycle`'s (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
 
 from router.dispatch import Dispatcher, ServePath
 from router.errors import (
@@ -47,133 +45,27 @@ from router.instance_client import (
     PrefillResult,
 )
 from router.job import Job, with_max
+from router.lifecycle import RequestLifecycle, Spawn
 from router.metrics import RouterMetrics
-from router.records import RecordStore, Step
+from router.records import RecordStore
 from router.settings import RouterSettings
-from router.states import ALLOWED, TERMINAL, RequestState
-from trt_disagg.contract import InstanceInfo, Role, SamplingParams
+from router.states import RequestState
+from trt_disagg.contract import InstanceInfo, Role
 
 log = logging.getLogger(__name__)
 
 S = RequestState
 
 
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
+class RequestRunner(RequestLifecycle):
+    """Runs each admitted request's token stream over the instances (the bookkeeping is RequestLifecycle's)."""
 
-
-class RequestRunner:
     def __init__(self, settings: RouterSettings, records: RecordStore, dispatcher: Dispatcher,
                  client: InstanceClient, metrics: RouterMetrics, spawn: Spawn) -> None:
-        self._settings = settings
-        self._records = records
-        self._dispatch = dispatcher
-        self._client = client
-        self._metrics = metrics
-        self._spawn = spawn
-        self.active: dict[str, Job] = {}
-        self._settled: dict[str, asyncio.Event] = {}
+        super().__init__(settings, records, dispatcher, client, metrics, spawn)
         # labelled children looked up once: the per-token path must stay cheap
         self._ttft = {p: metrics.ttft_s.labels(path=p.value) for p in ServePath}
         self._itl = {p: metrics.itl_s.labels(path=p.value) for p in ServePath}
-
-    # ---- admission and settling ---------------------------------------------------------------------
-
-    async def admit(self, prompt_ids: list[int], sampling: SamplingParams, model: str) -> Job:
-        if len(self.active) >= self._settings.max_queued_requests:
-            self._metrics.errors.labels(kind="overloaded").inc()
-            raise Overloaded(f"router holds {len(self.active)} unfinished requests (max_queued_requests)",
-                             retry_after_s=self._settings.retry_after_s)
-        now = time.monotonic()
-        job = Job(request_id=f"cmpl-{uuid.uuid4().hex}", prompt_ids=prompt_ids, sampling=sampling,
-                  received_s=now, deadline_s=now + self._settings.request_timeout_s)
-        job.model = model
-        self.active[job.request_id] = job
-        self._settled[job.request_id] = asyncio.Event()
-        return job
-
-    def _begin(self, job: Job, path: ServePath, **instance: str) -> None:
-        """Write the record (create → PREFILL_QUEUED → PREFILLING, one round trip) while the instance call
-        goes out: TTFT does not wait for Redis. Every later write of this request waits for it first."""
-        write = self._records.create(job.request_id, then=[Step(S.PREFILL_QUEUED, {"path": path.value, **instance}),
-                                                           Step(S.PREFILLING)], **self._record_fields(job))
-        job.record_write = asyncio.ensure_future(write)
-        job.state = S.PREFILLING
-
-    async def _flush(self, job: Job) -> None:
-        """Wait for the record's first write (shielded: a cancelled request still completes it)."""
-        task, job.record_write = job.record_write, None
-        if task is not None:
-            await asyncio.shield(task)
-            job.created = True
-
-    def _record_fields(self, job: Job) -> dict[str, str | int | float]:
-        return {"model": job.model, "prompt_tokens": len(job.prompt_ids), "max_tokens": job.max_tokens}
-
-    async def reap_overdue(self, grace_s: float = 1.0) -> list[str]:
-        """Fail requests past their deadline whose generator is not running (a client that stopped reading
-        but did not hang up): record FAILED, cancel their legs. The generator, if it ever resumes, stops."""
-        now = time.monotonic()
-        reaped = []
-        for job in list(self.active.values()):
-            if now > job.deadline_s + grace_s and not job.reaped:
-                job.reaped = True
-                reaped.append(job.request_id)
-                self._metrics.errors.labels(kind="deadline_exceeded").inc()
-                await self._settle(job, S.FAILED, error="DeadlineExceeded: reaped after the request deadline")
-        return reaped
-
-    async def wait_settled(self, request_id: str) -> None:
-        """Returns once the request reached a terminal state (immediately when it is unknown here)."""
-        event = self._settled.get(request_id)
-        if event is not None:
-            await event.wait()
-
-    def _forget(self, job: Job) -> None:
-        self.active.pop(job.request_id, None)
-        event = self._settled.pop(job.request_id, None)
-        if event is not None:
-            event.set()
-
-    async def _enter(self, job: Job, to: RequestState, handle: bytes | None = None, **fields: str | int) -> None:
-        """Record a state change (or, for an allowed self-edge, another attempt of the same phase)."""
-        if to == job.state and to not in ALLOWED[to]:
-            return
-        await self._flush(job)
-        await self._records.transition(job.request_id, to=to, handle=handle, **fields)
-        job.state = to
-
-    async def _settle(self, job: Job, to: RequestState, **fields: str | int) -> None:
-        if self.active.get(job.request_id) is not job:  # settled already (by the reaper)
-            return
-        try:
-            try:
-                await self._flush(job)
-            except Exception:
-                log.warning("first record write of %s failed", job.request_id, exc_info=True)
-            if not job.created:  # refused before any dispatch (no instance, full queues): record the outcome
-                await self._records.create(job.request_id, then=[Step(to, dict(fields))], **self._record_fields(job))
-                job.created, job.state = True, to
-            elif job.state not in TERMINAL:
-                await self._records.try_settle(job.request_id, to=to, output_tokens=len(job.generated), **fields)
-                job.state = to
-            if to is not S.DONE:  # release what the legs still hold (open calls; KV kept for a hand-off)
-                for instance in job.legs.values():
-                    await self._client.cancel(instance, job.request_id)
-        except Exception:
-            log.exception("could not settle %s as %s", job.request_id, to)
-        finally:
-            self._record_outcome(job, to)
-            self._forget(job)
-
-    def _record_outcome(self, job: Job, to: RequestState) -> None:
-        path = job.path.value if job.path else "none"
-        self._metrics.requests.labels(path=path, outcome=to.value.lower()).inc()
-        if to is not S.DONE or job.first_token_s is None or job.last_token_s is None:
-            return
-        self._metrics.e2e_s.labels(path=path).observe(job.last_token_s - job.received_s)
-        if len(job.generated) > 1:
-            self._metrics.tpot_s.labels(path=path).observe(
-                (job.last_token_s - job.first_token_s) / (len(job.generated) - 1))
 
     # ---- the token stream ---------------------------------------------------------------------------
 

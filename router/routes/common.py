@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import Response
+from fastapi import Depends, Response
 
+from router.deps import get_runner, get_settings, get_tokenizer
 from router.errors import BadRequest, ModelNotFound, PromptTooLong, RouterError
 from router.job import Job
 from router.pipeline import RequestRunner
@@ -74,5 +76,41 @@ def created_now() -> int:
     return int(time.time())
 
 
-__all__ = ["ERROR_RESPONSES", "RouterError", "check_model", "check_prompt", "created_now", "end_id",
-           "resolve_max_tokens", "start", "stream_response"]
+@dataclass(frozen=True)
+class RouteContext:
+    """The three dependencies every generation route takes, resolved once through `Depends`."""
+
+    runner: RequestRunner
+    settings: RouterSettings
+    tokenizer: TextTokenizer
+
+
+def route_context(runner: RequestRunner = Depends(get_runner), settings: RouterSettings = Depends(get_settings),
+                  tokenizer: TextTokenizer = Depends(get_tokenizer)) -> RouteContext:
+    return RouteContext(runner, settings, tokenizer)
+
+
+RouteCtx = Annotated[RouteContext, Depends(route_context)]
+
+
+@dataclass(frozen=True)
+class Started:
+    job: Job
+    primed: Primed
+    created: int
+
+
+async def begin(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], requested_max_tokens: int | None, *,
+                prompt_param: str, max_tokens_param: str) -> Started:
+    """The part of a generation route after the prompt is tokenized: limits, admission, first token.
+
+    `prompt_param`/`max_tokens_param` name the request fields that errors point at."""
+    check_prompt(prompt_ids, ctx.settings, ctx.tokenizer, prompt_param)
+    max_tokens = resolve_max_tokens(requested_max_tokens, len(prompt_ids), ctx.settings, max_tokens_param)
+    job, primed = await start(ctx.runner, req, prompt_ids, max_tokens, ctx.settings, ctx.tokenizer)
+    return Started(job, primed, created_now())
+
+
+__all__ = ["ERROR_RESPONSES", "RouteContext", "RouteCtx", "RouterError", "Started", "begin", "check_model",
+           "check_prompt", "created_now", "end_id", "resolve_max_tokens", "route_context", "start",
+           "stream_response"]

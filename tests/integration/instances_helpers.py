@@ -5,28 +5,13 @@ from __future__ import annotations
 import queue
 from dataclasses import dataclass
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from trt_disagg.contract import TensorName
+from trt_disagg.triton.tensors import client_inputs as inputs
 
 RESPONSE_TIMEOUT_S = 120.0
-
-
-def inputs(module, prompt: list[int], n: int, handle: bytes | None = None, streaming: bool = False) -> list:
-    arrays = [(TensorName.INPUT_IDS, np.asarray([prompt], np.int32), "INT32"),
-              (TensorName.INPUT_LENGTHS, np.asarray([[len(prompt)]], np.int32), "INT32"),
-              (TensorName.REQUEST_OUTPUT_LEN, np.asarray([[n]], np.int32), "INT32"),
-              (TensorName.STREAMING, np.asarray([[streaming]], bool), "BOOL")]
-    if handle is not None:
-        arrays.append((TensorName.CONTEXT_PHASE_PARAMS, np.frombuffer(handle, np.uint8), "UINT8"))
-    out = []
-    for name, arr, dtype in arrays:
-        i = module.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        out.append(i)
-    return out
 
 
 def tokens_of(result) -> list[int]:

@@ -1,19 +1,16 @@
 """Shared by the router integration tests: a token-id tokenizer for fake engines, the tiny deployment,
-and uvicorn serving an app inside the test's event loop."""
+and (from the unit router testkit, so there is one copy) uvicorn serving an app in the test's event loop."""
 
 from __future__ import annotations
 
 import re
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import uvicorn
-from fastapi import FastAPI
-
+from tests.unit.router.router_testkit import serve
 from trt_disagg.config import Deployment, load_deployment
 from trt_disagg.triton.fake_engine import FAKE_SHAPE, fake_next_token
+
+__all__ = ["EOS", "IdTokenizer", "expected", "serve", "tiny"]
 
 REPO = Path(__file__).resolve().parents[2]
 EOS = int(FAKE_SHAPE.eos_token_id or 2)
@@ -51,24 +48,3 @@ def tiny(num_decode: int = 1) -> Deployment:
     assert dep.generation_servers is not None
     return dep.model_copy(update={"generation_servers": dep.generation_servers.model_copy(
         update={"num_instances": num_decode})})
-
-
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """uvicorn on 127.0.0.1 (a free port) in this event loop."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=10)
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        await server.startup(sockets=[sock])
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            await server.shutdown(sockets=[sock])
-    finally:
-        sock.close()

@@ -53,14 +53,20 @@ def clean_stale(parent: Path) -> list[Path]:
     return removed
 
 
-@contextmanager
-def staged_dir(target: Path, kind: str = "tmp") -> Iterator[Path]:
-    """Yield an empty temp dir; on success it replaces `target`, on any exception it is removed."""
+def _fresh_tmp(target: Path, kind: str) -> Path:
+    """An empty temp dir next to `target` (a leftover from an earlier try of this process is emptied)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_path(target, kind)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+@contextmanager
+def staged_dir(target: Path, kind: str = "tmp") -> Iterator[Path]:
+    """Yield an empty temp dir; on success it replaces `target`, on any exception it is removed."""
+    tmp = _fresh_tmp(target, kind)
     try:
         yield tmp
         if target.exists():
@@ -74,11 +80,7 @@ def staged_dir(target: Path, kind: str = "tmp") -> Iterator[Path]:
 @contextmanager
 def scratch_dir(target: Path, kind: str = "ckpt") -> Iterator[Path]:
     """A temp dir next to `target` that is always removed (e.g. the TensorRT-LLM checkpoint)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_path(target, kind)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_tmp(target, kind)
     try:
         yield tmp
     finally:

@@ -8,13 +8,12 @@ code above kv/ can be tested without sockets. `fabric.down(instance_id)` simulat
 from __future__ import annotations
 
 import threading
-import time
 
 from trt_disagg.contract import KVLayout
 from trt_disagg.engine.types import ExportedKV
 from trt_disagg.kv.errors import KVNotFoundError, SourceUnreachableError
 from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle
-from trt_disagg.kv.transport import KVSource, local_host_id
+from trt_disagg.kv.transport import KVSource, issue_handle
 
 
 class FakeFabric:
@@ -65,10 +64,7 @@ class FakeKVSender:
 
     def offer(self, request_id: str, num_tokens: int, first_token: int,
               block_ids: tuple[int, ...] = ()) -> KVHandle:
-        handle = KVHandle(request_id=request_id, source_instance=self.instance_id, kv_url=self.url,
-                          source_host=local_host_id(), layout=self.layout, num_tokens=num_tokens,
-                          first_token=first_token, expires_at=time.time() + self.handle_ttl_s,
-                          block_ids=tuple(block_ids))
+        handle = issue_handle(self, request_id, num_tokens, first_token, block_ids)
         with self._lock:
             self._offers[request_id] = handle
         return handle

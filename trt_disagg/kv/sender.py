@@ -24,7 +24,7 @@ from trt_disagg.engine.types import ExportedKV
 from trt_disagg.kv import shm, wire
 from trt_disagg.kv.errors import HandleExpiredError, InvalidHandleError
 from trt_disagg.kv.handle import KVHandle, decode_handle
-from trt_disagg.kv.transport import KVSource, local_host_id
+from trt_disagg.kv.transport import KVSource, issue_handle
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class SocketKVSender:
 
     def offer(self, request_id: str, num_tokens: int, first_token: int,
               block_ids: tuple[int, ...] = ()) -> KVHandle:
-        handle = KVHandle(request_id=request_id, source_instance=self.instance_id, kv_url=self.url,
-                          source_host=local_host_id(), layout=self.layout, num_tokens=num_tokens,
-                          first_token=first_token, expires_at=time.time() + self.handle_ttl_s,
-                          block_ids=tuple(block_ids))
+        handle = issue_handle(self, request_id, num_tokens, first_token, block_ids)
         with self._lock:
             self._offers[request_id] = _Offer(handle, OfferState.PENDING)
         return handle

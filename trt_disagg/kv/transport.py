@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -67,6 +68,26 @@ def local_host_id() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
+
+
+class HandleIssuer(Protocol):
+    """What `issue_handle` reads off a sender."""
+
+    instance_id: str
+    layout: KVLayout
+    handle_ttl_s: float
+
+    @property
+    def url(self) -> str: ...
+
+
+def issue_handle(sender: HandleIssuer, request_id: str, num_tokens: int, first_token: int,
+                 block_ids: tuple[int, ...] = ()) -> KVHandle:
+    """The handle `sender.offer` gives out: names the sender and this host, valid `handle_ttl_s` from now."""
+    return KVHandle(request_id=request_id, source_instance=sender.instance_id, kv_url=sender.url,
+                    source_host=local_host_id(), layout=sender.layout, num_tokens=num_tokens,
+                    first_token=first_token, expires_at=time.time() + sender.handle_ttl_s,
+                    block_ids=tuple(block_ids))
 
 
 def check_layout(handle: KVHandle, local: KVLayout) -> None:

@@ -111,3 +111,23 @@ def output_arrays(token_ids: list[int], context_phase_params: bytes | None) -> d
     if context_phase_params is not None:
         out[TensorName.CONTEXT_PHASE_PARAMS] = np.frombuffer(context_phase_params, dtype=np.uint8).copy()
     return out
+
+
+def client_inputs(module: Any, prompt: list[int], n: int, handle: bytes | None = None,
+                  streaming: bool = False) -> list[Any]:
+    """A TensorRT-LLM-shaped request as tritonclient `InferInput`s (for tests and benchmarks).
+
+    `module` is `tritonclient.grpc` or `tritonclient.http`: the caller imports it, so this module stays
+    free of Triton imports."""
+    arrays = [(TensorName.INPUT_IDS, np.asarray([prompt], np.int32), "INT32"),
+              (TensorName.INPUT_LENGTHS, np.asarray([[len(prompt)]], np.int32), "INT32"),
+              (TensorName.REQUEST_OUTPUT_LEN, np.asarray([[n]], np.int32), "INT32"),
+              (TensorName.STREAMING, np.asarray([[streaming]], bool), "BOOL")]
+    if handle is not None:
+        arrays.append((TensorName.CONTEXT_PHASE_PARAMS, np.frombuffer(handle, np.uint8), "UINT8"))
+    out = []
+    for name, arr, dtype in arrays:
+        i = module.InferInput(name, list(arr.shape), dtype)
+        i.set_data_from_numpy(arr)
+        out.append(i)
+    return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from bench_support import hand_records, make_record, make_run
 
+from tests.unit.bench.bench_support import hand_records, make_record, make_run
 from trt_disagg.bench.goodput import GoodputResult, SearchSpec, goodput_from_runs, search_rates
 from trt_disagg.config import SLO
 from trt_disagg.errors import UserError

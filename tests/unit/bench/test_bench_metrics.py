@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from bench_support import hand_records, make_record
 
+from tests.unit.bench.bench_support import hand_records, make_record
 from trt_disagg.bench.metrics import (
     attainment,
     attains,

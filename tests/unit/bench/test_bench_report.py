@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from bench_support import hand_records, make_record, make_run
 from rich.console import Console
 
+from tests.unit.bench.bench_support import hand_records, make_record, make_run
 from trt_disagg.bench.goodput import GoodputResult
 from trt_disagg.bench.report import render_goodput_table, render_table, write_report
 from trt_disagg.config import SLO

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from build_support import LoadCounter, deep_update, tiny_config_dict
 
+from tests.unit.build.build_support import LoadCounter, deep_update, tiny_config_dict
 from trt_disagg.build import builder
 from trt_disagg.config import Deployment, ModelSource, parse_deployment
 from trt_disagg.engine.weights import LoadedModel, load_source

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import safetensors.torch
-from build_support import LoadCounter
 
+from tests.unit.build.build_support import LoadCounter
 from trt_disagg.build.builder import BuildStatus, build_deployment
 from trt_disagg.build.staging import clean_stale
 from trt_disagg.config import Deployment

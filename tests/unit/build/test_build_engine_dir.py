@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from build_support import LoadCounter
 from safetensors.torch import load_file
 
+from tests.unit.build.build_support import LoadCounter
 from trt_disagg.build.builder import BuildStatus, build_deployment
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from build_support import LoadCounter
-
+from tests.unit.build.build_support import LoadCounter
 from trt_disagg.build.builder import BuildStatus, build_deployment
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
