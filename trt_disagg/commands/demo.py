@@ -38,7 +38,7 @@ def demo_cmd(
     input_len: Annotated[int, typer.Option(help="fixed workload: prompt tokens")] = 512,
     output_len: Annotated[int, typer.Option(help="output tokens (fixed; ignore_eos)")] = 32,
     rates: Annotated[str, typer.Option(help="comma-separated request rates, req/s")] = "0.25,0.5,0.75,1.0",
-    num_requests: Annotated[int, typer.Option(help="requests per rate")] = 40,
+    num_requests: Annotated[int, typer.Option(help="requests per rate")] = 30,
     seed: int = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="results: JSON, CSV, PNG")] = Path("runs/demo"),
     engines_dir: Annotated[Path | None, typer.Option("--engines-dir")] = None,

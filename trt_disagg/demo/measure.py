@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trt_disagg.bench.loadgen import check_endpoint, run_rates
 from trt_disagg.bench.metrics import RunResult
+from trt_disagg.bench.progress import RunProgress
 from trt_disagg.config import SLO, dump_deployment
 from trt_disagg.demo.variants import Variant
 from trt_disagg.triton.cluster import LocalCluster
@@ -36,7 +37,9 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
 
         async def bench() -> list[RunResult]:
             model = await check_endpoint(url)
-            return await run_rates(url, model, requests, rates, slo, arrival=arrival, seed=seed,
-                                   request_timeout_s=request_timeout_s)
+            with RunProgress() as bar:  # one bar per rate, advanced as each request finishes
+                return await run_rates(url, model, requests, rates, slo, arrival=arrival, seed=seed,
+                                       request_timeout_s=request_timeout_s, on_run=bar.on_run,
+                                       on_record=bar.on_record)
 
         return asyncio.run(bench())
