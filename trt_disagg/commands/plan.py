@@ -134,7 +134,7 @@ def plan_cmd(
         _plot_plan(inp, result, plot)
     summary = _plan_summary(inp, result)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        typer.echo(json.dumps(summary, indent=2))
         return
     _print_plan(summary)
     if output is not None:

@@ -122,7 +122,7 @@ def simulate_cmd(
             att = attainment_curve(spec, inp.lengths, inp.unit_arrivals, inp.slo, arr, duration)
             plot_attainment({str(placement): (arr, att)}, attainment, plot, f"{inp.model.name}: {placement}")
     if as_json:
-        print(json.dumps({"placement": str(placement), "rows": rows}, indent=2))
+        typer.echo(json.dumps({"placement": str(placement), "rows": rows}, indent=2))
         return
     table = Table(title=escape(str(placement)))
     for col in rows[0]:
