@@ -7,6 +7,7 @@ a decode leg moved to another instance) starts from it, which is why no token is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
 from router.dispatch import ServePath
@@ -45,6 +46,5 @@ class Job:
 
 
 def with_max(sampling: SamplingParams, max_new_tokens: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k, seed=sampling.seed, end_id=sampling.end_id,
-                          ignore_eos=sampling.ignore_eos)
+    """The same sampling with another token budget (every other field carried over, new ones included)."""
+    return dataclasses.replace(sampling, max_new_tokens=max_new_tokens)

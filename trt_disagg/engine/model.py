@@ -55,7 +55,6 @@ class RankModel:
         all_reduce: AllReduce = _no_all_reduce,
     ) -> None:
         self.shape = shape
-        self.layer_ids = layers
         self.all_reduce = all_reduce
         self.heads = len(tp_slice.q_heads)
         self.kv_heads = len(tp_slice.kv_heads)
