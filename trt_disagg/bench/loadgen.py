@@ -149,6 +149,8 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                         break
                     now = time.perf_counter() - sent
                     chunk = json.loads(data)
+                    if rec.request_id is None and isinstance(chunk.get("id"), str):
+                        rec.request_id = chunk["id"]
                     if "error" in chunk:
                         rec.error = f"error in stream: {_error_message(data)}"
                         return

@@ -42,6 +42,7 @@ class RequestRecord:
     output_tokens: int = 0  # tokens received (usage.completion_tokens when reported)
     end_s: float | None = None  # seconds after sent when the stream ended, done or failed
     error: str | None = None  # None: completed; else why it failed (HTTP status, error chunk, timeout...)
+    request_id: str | None = None  # the server's id (the chunks' `id`): our router's GET /v1/requests/{id}
 
     @property
     def ok(self) -> bool:

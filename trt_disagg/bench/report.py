@@ -123,6 +123,7 @@ def _write_requests_csv(series: dict[str, tuple[list[RunResult], GoodputResult |
                     "scheduled_s": rec.scheduled_s, "sent_s": rec.sent_s,
                     "ttft_s": _blank(ttft_s(rec)), "tpot_s": _blank(tpot_s(rec)), "e2e_s": _blank(e2e_s(rec)),
                     "attained": int(attains(rec, run.slo)), "error": rec.error or "",
+                    "request_id": rec.request_id or "",
                 })
     _write_csv(path, rows)
     return path

@@ -1,8 +1,9 @@
 """`trt-disagg demo CONFIG`: the main job, end to end on this machine.
 
     build the engines ─▶ load the workload (the engine's tokenizer) ─▶ profile the engine (1 thread)
-    ─▶ predict both deployments (simulator) ─▶ serve + benchmark the disaggregated deployment ─▶ stop
-    ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop ─▶ tables + JSON/CSV/PNG
+    ─▶ serve the disaggregated deployment ─▶ time a few hand-offs ─▶ benchmark ─▶ stop
+    ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop
+    ─▶ predict both (simulator: profile + hand-off costs) ─▶ tables + JSON/CSV/PNG
 """
 
 from __future__ import annotations
@@ -50,16 +51,18 @@ def demo_cmd(
     from trt_disagg.config import load_deployment
     from trt_disagg.contract import Role
     from trt_disagg.demo.measure import measure
-    from trt_disagg.demo.predict import predict_attainment, profile, sim_spec
+    from trt_disagg.demo.predict import HandoffCosts, handoff_latency_s, predict_attainment, profile, sim_spec
     from trt_disagg.demo.report import (
         VariantOutcome,
         goodput_table,
         plot_predicted_vs_measured,
         prediction_table,
     )
+    from trt_disagg.demo.served_steps import step_ratio_table, step_ratios
     from trt_disagg.demo.variants import split_variants
     from trt_disagg.engine.tokenizer import load_tokenizer
     from trt_disagg.engine.types import EngineConfig
+    from trt_disagg.sim import DisaggSpec
     from trt_disagg.workload import load_workload
 
     started = time.perf_counter()
@@ -81,23 +84,38 @@ def demo_cmd(
                              max_input_len=colocated_cfg.limits.max_input_len, max_output_len=output_len,
                              input_len=input_len if workload == "fixed" else None, output_len=output_len)
 
-    err.rule("2/5 profile the engine (one thread, as served) and predict")
+    err.rule("2/5 profile the engine (one thread, as served)")
     threads = dep.groups()[Role.COLOCATED].threads_per_instance
     with err.status("profiling") as status:
-        fit = profile(engine_dirs[Role.COLOCATED], dep.name, threads, out_dir / "profile",
-                      lambda done, total: status.update(f"profiling {done}/{total}"))
-    for phase, rep in fit.reports.items():
+        prof = profile(engine_dirs[Role.COLOCATED], dep.name, threads, out_dir / "profile",
+                       lambda done, total: status.update(f"profiling {done}/{total}"))
+    for phase, rep in prof.fit.reports.items():
         err.print(f"  fit {phase}: max rel err {rep.max_rel_error:.1%}, mean {rep.mean_rel_error:.1%}")
-    predicted = {v.label: predict_attainment(sim_spec(v, engine_cfgs, fit.latency_model), requests, rate_list,
-                                             dep.slo.ttft_s, dep.slo.tpot_s, seed=seed)
-                 for v in variants}
+    err.print(f"  KV import: {prof.import_s_per_token * 1e6:.1f} us/token")
+    coeffs = prof.fit.latency_model.for_tp(1)
 
-    outcomes = []
+    measured = {}
     for step, variant in enumerate(variants, start=3):
         err.rule(f"{step}/5 serve and benchmark: {variant.label} ({variant.describe()})")
-        runs = measure(variant, requests, rate_list, dep.slo, engines_root=engines_root,
-                       run_dir=out_dir / variant.label, seed=seed)
-        outcomes.append(VariantOutcome(variant, runs, predicted[variant.label]))
+        measured[variant.label] = measure(variant, requests, rate_list, dep.slo, engines_root=engines_root,
+                                          run_dir=out_dir / variant.label, seed=seed)
+
+    outcomes, handoff_notes, served = [], [], []
+    for variant in variants:
+        m = measured[variant.label]
+        costs = HandoffCosts(prof.import_s_per_token)
+        if m.handoffs_s:
+            bare = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
+            assert isinstance(bare, DisaggSpec)
+            costs = HandoffCosts(prof.import_s_per_token,
+                                 handoff_latency_s(m.handoffs_s, m.handoff_input_lens, bare, coeffs.decode_step_s))
+            handoff_notes.append(f"{variant.label}: hand-off (prefill done -> first decode token, alone) "
+                                 f"{', '.join(f'{h * 1e3:.0f}' for h in m.handoffs_s)} ms -> fixed part "
+                                 f"{costs.handoff_s * 1e3:.0f} ms; KV import {prof.import_s_per_token * 1e6:.1f} us/token")
+        spec = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
+        predicted = predict_attainment(spec, requests, rate_list, dep.slo.ttft_s, dep.slo.tpot_s, seed=seed)
+        outcomes.append(VariantOutcome(variant, m.runs, predicted))
+        served += [r for path in m.iteration_logs for r in step_ratios(path, coeffs)]
 
     err.rule("5/5 report")
     target = dep.slo.attainment
@@ -106,6 +124,9 @@ def demo_cmd(
     slo_text = f"TTFT <= {dep.slo.ttft_s:g} s and TPOT <= {dep.slo.tpot_s:g} s"
     out.print(goodput_table(outcomes, target, slo_text))
     out.print(prediction_table(outcomes))
+    for note in handoff_notes:
+        out.print(note)
+    out.print(step_ratio_table(served))
     out.print(f"workload: {workload}, {len(requests)} requests per rate, "
               f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
               f"output {output_len} tokens; rates {rate_list} req/s (Poisson)")

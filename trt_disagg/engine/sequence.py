@@ -15,7 +15,6 @@ class SeqState(enum.Enum):
     WAITING = "waiting"  # needs a prefill (prompt not in cache)
     IMPORTING = "importing"  # generation_only: KV in hand, waiting for blocks
     RUNNING = "running"  # decoding, one token per step
-    HELD = "held"  # context_only done: KV kept for the decode instance to pull
     FINISHED = "finished"
 
 

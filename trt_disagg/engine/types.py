@@ -117,6 +117,20 @@ class FinishReason(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class StepStats:
+    """What one `LLMEngine.step()` did and how long it took: TensorRT-LLM's iteration stats, for the
+    instance's iteration log (served step times next to the profiled ones)."""
+
+    kind: str  # "prefill" | "decode"
+    num_seqs: int
+    num_tokens: int  # tokens computed: prompt tokens (prefill) or one per sequence (decode)
+    sum_context: int  # KV tokens attended over, all sequences
+    duration_s: float  # the whole step: imports, forward, sampling, staging prefilled KV
+    imported_tokens: int = 0  # pulled KV written into the pool before the forward pass
+    import_s: float = 0.0  # ... and how long that took (part of duration_s)
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """One generated token of one request, as returned by `LLMEngine.step()`."""
 

@@ -77,7 +77,9 @@ class PrefillInstance:
 
 
 class DecodeLane:
-    def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder) -> None:
+    def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder,
+                 import_s_per_token: float = 0.0) -> None:
+        self.import_s_per_token = import_s_per_token  # disaggregated: writing pulled KV delays the next step
         self.capacity = spec.kv_capacity_tokens // spec.pp
         self.max_batch = max(1, spec.max_batch_size // spec.pp)
         self.terms = spec.timing.decode_terms()
@@ -111,6 +113,7 @@ class DecodeLane:
                 return
             waiting.popleft()
             self.waiting_tokens -= need
+            self.clock += inp[i] * self.import_s_per_token
             self.join(i)
 
     def join(self, i: int) -> None:

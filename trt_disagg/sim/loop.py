@@ -3,7 +3,8 @@
 Disaggregated (one request's path, as the router does it):
 
     ARRIVAL ──shortest prefill queue──▶ PrefillInstance ──batch──▶ PREFILL_DONE (first token: TTFT)
-        ──KV bytes / link bandwidth──▶ KV_ARRIVED ──least-loaded decode lane──▶ DecodeLane ──▶ finish (TPOT)
+        ──hand-off + KV bytes / link bandwidth──▶ KV_ARRIVED ──least-loaded decode lane──▶ DecodeLane
+        ──(importing the KV stalls that lane's next step)──▶ finish (TPOT)
 
 `phases` isolates one side for DistServe's Alg. 1, which sizes each phase on its own SLO: "prefill"
 stops at the first token, "decode" sends each request to decode at its arrival time with its first token
@@ -46,7 +47,8 @@ def simulate(spec: DisaggSpec | ColocatedSpec, workload: SimWorkload, phases: Ph
 def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: list[int], rec: Recorder,
                 phases: Phases) -> None:
     prefills = [PrefillInstance(spec.prefill, inp) for _ in range(spec.num_prefill)]
-    lanes = [DecodeLane(spec.decode, inp, out, rec) for _ in range(spec.num_decode * spec.decode.pp)]
+    lanes = [DecodeLane(spec.decode, inp, out, rec, import_s_per_token=spec.import_s_per_token)
+             for _ in range(spec.num_decode * spec.decode.pp)]
     kv_s_per_token = spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
     events = EventQueue()
     for i, t in enumerate(arrivals):
@@ -88,7 +90,7 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
                 if out[i] == 1 or phases == "prefill":
                     rec.finish(i, now)
                 else:
-                    events.push(now + inp[i] * kv_s_per_token, EventKind.KV_ARRIVED, i)
+                    events.push(now + spec.handoff_s + inp[i] * kv_s_per_token, EventKind.KV_ARRIVED, i)
             if frees_stage:
                 start_batch(k, now)
         elif kind is EventKind.STAGE_FREE:

@@ -31,6 +31,10 @@ class DisaggSpec:
     num_decode: int
     kv_bytes_per_token: int
     kv_link_bytes_per_s: float
+    # What a hand-off costs besides the bytes on the link (0 for the planner's GPU clusters, where the
+    # transfer engine copies asynchronously; measured for the CPU reference engine by `trt-disagg demo`):
+    handoff_s: float = 0.0  # fixed latency per request: decode dispatch, pull set-up, responses
+    import_s_per_token: float = 0.0  # decode engine time writing the pulled KV into its pool (stalls a step)
 
 
 COLOCATED_POLICIES = ("prefill-first", "chunked")

@@ -4,7 +4,7 @@ Static settings come from the rendered config.pbtxt `parameters` (engine dir, ro
 per-process ones from the environment `trt-disagg serve` sets (instance id, ports, Redis, the secret):
 
     TRTD_INSTANCE_ID  TRTD_KV_HOST  TRTD_KV_PORT  TRTD_ADVERTISE_HOST  TRTD_GRPC_URL  TRTD_HTTP_URL
-    TRTD_KV_SHM_PREFIX
+    TRTD_KV_SHM_PREFIX  TRTD_ITERATION_LOG (a JSONL file: one line per engine step)
     REDIS_URL         TRT_DISAGG_KV_SECRET (hex)
 
 Without them (a repository served by hand) the instance still works: ephemeral KV port, no registry, and
@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from trt_disagg.contract import InstanceInfo, Role
@@ -46,6 +47,7 @@ class InstanceSettings:
     http_url: str
     redis_url: str | None
     kv_shm_prefix: str | None  # names of this instance's /dev/shm KV segments (serve removes them after a kill)
+    iteration_log: str | None = None  # append one JSON line per engine step here
 
     @classmethod
     def from_model_config(cls, model_config: dict, env: dict[str, str] | None = None) -> InstanceSettings:
@@ -72,6 +74,7 @@ class InstanceSettings:
             advertise_host=env.get("TRTD_ADVERTISE_HOST", kv_host),
             grpc_url=env.get("TRTD_GRPC_URL", ""), http_url=env.get("TRTD_HTTP_URL", ""),
             redis_url=env.get("REDIS_URL") or None, kv_shm_prefix=env.get("TRTD_KV_SHM_PREFIX") or None,
+            iteration_log=env.get("TRTD_ITERATION_LOG") or None,
         )
 
 
@@ -103,7 +106,8 @@ class RunningInstance:
                     handle_ttl_s=settings.handle_ttl_s, max_pending_tokens=settings.max_pending_tokens,
                     shm_prefix=settings.kv_shm_prefix)
             self.server = InstanceServer(settings.role, engine, secret, sender=sender,
-                                         transport=settings.transport)
+                                         transport=settings.transport,
+                                         iteration_log=Path(settings.iteration_log) if settings.iteration_log else None)
             self.server.start()
             self.kv_url = sender.url if sender is not None else ""
         except Exception:

@@ -51,7 +51,7 @@ class LocalCluster:
     def __init__(self, dep: Deployment, *, config_path: Path | None = None, engines_root: Path | None = None,
                  only: list[str] | None = None, start_router: bool = True, decoupled: bool = True,
                  engine_overrides: dict[Role, str] | None = None, ready_timeout_s: float = 300.0,
-                 transport: str | None = None, run_dir: Path | None = None) -> None:
+                 transport: str | None = None, run_dir: Path | None = None, iteration_logs: bool = False) -> None:
         self.dep = dep
         self._config_path = config_path
         self._engines_root = engines_root
@@ -70,6 +70,7 @@ class LocalCluster:
         self._redis: EmbeddedRedis | None = None
         self.run_dir: Path | None = run_dir  # repositories and logs; a temp dir (removed on stop) when None
         self._own_run_dir = run_dir is None
+        self._iteration_logs = iteration_logs  # each instance writes <run_dir>/<id>.iterations.jsonl
 
     # ---- plan ----
     def plans(self) -> list[InstancePlan]:
@@ -162,6 +163,10 @@ class LocalCluster:
         finally:
             client.close()
 
+    def iteration_log_path(self, instance_id: str) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / f"{instance_id}.iterations.jsonl"
+
     def _launch(self, plan: InstancePlan) -> launch.TritonProcess:
         assert self.run_dir is not None
         binary = (launch.system_tritonserver() if plan.backend == "tensorrtllm"
@@ -180,6 +185,7 @@ class LocalCluster:
             "TRTD_ADVERTISE_HOST": host, "TRTD_GRPC_URL": f"{host}:{ports.grpc}",
             "TRTD_HTTP_URL": f"{host}:{ports.http}", "REDIS_URL": str(self.redis_url),
             "TRT_DISAGG_KV_SECRET": str(self.secret_hex),
+            **({"TRTD_ITERATION_LOG": str(self.iteration_log_path(plan.instance_id))} if self._iteration_logs else {}),
         }, threads=plan.group.threads_per_instance * plan.group.world_size)
         proc = launch.TritonProcess(plan.instance_id, plan.model_name, repo, binary, ports, env,
                                     self.run_dir / f"{plan.instance_id}.log", host=host, bind=bind)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from trt_disagg.contract import InstanceLoad, RequestType, Role
@@ -71,7 +74,7 @@ class InstanceServer:
 
     def __init__(self, role: Role, engine: Any, secret: bytes, sender: KVSender | None = None,
                  transport: str = "auto", receiver_options: dict | None = None,
-                 fetch_workers: int = 4, idle_poll_s: float = 0.02) -> None:
+                 fetch_workers: int = 4, idle_poll_s: float = 0.02, iteration_log: Path | None = None) -> None:
         if role is Role.PREFILL and sender is None:
             raise ValueError("a prefill instance needs a KV sender")
         self.role = role
@@ -89,6 +92,9 @@ class InstanceServer:
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="kv-fetch")
         self._thread: threading.Thread | None = None
         self._load = engine.load()
+        # One JSON line per engine step (wall start, kind, batch, tokens, context, duration): TensorRT-LLM's
+        # iteration stats, so a benchmark can set served step times next to profiled ones.
+        self._iteration_log = open(iteration_log, "a", buffering=1) if iteration_log else None  # noqa: SIM115
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -112,6 +118,8 @@ class InstanceServer:
             _safe(s.responder.send_error, ErrorKind.SHUTTING_DOWN, "the instance is shutting down")
         if self._sender is not None:
             self._sender.close()
+        if self._iteration_log is not None:
+            self._iteration_log.close()
         self.engine.shutdown()
 
     def load(self) -> InstanceLoad:
@@ -199,6 +207,7 @@ class InstanceServer:
                 self._wake.wait(self._idle_poll_s)  # new work sets it; the timeout re-checks cancellations
                 self._wake.clear()
                 continue
+            started = time.time()
             try:
                 events = self.engine.step()
             except Exception as exc:  # a broken rank: fail everything in flight, keep serving errors
@@ -208,6 +217,14 @@ class InstanceServer:
             for event in events:
                 self._deliver(event)
             self._load = self.engine.load()
+            self._log_iteration(started)
+
+    def _log_iteration(self, started: float) -> None:
+        stats = getattr(self.engine, "last_step", None)
+        if self._iteration_log is None or stats is None:
+            return
+        self._iteration_log.write(json.dumps({"t": round(started, 6), **asdict(stats)}) + "\n")
+        self.engine.last_step = None
 
     def _deliver(self, event: TokenEvent) -> None:
         with self._lock:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from trt_disagg.bench.metrics import RequestRecord, RunResult
 from trt_disagg.config import SLO, load_deployment, parse_deployment
 from trt_disagg.contract import ModelShape, Role
-from trt_disagg.demo.predict import predict_attainment, sim_spec
+from trt_disagg.demo.predict import (
+    HandoffCosts,
+    handoff_latency_s,
+    predict_attainment,
+    profile_kv_import,
+    sim_spec,
+)
 from trt_disagg.demo.report import VariantOutcome, goodput_table, prediction_table
+from trt_disagg.demo.served_steps import step_ratios
 from trt_disagg.demo.variants import COLOCATED, DISAGGREGATED, split_variants
 from trt_disagg.engine.types import EngineConfig, EngineLimits, KVCacheSpec
 from trt_disagg.errors import UserError
@@ -92,3 +102,40 @@ def test_tables_report_goodput_ratio_and_prediction_error() -> None:
     text = console.export_text()
     assert "2.00x" in text  # per-core goodput ratio, disaggregated vs colocated
     assert "+10" in text  # colocated at 1.0 req/s: predicted 60%, measured 50%
+
+
+def test_handoff_latency_is_what_the_simulator_does_not_already_model() -> None:
+    disagg, _ = split_variants(demo_config())
+    cfgs = {role: engine_cfg(role) for role in Role}
+    spec = sim_spec(disagg, cfgs, MODEL, HandoffCosts(import_s_per_token=1e-5))
+    assert isinstance(spec, DisaggSpec) and spec.import_s_per_token == 1e-5
+    link_s = 512 * spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
+    step_s = MODEL.for_tp(1).decode_step_s(1, 513)  # 50 ms + 5 ms
+    observed = [link_s + 512e-5 + step_s + extra for extra in (0.030, 0.040, 0.200)]  # one outlier
+    assert handoff_latency_s(observed, [512] * 3, spec, MODEL.for_tp(1).decode_step_s) == pytest.approx(0.040)
+    assert handoff_latency_s([0.001], [512], spec, MODEL.for_tp(1).decode_step_s) == 0.0  # never negative
+
+
+def test_step_ratios_compare_each_served_step_with_the_model(tmp_path: Path) -> None:
+    coeffs = MODEL.for_tp(1)  # decode: 50 ms + 5 ms per sequence; prefill: 10 ms + 1.5 ms per token
+    rows = [{"t": 0.0, "kind": "prefill", "num_seqs": 1, "num_tokens": 100, "sum_context": 100,
+             "duration_s": 0.16 * 1.5},
+            *({"t": 1.0 + 0.1 * k, "kind": "decode", "num_seqs": 2, "num_tokens": 2, "sum_context": 300,
+               "duration_s": 0.06 * f} for k, f in enumerate((1.0, 1.0, 2.0)))]
+    log = tmp_path / "decode-0.iterations.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prefill, decode = step_ratios(log, coeffs)
+    assert (prefill.instance, prefill.kind, prefill.num_steps) == ("decode-0", "prefill", 1)
+    assert prefill.p50 == pytest.approx(1.5)
+    assert (decode.num_steps, decode.mean_batch, decode.p50, decode.p90) == (3, 2.0, pytest.approx(1.0),
+                                                                             pytest.approx(2.0))
+    assert step_ratios(tmp_path / "missing.jsonl", coeffs) == []
+
+
+def test_kv_import_profile_times_the_steps_that_write_pulled_kv(tiny_engines) -> None:
+    from trt_disagg.engine.llm_engine import LLMEngine
+
+    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)], threads_per_rank=1) as engine:
+        per_token = profile_kv_import(engine, [16, 48], repeats=2)
+        assert engine.num_free_blocks == engine.num_total_blocks and engine.num_held() == 0
+    assert 0.0 < per_token < 1e-3  # a few microseconds per token on a CPU; never zero

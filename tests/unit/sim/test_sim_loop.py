@@ -29,6 +29,21 @@ def test_one_request_timeline_is_prefill_then_transfer_then_decode_steps():
     assert res.tpot_s[0] == pytest.approx((0.1 + sum(steps)) / 3)
 
 
+def test_handoff_latency_and_kv_import_are_added_where_they_happen():
+    """handoff_s delays the decode start; importing a prompt's KV stalls the decode lane's next step,
+    so a request already decoding there sees it too."""
+    p = make_instance(prefill=(0.5, 0.0, 0.0))
+    d = make_instance(decode=(0.02, 0.0, 0.0))
+    base = DisaggSpec(p, d, 1, 1, 1000, 1e12)
+    spec = DisaggSpec(p, d, 1, 1, 1000, 1e12, handoff_s=0.05, import_s_per_token=1e-4)
+    work = make_workload([0.0, 0.6], [100, 200], [51, 11])  # the second joins at 1.15 s, the first decodes
+    plain, costed = simulate(base, work), simulate(spec, work)
+    assert plain.finish_s[0] == pytest.approx(0.5 + 50 * 0.02, rel=1e-6)
+    # request 0: + hand-off + its own import (100 tokens) + request 1's import (200 tokens) mid-way
+    assert costed.finish_s[0] == pytest.approx(0.5 + 0.05 + 0.01 + 50 * 0.02 + 0.02, rel=1e-6)
+    assert costed.first_token_s[0] == pytest.approx(plain.first_token_s[0])  # TTFT is untouched
+
+
 def test_one_token_answers_finish_at_their_first_token():
     res = simulate(disagg(make_instance(), make_instance()), make_workload([0.0, 0.5], [10, 10], [1, 1]))
     assert np.allclose(res.finish_s, res.first_token_s) and np.all(res.tpot_s == 0)

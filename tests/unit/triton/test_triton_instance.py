@@ -212,3 +212,25 @@ def test_stop_fails_in_flight_requests(secret):
     server.stop()
     assert rec.wait().errors[0][0] is ErrorKind.SHUTTING_DOWN
     assert server.engine.shut_down and server.engine.num_free_blocks == server.engine.num_total_blocks
+
+
+def test_iteration_log_has_one_line_per_engine_step(tiny_engines, secret, tmp_path):
+    import json
+
+    from trt_disagg.engine.llm_engine import LLMEngine
+
+    log_path = tmp_path / "colocated-0.iterations.jsonl"
+    server = InstanceServer(Role.COLOCATED, LLMEngine.from_engine_dir(tiny_engines[(1, 1)], threads_per_rank=1),
+                            secret, iteration_log=log_path)
+    server.start()
+    try:
+        rec = Recorder()
+        server.submit(request(range(3, 40), RequestType.CONTEXT_AND_GENERATION, n=5), rec)
+        assert len(rec.wait().tokens) == 5
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["prefill"] + ["decode"] * 4  # one prefill, then one step per token
+    assert rows[0]["num_tokens"] == 37 and rows[1]["sum_context"] == 38
+    assert all(r["duration_s"] > 0 and r["num_seqs"] == 1 for r in rows)
+    assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)

@@ -1,0 +1,72 @@
+"""Served engine steps next to the profiled latency model: where a prediction's error comes from.
+
+Each instance's iteration log has one JSON line per engine step (kind, batch, tokens, context, duration).
+The profile times the engine alone on an idle core; served, the same step shares the two cores with the
+router, the load generator, Triton and Redis. served / profiled > 1 is that cost, per instance and phase.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from trt_disagg.planner.latency_model import PhaseCoefficients
+
+
+@dataclass(frozen=True)
+class StepRatios:
+    instance: str
+    kind: str  # "prefill" | "decode"
+    num_steps: int
+    mean_batch: float
+    p50: float  # served / profiled step time
+    p90: float
+    busy_fraction: float  # of the instance's logged span spent in steps of this kind
+
+
+def read_iteration_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _profiled_s(row: dict, model: PhaseCoefficients) -> float:
+    if row["kind"] == "decode":
+        return model.decode_step_s(row["num_seqs"], row["sum_context"])
+    # Prefill: the log has the batch's total tokens; equal prompt lengths give its sum of squares.
+    n, b = row["num_tokens"], max(1, row["num_seqs"])
+    return model.prefill_s(n, n * n / b)
+
+
+def step_ratios(path: Path, model: PhaseCoefficients) -> list[StepRatios]:
+    """Per phase: served / profiled step time (p50, p90) over every step in the log."""
+    rows = read_iteration_log(path)
+    if not rows:
+        return []
+    span = max(r["t"] + r["duration_s"] for r in rows) - min(r["t"] for r in rows)
+    instance = path.name.removesuffix(".iterations.jsonl")
+    out = []
+    for kind in ("prefill", "decode"):
+        mine = [r for r in rows if r["kind"] == kind]
+        if not mine:
+            continue
+        ratios = sorted(r["duration_s"] / _profiled_s(r, model) for r in mine)
+        out.append(StepRatios(instance, kind, len(mine), statistics.fmean(r["num_seqs"] for r in mine),
+                              statistics.median(ratios), ratios[min(len(ratios) - 1, int(0.9 * len(ratios)))],
+                              sum(r["duration_s"] for r in mine) / span if span > 0 else 0.0))
+    return out
+
+
+def step_ratio_table(ratios: list[StepRatios]) -> Table:
+    table = Table(title="Engine steps while served vs the profiled latency model (served / profiled time)")
+    for col in ("instance", "phase", "steps", "mean batch", "p50", "p90", "busy"):
+        table.add_column(col, justify="left" if col in ("instance", "phase") else "right")
+    for r in ratios:
+        table.add_row(r.instance, r.kind, str(r.num_steps), f"{r.mean_batch:.1f}", f"{r.p50:.2f}", f"{r.p90:.2f}",
+                      f"{r.busy_fraction:.0%}")
+    return table
