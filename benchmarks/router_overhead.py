@@ -173,7 +173,14 @@ async def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) 
     raise RuntimeError("router not healthy in time")
 
 
-async def run(args: argparse.Namespace, dep: Deployment, redis_url: str, inst: InstanceInfo, url: str) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used so far, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(args: argparse.Namespace, dep: Deployment, redis_url: str, inst: InstanceInfo, url: str,
+              router_pid: int) -> dict:
     prompt = [1] + [(7 * i + 11) % 900 + 10 for i in range(args.prompt_tokens - 1)]
     client = TritonInstanceClient(prefill_timeout_s=60)
     direct: list[Timing] = []
@@ -190,6 +197,12 @@ async def run(args: argparse.Namespace, dep: Deployment, redis_url: str, inst: I
             for _ in range(args.warmup):
                 await direct_once(client, inst, prompt, args.max_tokens)
                 await router_once(conn, prompt, args.max_tokens, dep.name)
+            # The router's CPU per request barely moves with the load other processes put on the machine,
+            # unlike the latencies: first its idle rate (the refresh loop), then the measured part's.
+            idle_cpu_s, idle_t = cpu_s(router_pid), time.monotonic()
+            await asyncio.sleep(2.0)
+            idle_rate = (cpu_s(router_pid) - idle_cpu_s) / (time.monotonic() - idle_t)
+            busy_cpu_s, busy_t = cpu_s(router_pid), time.monotonic()
             for i in range(args.requests):  # interleaved, alternating which goes first
                 pair = [lambda: direct_once(client, inst, prompt, args.max_tokens),
                         lambda: router_once(conn, prompt, args.max_tokens, dep.name)]
@@ -197,6 +210,7 @@ async def run(args: argparse.Namespace, dep: Deployment, redis_url: str, inst: I
                 for k in order:
                     t = await pair[k]()
                     (direct if k == 0 else routed).append(t)
+            busy_cpu_s = cpu_s(router_pid) - busy_cpu_s - idle_rate * (time.monotonic() - busy_t)
             metrics = (await http.get("/metrics")).text
     finally:
         await conn.close()
@@ -204,6 +218,7 @@ async def run(args: argparse.Namespace, dep: Deployment, redis_url: str, inst: I
     out = summarise(direct, routed)
     out["router_internal_ttft_mean_ms"] = _histogram_mean_ms(metrics, "trtd_router_ttft_seconds", 'path="colocated"')
     out["http_floor"] = {"p50_ms": percentile(floor_s, 50) * 1e3, "p99_ms": percentile(floor_s, 99) * 1e3}
+    out["router_cpu_per_request_ms"] = busy_cpu_s / args.requests * 1e3
     return out
 
 
@@ -287,12 +302,18 @@ def main() -> None:
             router = start_router(env, port, args.profile_router, args.router_loop)
             url = f"http://127.0.0.1:{port}"
             asyncio.run(wait_healthy(url, router))
-            result = asyncio.run(run(args, dep, str(cluster.redis_url), inst, url))
+            result = asyncio.run(run(args, dep, str(cluster.redis_url), inst, url, router.pid))
         finally:
-            if router is not None:
-                router.terminate()
-                router.wait(timeout=20)
-            cluster.stop()
+            try:
+                if router is not None:
+                    router.terminate()
+                    try:
+                        router.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        router.kill()
+                        router.wait()
+            finally:
+                cluster.stop()
     result["setup"] = {**vars(args), "out": str(args.out) if args.out else None,
                        "profile_router": str(args.profile_router) if args.profile_router else None,
                        "instance": asdict(inst) | {"role": inst.role.value}, "cpu_count": os.cpu_count()}
@@ -311,6 +332,8 @@ def main() -> None:
     if internal is not None:
         print(f"router's own view (request parsed -> first token from the instance), mean incl. warm-up: "
               f"{internal:.3f} ms; direct TTFT mean {result['ttft']['direct']['mean_ms']:.3f} ms")
+    print(f"router CPU per request (user+sys, all threads, idle rate subtracted): "
+          f"{result['router_cpu_per_request_ms']:.3f} ms")
     per_token = result["e2e"]["added"]["mean_ms"] / max(1.0, result["tokens_per_request"]["router"])
     ttft_added, e2e_added = result["ttft"]["added"]["p50_ms"], result["e2e"]["added"]["p50_ms"]
     print(f"added per request, p50: {ttft_added:.3f} ms to the first token, {e2e_added:.3f} ms to the last; "

@@ -23,6 +23,7 @@ from router.deps import RouterState
 from router.dispatch import Dispatcher, make_policy
 from router.errors import install_handlers
 from router.instance_client import InstanceClient, TritonInstanceClient
+from router.kv_release import KVReleaser, SocketKVReleaser
 from router.metrics import RouterMetrics
 from router.pipeline import RequestRunner
 from router.records import RecordStore
@@ -35,8 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: RouterSettings, *, instance_client: InstanceClient | None = None,
-               tokenizer: TextTokenizer | None = None) -> FastAPI:
-    """The router for `settings`; `instance_client`/`tokenizer` replace the Triton client / engine tokenizer."""
+               tokenizer: TextTokenizer | None = None, kv_releaser: KVReleaser | None = None) -> FastAPI:
+    """The router for `settings`; `instance_client`/`tokenizer`/`kv_releaser` replace the Triton client, the
+    engine's tokenizer and the release of un-pulled KV over the instances' KV endpoints."""
     policy = make_policy(settings.policy)  # a bad name fails here, not at the first request
     if tokenizer is None and settings.engine_dir is None:
         raise UserError("the router needs engine_dir (for the tokenizer) or an explicit tokenizer")
@@ -58,7 +60,8 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
                                           max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
                                           publish_ttl_s=max(3 * settings.refresh_interval_s, 1.0))
             state.metrics.observe_snapshot(await state.dispatcher.refresh())
-            state.runner = RequestRunner(settings, state.records, state.dispatcher, state.client,
+            releaser = kv_releaser or SocketKVReleaser(timeout_s=settings.kv_release_timeout_s)
+            state.runner = RequestRunner(settings, state.records, state.dispatcher, state.client, releaser,
                                          state.metrics, state.spawn)
             state.spawn(_refresh_loop(state))
             log.info("router %s up on %s:%d (policy %s)", settings.router_id, settings.host, settings.port,

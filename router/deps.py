@@ -53,7 +53,11 @@ def get_state(request: Request) -> RouterState:
     return request.app.state.router
 
 
-def get_settings(request: Request) -> RouterSettings:
+# The dependencies below are `async def` although they do not await: FastAPI runs a plain `def` dependency
+# in its thread pool, a thread hand-off per dependency per request that showed in the router's latency.
+
+
+async def get_settings(request: Request) -> RouterSettings:
     return get_state(request).settings
 
 
@@ -63,35 +67,35 @@ def _started(value: T | None) -> T:
     return value
 
 
-def get_runner(request: Request) -> RequestRunner:
+async def get_runner(request: Request) -> RequestRunner:
     return _started(get_state(request).runner)
 
 
-def get_records(request: Request) -> RecordStore:
+async def get_records(request: Request) -> RecordStore:
     return _started(get_state(request).records)
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return _started(get_state(request).dispatcher)
 
 
-def get_tokenizer(request: Request) -> TextTokenizer:
+async def get_tokenizer(request: Request) -> TextTokenizer:
     return _started(get_state(request).tokenizer)
 
 
-def get_metrics(request: Request) -> RouterMetrics:
+async def get_metrics(request: Request) -> RouterMetrics:
     return get_state(request).metrics
 
 
-def get_redis(request: Request) -> Any:
+async def get_redis(request: Request) -> Any:
     return get_state(request).redis
 
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-                  settings: RouterSettings = Depends(get_settings)) -> None:
+async def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                        settings: RouterSettings = Depends(get_settings)) -> None:
     """Admin routes need `Authorization: Bearer <admin_token>`; with no token configured they are off."""
     if settings.admin_token is None:
         raise Unauthorized("admin endpoints are disabled (no admin_token configured)")

@@ -14,14 +14,16 @@ work elsewhere), `InstanceRejected` when it answered with an error for this requ
 The implementation builds `ModelInferRequest` protos itself on a `grpc.aio` channel with tritonclient's
 service stub, because tritonclient's aio `stream_infer` refuses the reserved
 `triton_enable_empty_final_response` parameter, and without it a client cannot tell the end of a decoupled
-stream. Outputs are read with tritonclient's `InferResult`.
+stream. A stream's one request is sent with `call.write()` (no request iterator: grpc would run a task to
+consume it and, when the call is cancelled at the end, format a traceback for a debug log it then drops).
+Outputs are read straight from `raw_output_contents` in one pass (this runs once per token).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -120,15 +122,36 @@ def build_request(model_name: str, request_id: str, prompt_ids: list[int], sampl
     return req
 
 
-def output_tokens(result: InferResult, prompt_ids: list[int]) -> list[int]:
-    """Generated tokens of one response; drops the prompt when the instance echoes it."""
-    ids = result.as_numpy(TensorName.OUTPUT_IDS)
-    if ids is None:
+_INT_DTYPES = {"INT32": np.int32, "INT64": np.int64, "UINT32": np.uint32, "UINT64": np.uint64}
+
+
+def _int_outputs(response: Any, names: tuple[str, ...]) -> dict[str, list[int]]:
+    """The integer outputs `names` of a ModelInferResponse, flattened, in one pass over its outputs."""
+    found: dict[str, list[int]] = {}
+    raw = response.raw_output_contents
+    for index, out in enumerate(response.outputs):
+        if out.name not in names:
+            continue
+        dtype = _INT_DTYPES.get(out.datatype)
+        if dtype is not None and index < len(raw):
+            found[out.name] = np.frombuffer(raw[index], dtype=dtype).tolist()
+        else:  # not sent as raw bytes (Triton always does for these types): tritonclient's general reader
+            array = InferResult(response).as_numpy(out.name)
+            found[out.name] = [] if array is None else [int(t) for t in array.reshape(-1)]
+    return found
+
+
+def output_tokens(result: InferResult | Any, prompt_ids: list[int]) -> list[int]:
+    """Generated tokens of one response (an InferResult or the ModelInferResponse itself); drops the
+    prompt when the instance echoes it."""
+    response = result.get_response() if isinstance(result, InferResult) else result
+    outputs = _int_outputs(response, (TensorName.OUTPUT_IDS, TensorName.SEQUENCE_LENGTH))
+    tokens = outputs.get(TensorName.OUTPUT_IDS)
+    if tokens is None:
         return []
-    tokens = [int(t) for t in ids.reshape(-1)]
-    lengths = result.as_numpy(TensorName.SEQUENCE_LENGTH)
-    if lengths is not None and lengths.size:
-        tokens = tokens[: int(lengths.reshape(-1)[0])]
+    lengths = outputs.get(TensorName.SEQUENCE_LENGTH)
+    if lengths:
+        tokens = tokens[: lengths[0]]
     n = len(prompt_ids)
     if n and len(tokens) > n and tokens[:n] == prompt_ids:
         tokens = tokens[n:]
@@ -174,9 +197,8 @@ class TritonInstanceClient:
                 response = await call
             except grpc.aio.AioRpcError as exc:
                 raise _map_rpc_error(instance, exc) from None
-        result = InferResult(response)
-        tokens = output_tokens(result, prompt_ids)
-        params = result.as_numpy(TensorName.CONTEXT_PHASE_PARAMS)
+        tokens = output_tokens(response, prompt_ids)
+        params = InferResult(response).as_numpy(TensorName.CONTEXT_PHASE_PARAMS)
         if not tokens or params is None:
             raise InstanceRejected(instance.instance_id, "prefill response lacks output_ids or context_phase_params")
         return PrefillResult(first_token=tokens[0], handle=np.asarray(params, dtype=np.uint8).tobytes())
@@ -195,29 +217,26 @@ class TritonInstanceClient:
 
     async def _stream(self, instance: InstanceInfo, request_id: str, req: Any,
                       prompt_ids: list[int]) -> AsyncGenerator[int, None]:
-        done = asyncio.Event()
-
-        async def requests() -> AsyncIterator[Any]:
-            yield req
-            await done.wait()  # keep our half open: closing it early can end the stream before the tokens
-
-        call = self._stub(instance).ModelStreamInfer(requests())
+        # Our half stays open (no done_writing): closing it early can end the stream before the tokens.
+        call = self._stub(instance).ModelStreamInfer()
         with self._track(request_id, call):
             try:
+                await call.write(req)
                 async for response in call:
                     if response.error_message:
                         raise classify_error(instance, response.error_message, lost=False)
                     inner = response.infer_response
                     if inner.outputs:
-                        for token in output_tokens(InferResult(inner), prompt_ids):
+                        for token in output_tokens(inner, prompt_ids):
                             yield token
                     if inner.parameters[FINAL_PARAM].bool_param:
                         return
                 raise InstanceLost(instance.instance_id, "stream ended without a final response")
             except grpc.aio.AioRpcError as exc:
                 raise _map_rpc_error(instance, exc) from None
+            except asyncio.InvalidStateError:  # write() on a call that already ended (cancelled meanwhile)
+                raise InstanceLost(instance.instance_id, "stream ended before the request was sent") from None
             finally:
-                done.set()
                 call.cancel()
 
     async def cancel(self, instance: InstanceInfo, request_id: str) -> None:

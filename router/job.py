@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from router.dispatch import ServePath
+from router.kv_release import OfferedKV
 from router.states import RequestState
 from trt_disagg.contract import InstanceInfo, SamplingParams
 
@@ -35,6 +36,7 @@ class Job:
     first_token_s: float | None = None
     last_token_s: float | None = None
     legs: dict[str, InstanceInfo] = field(default_factory=dict)  # role -> instance of the current leg
+    unpulled_kv: OfferedKV | None = None  # prefill KV no decode leg has taken yet (released if none will)
 
     @property
     def max_tokens(self) -> int:

@@ -3,7 +3,8 @@
 `RequestRunner` (pipeline.py) extends `RequestLifecycle` with the token path; this half owns the
 `active` table and the record: the first write goes out with the first instance call (`_begin`), every
 later write waits for it (`_flush`), and `_settle` writes the terminal state exactly once (the reaper and
-the generator may both try) and releases whatever the request's legs still hold.
+the generator may both try) and releases whatever the request's legs still hold: open calls, and prefill
+KV that no decode instance pulled (kv_release.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from router.dispatch import Dispatcher, ServePath
 from router.errors import Overloaded
 from router.instance_client import InstanceClient
 from router.job import Job
+from router.kv_release import KVReleaser
 from router.metrics import RouterMetrics
 from router.records import RecordStore, Step
 from router.settings import RouterSettings
@@ -37,11 +39,12 @@ class RequestLifecycle:
     """Bookkeeping of the requests this router holds: admission, record writes, settling, outcome metrics."""
 
     def __init__(self, settings: RouterSettings, records: RecordStore, dispatcher: Dispatcher,
-                 client: InstanceClient, metrics: RouterMetrics, spawn: Spawn) -> None:
+                 client: InstanceClient, releaser: KVReleaser, metrics: RouterMetrics, spawn: Spawn) -> None:
         self._settings = settings
         self._records = records
         self._dispatch = dispatcher
         self._client = client
+        self._releaser = releaser
         self._metrics = metrics
         self._spawn = spawn
         self.active: dict[str, Job] = {}
@@ -111,6 +114,24 @@ class RequestLifecycle:
         await self._records.transition(job.request_id, to=to, handle=handle, **fields)
         job.state = to
 
+    def _enter_soon(self, job: Job, to: RequestState, handle: bytes | None = None, **fields: str | int) -> None:
+        """`_enter` without waiting for Redis: for the changes between a request's tokens, which the next
+        token must not wait for. The write is chained after the record's earlier writes (order and
+        timestamps kept); the next `_enter` or the settle waits for it (`_flush`), so a refused edge
+        surfaces there."""
+        if to == job.state and to not in ALLOWED[to]:
+            return
+        earlier = job.record_write
+
+        async def write() -> None:
+            if earlier is not None:
+                await earlier
+                job.created = True
+            await self._records.transition(job.request_id, to=to, handle=handle, **fields)
+
+        job.record_write = asyncio.ensure_future(write())
+        job.state = to
+
     async def _settle(self, job: Job, to: RequestState, **fields: str | int) -> None:
         if self.active.get(job.request_id) is not job:  # settled already (by the reaper)
             return
@@ -125,14 +146,21 @@ class RequestLifecycle:
             elif job.state not in TERMINAL:
                 await self._records.try_settle(job.request_id, to=to, output_tokens=len(job.generated), **fields)
                 job.state = to
-            if to is not S.DONE:  # release what the legs still hold (open calls; KV kept for a hand-off)
+            if to is not S.DONE:  # release what the legs still hold (open calls)
                 for instance in job.legs.values():
                     await self._client.cancel(instance, job.request_id)
+            self._release_unpulled(job)  # DONE too: a first token that ends the request leaves its KV unpulled
         except Exception:
             log.exception("could not settle %s as %s", job.request_id, to)
         finally:
             self._record_outcome(job, to)
             self._forget(job)
+
+    def _release_unpulled(self, job: Job) -> None:
+        """Give back the KV offered for `job` that no decode leg took (in a task: settling does not wait)."""
+        offered, job.unpulled_kv = job.unpulled_kv, None
+        if offered is not None:
+            self._spawn(self._releaser.release(job.request_id, offered))
 
     def _record_outcome(self, job: Job, to: RequestState) -> None:
         path = job.path.value if job.path else "none"

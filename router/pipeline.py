@@ -10,6 +10,9 @@
         decode_stream(d, handle)    → DECODING at its first token; yield tokens #2...
         decode leg lost:  re-prefill prompt + tokens so far on a prefill instance (its first token is the
                           next token, streamed once), then decode on another instance (bounded)
+        the prefill KV is the request's until a decode leg streams from it; a request that ends before
+        (cancel, deadline, failure, first token ends it) or a decode leg lost before its first token gives
+        it back to the prefill instance at once (job.unpulled_kv, kv_release.py) instead of at its TTL
       colocated:
         c = pick(COLOCATED) → PREFILL_QUEUED → PREFILLING → DECODING at the first token; yield tokens
       DONE | FAILED (a RouterError, recorded with its reason) | CANCELLED (the consumer went away)
@@ -45,6 +48,7 @@ from router.instance_client import (
     PrefillResult,
 )
 from router.job import Job, with_max
+from router.kv_release import KVReleaser, OfferedKV
 from router.lifecycle import RequestLifecycle, Spawn
 from router.metrics import RouterMetrics
 from router.records import RecordStore
@@ -61,8 +65,8 @@ class RequestRunner(RequestLifecycle):
     """Runs each admitted request's token stream over the instances (the bookkeeping is RequestLifecycle's)."""
 
     def __init__(self, settings: RouterSettings, records: RecordStore, dispatcher: Dispatcher,
-                 client: InstanceClient, metrics: RouterMetrics, spawn: Spawn) -> None:
-        super().__init__(settings, records, dispatcher, client, metrics, spawn)
+                 client: InstanceClient, releaser: KVReleaser, metrics: RouterMetrics, spawn: Spawn) -> None:
+        super().__init__(settings, records, dispatcher, client, releaser, metrics, spawn)
         # labelled children looked up once: the per-token path must stay cheap
         self._ttft = {p: metrics.ttft_s.labels(path=p.value) for p in ServePath}
         self._itl = {p: metrics.itl_s.labels(path=p.value) for p in ServePath}
@@ -204,17 +208,18 @@ class RequestRunner(RequestLifecycle):
             # Pick the decode side first: when none is left, fail before prefilling again.
             decode = self._pick(Role.DECODE, lost_decodes)
             result = await self._prefill(job)
+            job.unpulled_kv = OfferedKV(job.legs["prefill"], result.handle)
             handed_off_s = time.monotonic()
             accepted = self._accept(job, result.first_token)
             if accepted:
                 yield result.first_token  # TTFT: the client has it before anything else happens
-            if job.state is S.PREFILLING:
-                await self._enter(job, S.PREFILL_DONE, handle=result.handle, first_token=result.first_token)
+            if job.state is S.PREFILLING:  # the record writes up to the decode call do not hold it up
+                self._enter_soon(job, S.PREFILL_DONE, handle=result.handle, first_token=result.first_token)
             if not accepted or job.remaining <= 0:
                 return
             decode = self._dispatch.pick(Role.DECODE, frozenset(lost_decodes)) or decode
             if job.state is S.PREFILL_DONE:
-                await self._enter(job, S.DECODE_DISPATCHED, decode_instance=decode.instance_id)
+                self._enter_soon(job, S.DECODE_DISPATCHED, decode_instance=decode.instance_id)
             else:
                 await self._enter(job, job.state, decode_instance=decode.instance_id,
                                   resumed_after_tokens=len(job.generated))
@@ -227,20 +232,25 @@ class RequestRunner(RequestLifecycle):
                                                         result.handle, sampling)
                     async with aclosing(stream):
                         async for token in self._deadlined(stream, job):
+                            job.unpulled_kv = None  # a decode token: the decode instance holds the KV now
                             accepted = self._accept(job, token)
                             if job.state is S.DECODE_DISPATCHED:
                                 self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
                             if accepted:
                                 yield token
                             if job.state is S.DECODE_DISPATCHED:
-                                await self._enter(job, S.DECODING)
+                                self._enter_soon(job, S.DECODING)
                             if not accepted or job.remaining <= 0:
                                 return
+                job.unpulled_kv = None  # the decode leg completed: it had taken the KV
                 job.finish_reason = job.finish_reason or "stop"
                 return
             except InstanceError as exc:
                 job.legs.pop("decode", None)
                 _stop_if_final(job, exc)
+                offered, job.unpulled_kv = job.unpulled_kv, None
+                if offered is not None:  # lost before its first token: the KV may still sit on the prefill side
+                    await self._releaser.release(job.request_id, offered)
                 lost_decodes.add(decode.instance_id)
                 self._metrics.retries.labels(phase="decode").inc()
                 if len(lost_decodes) > self._settings.max_decode_retries:
@@ -269,7 +279,7 @@ class RequestRunner(RequestLifecycle):
                             if accepted:
                                 yield token
                             if job.state is S.PREFILLING:
-                                await self._enter(job, S.DECODING)
+                                self._enter_soon(job, S.DECODING)
                             if not accepted or job.remaining <= 0:
                                 return
                 if job.state is S.PREFILLING:

@@ -140,7 +140,7 @@ class RecordStore:
         pipe.pexpire(events_key(request_id), self._live_ttl_ms)
         pipe.zadd(active_key(self.router_id), {request_id: now})
         for step in then:
-            await self._queue_transition(pipe, request_id, step.to, None, step.fields)
+            self._queue_transition(pipe, request_id, step.to, None, step.fields)
         replies = await pipe.execute()
         self._check(request_id, replies[5:], [step.to for step in then])
 
@@ -170,10 +170,13 @@ class RecordStore:
                 handle_key(request_id)]
         return keys, args
 
-    async def _queue_transition(self, pipe: Any, request_id: str, to: RequestState, handle: bytes | None,
-                                fields: Mapping[str, str | int | float]) -> None:
+    def _queue_transition(self, pipe: Any, request_id: str, to: RequestState, handle: bytes | None,
+                          fields: Mapping[str, str | int | float]) -> None:
         keys, args = self._script_call(request_id, to, handle, fields)
-        await self._script(keys=keys, args=args, client=pipe)  # queues EVALSHA on the pipeline
+        # EVAL with the script's text, not EVALSHA: a pipeline holding a registered script first asks the
+        # server whether it exists (SCRIPT EXISTS), one more round trip on every create. The server caches
+        # the compiled script by its hash either way.
+        pipe.eval(_TRANSITION_LUA, len(keys), *keys, *args)
 
     @staticmethod
     def _check(request_id: str, replies: list[Any], targets: list[RequestState]) -> list[RequestState]:

@@ -23,7 +23,8 @@ class RouterSettings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis or Valkey holding the "
                            "instance registry and the request records")
     router_id: str = Field(default="", description="owner of this router's request records; stable across "
-                           "restarts so a restarted router settles its unfinished requests (default host:port)")
+                           "restarts so a restarted router settles its unfinished requests (default host:port; "
+                           "env TRT_DISAGG_ROUTER_ROUTER_ID gives a router an identity that survives a new port)")
     served_model_name: str = Field(default="default", description="the `model` clients must name")
     engine_dir: Path | None = Field(default=None, description="an engine directory: its tokenizer/ and limits")
     policy: str = Field(default="least_loaded", description="dispatch policy: least_loaded | round_robin")
@@ -41,6 +42,8 @@ class RouterSettings(BaseSettings):
     prefill_timeout_s: float = Field(default=60.0, gt=0)
     retention_s: float = Field(default=3600.0, gt=0, description="how long finished records stay in Redis")
     handle_ttl_s: float = Field(default=60.0, gt=0, description="TTL of the stored context_phase_params")
+    kv_release_timeout_s: float = Field(default=2.0, gt=0, description="how long giving back the KV of a "
+                                        "request that ended before its decode may take (then its TTL frees it)")
     max_prefill_retries: int = Field(default=2, ge=0)
     max_decode_retries: int = Field(default=2, ge=0, description="decode legs lost mid-stream that are "
                                     "continued on another instance")

@@ -11,13 +11,13 @@ CANCELLED record, both legs cancelled — runs at once instead of whenever the g
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -37,12 +37,14 @@ class SSEResponse(StreamingResponse):
         try:
             async with anyio.create_task_group() as tg:
 
-                async def stream() -> None:
-                    await self.stream_response(send)
-                    tg.cancel_scope.cancel()
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    tg.cancel_scope.cancel()  # cancels the streaming below too: it runs in the same scope
 
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
+                tg.start_soon(watch)
+                # The stream runs in this task, not a new one: the first token (already there, see `prime`)
+                # goes out now, not after the loop has got round to starting another task.
+                await self.stream_response(send)
                 tg.cancel_scope.cancel()
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
@@ -78,7 +80,9 @@ async def prime(tokens: AsyncGenerator[int, None]) -> Primed:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    # orjson: compact like json.dumps(separators=(",", ":")), UTF-8 rather than \u escapes, ~10x faster
+    # (one call per streamed token)
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def usage(job: Job) -> dict[str, int]:

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from router.errors import BadRequest
-from router.routes.common import ERROR_RESPONSES, RouteCtx, begin, check_model, stream_response
+from router.routes.common import (
+    CLIENT_CLOSED_REQUEST,
+    ERROR_RESPONSES,
+    RouteCtx,
+    begin,
+    check_model,
+    collect_unless_disconnected,
+    stream_response,
+)
 from router.schemas import ChatRequest
-from router.streaming import collect, usage
+from router.streaming import usage
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-async def create_chat_completion(req: ChatRequest, ctx: RouteCtx) -> Response:
+async def create_chat_completion(req: ChatRequest, ctx: RouteCtx, request: Request) -> Response:
     check_model(req.model, ctx.settings)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in req.messages]
@@ -38,7 +46,9 @@ async def create_chat_completion(req: ChatRequest, ctx: RouteCtx) -> Response:
         opening = chunk(None, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         return stream_response(job, run.primed, ctx.tokenizer, chunk, req.include_usage, opening)
-    text = await collect(job, run.primed, ctx.tokenizer)
+    text = await collect_unless_disconnected(request, run, ctx.tokenizer)
+    if text is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = {"id": job.request_id, "object": "chat.completion", "created": run.created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": job.finish_reason or "stop", "logprobs": None}],

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Response
+from fastapi import Depends, Request, Response
 
 from router.deps import get_runner, get_settings, get_tokenizer
 from router.errors import BadRequest, ModelNotFound, PromptTooLong, RouterError
@@ -14,7 +15,7 @@ from router.job import Job
 from router.pipeline import RequestRunner
 from router.schemas import _Sampling
 from router.settings import RouterSettings
-from router.streaming import ChunkFn, Primed, SSEResponse, prime, sse_events
+from router.streaming import ChunkFn, Primed, SSEResponse, collect, prime, sse_events
 from router.tokenizer import TextTokenizer
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -85,8 +86,9 @@ class RouteContext:
     tokenizer: TextTokenizer
 
 
-def route_context(runner: RequestRunner = Depends(get_runner), settings: RouterSettings = Depends(get_settings),
-                  tokenizer: TextTokenizer = Depends(get_tokenizer)) -> RouteContext:
+async def route_context(runner: RequestRunner = Depends(get_runner),
+                        settings: RouterSettings = Depends(get_settings),
+                        tokenizer: TextTokenizer = Depends(get_tokenizer)) -> RouteContext:
     return RouteContext(runner, settings, tokenizer)
 
 
@@ -111,6 +113,34 @@ async def begin(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], reques
     return Started(job, primed, created_now())
 
 
-__all__ = ["ERROR_RESPONSES", "RouteContext", "RouteCtx", "RouterError", "Started", "begin", "check_model",
-           "check_prompt", "created_now", "end_id", "resolve_max_tokens", "route_context", "start",
-           "stream_response"]
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; nobody reads it, logs do
+
+
+async def collect_unless_disconnected(request: Request, run: Started, tokenizer: TextTokenizer) -> str | None:
+    """All tokens of a non-streaming request as text, or None when the client hung up first.
+
+    A client that hangs up cancels the collection: the request's generator unwinds as for a streaming
+    client that went away (CANCELLED record, both legs cancelled, un-pulled KV released). The disconnect
+    is the ASGI `http.disconnect` message, awaited (not polled) once the body has been read."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting = asyncio.ensure_future(collect(run.job, run.primed, tokenizer))
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (collecting, watching):
+            task.cancel()  # no-op for the one that finished
+        await asyncio.wait({collecting, watching})  # both unwound (the request's generator included)
+    if collecting.cancelled():
+        await run.primed.rest.aclose()
+        return None
+    return collecting.result()
+
+
+__all__ = ["CLIENT_CLOSED_REQUEST", "ERROR_RESPONSES", "RouteContext", "RouteCtx", "RouterError", "Started", "begin",
+           "check_model", "check_prompt", "collect_unless_disconnected", "created_now", "end_id",
+           "resolve_max_tokens", "route_context", "start", "stream_response"]

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from router.routes.common import ERROR_RESPONSES, RouteCtx, begin, check_model, stream_response
+from router.routes.common import (
+    CLIENT_CLOSED_REQUEST,
+    ERROR_RESPONSES,
+    RouteCtx,
+    begin,
+    check_model,
+    collect_unless_disconnected,
+    stream_response,
+)
 from router.schemas import CompletionRequest
-from router.streaming import collect, usage
+from router.streaming import usage
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES)
-async def create_completion(req: CompletionRequest, ctx: RouteCtx) -> Response:
+async def create_completion(req: CompletionRequest, ctx: RouteCtx, request: Request) -> Response:
     check_model(req.model, ctx.settings)
     if isinstance(req.prompt, str):
         prompt_ids = ctx.tokenizer.encode(req.prompt)
@@ -32,7 +40,9 @@ async def create_completion(req: CompletionRequest, ctx: RouteCtx) -> Response:
 
     if req.stream:
         return stream_response(job, run.primed, ctx.tokenizer, chunk, req.include_usage)
-    text = await collect(job, run.primed, ctx.tokenizer)
+    text = await collect_unless_disconnected(request, run, ctx.tokenizer)
+    if text is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     body = chunk(text, job.finish_reason or "stop")
     body["usage"] = usage(job)
     return JSONResponse(body, headers={"X-Request-Id": job.request_id})

@@ -12,7 +12,6 @@ The router runs in this process (uvicorn on 127.0.0.1) with its real Triton gRPC
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 import httpx
@@ -20,7 +19,15 @@ import pytest
 
 from router.app import create_app
 from router.settings import RouterSettings
-from tests.integration.router_helpers import IdTokenizer, expected, serve, tiny
+from tests.integration.router_helpers import (
+    DISAGG_WALK,
+    IdTokenizer,
+    assert_walk,
+    expected,
+    serve,
+    stream_completion,
+    tiny,
+)
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
 from trt_disagg.triton.cluster import LocalCluster
@@ -35,7 +42,8 @@ def router_settings(dep: Deployment, redis_url: str, **overrides: object) -> Rou
 
 @pytest.fixture(scope="module")
 def fake_cluster():
-    overrides = {Role.PREFILL: "fake:prefill:2:1", Role.DECODE: "fake:decode:1:2", Role.COLOCATED: "fake:colocated"}
+    overrides = {Role.PREFILL: "fake:prefill:2:1", Role.DECODE: "fake:decode:1:2:2", Role.COLOCATED: "fake:colocated"}
+    # decode steps take 2 ms (emulated), so a 400-token stream is in flight ~1 s: the kill test hits streams mid-way
     cluster = LocalCluster(tiny(num_decode=2), start_router=False, engine_overrides=overrides, ready_timeout_s=120)
     cluster.start()
     yield cluster
@@ -48,22 +56,8 @@ def prompt_of(i: int) -> list[int]:
 
 async def _stream_ids(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
                       started: asyncio.Event | None = None) -> tuple[str, list[int], str | None]:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
-    text, error = [], None
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        rid = resp.headers["x-request-id"]
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                error = chunk["error"]["message"]
-                continue
-            text.append(chunk["choices"][0]["text"])
-            if started is not None and len(text) >= 2:
-                started.set()
-    return rid, IdTokenizer().encode("".join(text)), error
+    s = await stream_completion(http, url, prompt, max_tokens, started)
+    return s.request_id, IdTokenizer().encode(s.text), s.error
 
 
 async def test_64_concurrent_streams_through_prefill_and_decode(fake_cluster):
@@ -74,10 +68,7 @@ async def test_64_concurrent_streams_through_prefill_and_decode(fake_cluster):
             for i, (rid, ids, error) in enumerate(results):
                 assert error is None
                 assert ids == expected(prompt_of(i), 24), f"stream {i}"
-                rec = await app.state.router.records.get(rid)
-                walked = [e["state"] for e in rec.events]
-                assert walked == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE",
-                                  "DECODE_DISPATCHED", "DECODING", "DONE"], walked
+                assert_walk(await app.state.router.records.get(rid), DISAGG_WALK)
             metrics = (await http.get(f"{url}/metrics")).text
     assert 'trtd_router_requests_total{outcome="done",path="disaggregated"} 64.0' in metrics
 

@@ -11,8 +11,8 @@ import threading
 
 from trt_disagg.contract import KVLayout
 from trt_disagg.engine.types import ExportedKV
-from trt_disagg.kv.errors import KVNotFoundError, SourceUnreachableError
-from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle
+from trt_disagg.kv.errors import InvalidHandleError, KVNotFoundError, SourceUnreachableError
+from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle, verify_handle
 from trt_disagg.kv.transport import KVSource, issue_handle
 
 
@@ -74,6 +74,17 @@ class FakeKVSender:
             held = self._offers.pop(request_id, None)
         if held is not None:
             self._source.release_kv(request_id)
+
+    def release_handle(self, blob: bytes) -> bool:
+        """The release op, as SocketKVSender has it (a fake pull is atomic, so no pull is ever in flight)."""
+        handle = verify_handle(blob, self._secret)
+        if handle.source_instance != self.instance_id:
+            raise InvalidHandleError(f"handle names instance {handle.source_instance}, this is {self.instance_id}")
+        with self._lock:
+            if self._offers.get(handle.request_id) != handle:
+                return False
+        self.release(handle.request_id)
+        return True
 
     def pending_tokens(self) -> int:
         with self._lock:

@@ -86,8 +86,11 @@ def encode_handle(handle: KVHandle, secret: bytes) -> bytes:
     return body + hmac.new(secret, body, hashlib.sha256).digest()
 
 
-def decode_handle(blob: bytes, secret: bytes, now: float | None = None) -> KVHandle:
-    """Verify and parse a handle; forged or tampered -> HandleForgedError, too old -> HandleExpiredError."""
+def verify_handle(blob: bytes, secret: bytes) -> KVHandle:
+    """Check the format and the signature and parse; forged, tampered or foreign -> HandleForgedError.
+
+    Expiry is not checked: a release may name an expired handle (its KV goes back either way); a pull must
+    use `decode_handle`."""
     blob = bytes(blob)
     if len(blob) < _HEADER.size + _TAG_BYTES or len(blob) > MAX_HANDLE_BYTES:
         raise HandleForgedError(f"context_phase_params of {len(blob)} bytes is not a KV handle")
@@ -103,9 +106,14 @@ def decode_handle(blob: bytes, secret: bytes, now: float | None = None) -> KVHan
         raise HandleForgedError("KV handle signature mismatch: forged, tampered, or from another deployment "
                                 f"(check that every instance has the same {SECRET_ENV})")
     try:
-        handle = KVHandle.from_dict(json.loads(body[_HEADER.size:]))
+        return KVHandle.from_dict(json.loads(body[_HEADER.size:]))
     except (ValueError, KeyError, TypeError) as exc:  # signed but unreadable: a bug on the issuing side
         raise HandleForgedError(f"KV handle payload is malformed: {exc}") from None
+
+
+def decode_handle(blob: bytes, secret: bytes, now: float | None = None) -> KVHandle:
+    """Verify and parse a handle; forged or tampered -> HandleForgedError, too old -> HandleExpiredError."""
+    handle = verify_handle(blob, secret)
     if handle.expired(now):
         age = (time.time() if now is None else now) - handle.expires_at
         raise HandleExpiredError(f"KV handle of request {handle.request_id} expired {age:.1f}s ago; "

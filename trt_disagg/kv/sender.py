@@ -2,8 +2,10 @@
 
     offer(rid) ─▶ PENDING ──pull starts──▶ SENDING ──ACK──▶ released (engine.release_kv)
                     ▲  │                      │
-                    │  └─ TTL passed ─▶ released   (a reaper thread, checked every reap_interval_s)
-                    └──── pull failed ───────┘     (the decode side may retry until the TTL)
+                    │  ├─ TTL passed ─▶ released   (a reaper thread, checked every reap_interval_s)
+                    │  └─ release op ─▶ released   (the router gave the request up before a decode pulled)
+                    └──── pull failed ───────┘     (the decode side may retry until the TTL; a release op
+                                                    that came during the pull frees it instead)
 
 One thread per connection (socketserver), one reaper thread. The handle is verified again here (the
 receiver already did): this port is reachable from the network and must not trust its peers.
@@ -23,7 +25,7 @@ from trt_disagg.contract import KVLayout
 from trt_disagg.engine.types import ExportedKV
 from trt_disagg.kv import shm, wire
 from trt_disagg.kv.errors import HandleExpiredError, InvalidHandleError
-from trt_disagg.kv.handle import KVHandle, decode_handle
+from trt_disagg.kv.handle import KVHandle, decode_handle, verify_handle
 from trt_disagg.kv.transport import KVSource, issue_handle
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class OfferState(enum.Enum):
 class _Offer:
     handle: KVHandle
     state: OfferState
+    release_requested: bool = False  # a release op came while SENDING: free it if the pull fails
 
 
 class SocketKVSender:
@@ -135,6 +138,27 @@ class SocketKVSender:
         if offer is not None:
             self._source.release_kv(request_id)
 
+    def release_handle(self, blob: bytes) -> bool:
+        """The release op: free the KV that a signed handle of this instance names; True when it was held.
+
+        Verified like a pull (HMAC, this instance) but not for expiry: an expired handle's KV goes back
+        either way. Only the offer the handle was issued for is freed, never a newer offer of the same
+        request id. During a pull the offer is marked and freed when the pull fails (an ACK frees it anyway).
+        """
+        handle = verify_handle(blob, self._secret)
+        if handle.source_instance != self.instance_id:
+            raise InvalidHandleError(f"handle names instance {handle.source_instance}, this is {self.instance_id}")
+        with self._lock:
+            offer = self._offers.get(handle.request_id)
+            if offer is None or offer.handle != handle:
+                return False
+            if offer.state is OfferState.SENDING:
+                offer.release_requested = True
+                return True
+        log.info("KV of %s released by its router before a pull", handle.request_id)
+        self.release(handle.request_id)
+        return True
+
     def pending_tokens(self) -> int:
         with self._lock:
             return sum(o.handle.num_tokens for o in self._offers.values())
@@ -176,8 +200,12 @@ class SocketKVSender:
     def _unclaim(self, request_id: str) -> None:
         with self._lock:
             offer = self._offers.get(request_id)
-            if offer is not None:
-                offer.state = OfferState.PENDING
+            if offer is None:
+                return
+            offer.state = OfferState.PENDING
+            if not offer.release_requested:
+                return
+        self.release(request_id)  # its router gave the request up during the failed pull
 
     def _serve(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -185,15 +213,18 @@ class SocketKVSender:
         sock.settimeout(self._ack_timeout_s)
         try:
             req = wire.recv_header(sock)
-            if req.get("op") != "fetch":
+            if req.get("op") not in ("fetch", "release"):
                 raise ValueError(f"unexpected op {req.get('op')!r}")
-            handle = decode_handle(bytes.fromhex(str(req["handle"])), self._secret)
+            blob = bytes.fromhex(str(req["handle"]))
+            if req["op"] == "release":
+                return self._serve_release(sock, blob)
+            handle = decode_handle(blob, self._secret)
         except HandleExpiredError as exc:
             return _send_error(sock, "expired", str(exc))
         except InvalidHandleError as exc:
             return _send_error(sock, "forged", str(exc))
         except (ValueError, KeyError, OSError) as exc:
-            return _send_error(sock, "internal", f"bad fetch request: {exc}")
+            return _send_error(sock, "internal", f"bad KV request: {exc}")
         why = self._claim(handle)
         if why is not None:
             return _send_error(sock, "not_found", why)
@@ -216,6 +247,10 @@ class SocketKVSender:
             wire.send_header(sock, {"op": "released"})
         except OSError:
             pass
+
+    def _serve_release(self, sock: socket.socket, blob: bytes) -> None:
+        """Forged or foreign handles fall through to `_serve`'s "forged" error."""
+        wire.send_header(sock, {"op": "released", "held": self.release_handle(blob)})
 
     def _stream(self, sock: socket.socket, kv: ExportedKV, mode: str) -> bool:
         """Send meta, the bytes (inline or via a shm segment) and "end"; True when the receiver ACKed."""

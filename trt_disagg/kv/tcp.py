@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from urllib.parse import urlsplit
 
 import torch
 
@@ -24,6 +23,7 @@ from trt_disagg.kv.errors import (
     SourceUnreachableError,
 )
 from trt_disagg.kv.handle import KVHandle, encode_handle
+from trt_disagg.kv.wire import parse_kv_url
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ SOCKET_BUFFER_BYTES = 4 << 20
 _ERRORS: dict[str, type[KVTransferError]] = {
     "expired": HandleExpiredError, "forged": HandleForgedError, "not_found": KVNotFoundError,
 }
-
-
-def parse_kv_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
-        raise KVTransferError(f"bad KV endpoint {url!r}: expected tcp://host:port")
-    return parts.hostname, parts.port
 
 
 class TcpKVReceiver:

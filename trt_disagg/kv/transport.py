@@ -9,7 +9,8 @@ Ownership (the rule that keeps KV from leaking, after vLLM's connector and SGLan
             the receiver's copy is the decode engine's to import (add_decode_request)
 
 `release()` is idempotent and is the only way blocks go back: after an ACK, on expiry, on cancel, on
-shutdown. Un-pulled KV counts against new admissions (`can_admit`, CacheTransceiverConfig.max_pending_tokens).
+shutdown, and on the router's release op (`release_handle`, kv/release.py: a request given up between its
+prefill and its decode). Un-pulled KV counts against new admissions (`can_admit`, CacheTransceiverConfig.max_pending_tokens).
 
 Transports: "tcp" (any host), "shm" (same host; bytes through a /dev/shm segment, control over TCP),
 "fake" (in-process, the test double), "auto" (shm when the handle's source is on this host, else tcp).
@@ -49,6 +50,7 @@ class KVSender(Protocol):
     def offer(self, request_id: str, num_tokens: int, first_token: int,
               block_ids: tuple[int, ...] = ()) -> KVHandle: ...
     def release(self, request_id: str) -> None: ...
+    def release_handle(self, blob: bytes) -> bool: ...  # the router's release op; verified like a pull
     def pending_tokens(self) -> int: ...
     def num_pending(self) -> int: ...
     def close(self) -> None: ...

