@@ -31,7 +31,7 @@ from trt_disagg.sim import ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload,
 from trt_disagg.workload import WorkloadRequest, make_arrivals
 
 # What `trt-disagg profile` measures for the demo: the lengths and batches the workload produces.
-DEMO_GRID = ProfileGrid(batch_sizes=(1, 2, 4, 8, 16), prompt_lens=(64, 256, 512), repeats=2, warmup=1,
+DEMO_GRID = ProfileGrid(batch_sizes=(1, 2, 3, 4, 6, 8), prompt_lens=(64, 256, 512), repeats=2, warmup=1,
                         decode_steps=4)
 # KV hand-off between two processes on this host (DESIGN.md: /dev/shm ~6 GiB/s, sockets ~3-4 GiB/s).
 LOCAL_KV_LINK_BYTES_PER_S = 3 * 2**30

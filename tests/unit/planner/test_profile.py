@@ -115,3 +115,21 @@ def test_bad_grids_are_user_errors():
         ProfileGrid(batch_sizes=())
     with pytest.raises(UserError, match="--repeats"):
         ProfileGrid(repeats=0)
+
+
+def test_fit_splits_decode_where_the_step_time_bends():
+    """A CPU decode step bends at small batches (GEMM kernel switch): the fit picks the split that fits."""
+    from trt_disagg.planner.fit import DecodeSample, PrefillSample
+    from trt_disagg.planner.profile import ProfileData
+
+    small, large = Coefficients(0.050, 2e-5, 0.006), Coefficients(0.080, 2e-5, 0.008)
+    decode = [DecodeSample(b, b * ctx, (small if b <= 2 else large)(b * ctx, b))
+              for b in (1, 2, 3, 4, 6, 8) for ctx in (64, 256, 512)]
+    prefill = [PrefillSample((n,), PREFILL(n, n * n)) for n in (16, 64, 256)]
+    fit = fit_profile(ProfileData(prefill, decode), tp=1, model="fake", device="cpu", source="test")
+    got = fit.latency_model.for_tp(1)
+    assert got.decode_threshold == 2
+    assert fit.reports["decode_small"].max_rel_error < 1e-6 and fit.reports["decode_large"].max_rel_error < 1e-6
+    forced = fit_profile(ProfileData(prefill, decode), tp=1, model="fake", device="cpu", source="test",
+                         decode_threshold=1 << 30)
+    assert forced.reports["decode_small"].max_rel_error > 0.05  # one line through the bend misses
