@@ -38,7 +38,7 @@ def demo_cmd(
     workload: Annotated[str, typer.Option(help="sharegpt | humaneval | longbench-synthetic | fixed")] = "fixed",
     input_len: Annotated[int, typer.Option(help="fixed workload: prompt tokens")] = 512,
     output_len: Annotated[int, typer.Option(help="output tokens (fixed; ignore_eos)")] = 16,
-    rates: Annotated[str, typer.Option(help="comma-separated request rates, req/s")] = "0.3,0.45,0.6,0.75,0.9",
+    rates: Annotated[str, typer.Option(help="comma-separated request rates, req/s")] = "0.15,0.3,0.5,0.7,0.9",
     num_requests: Annotated[int, typer.Option(help="requests per rate")] = 40,
     seed: int = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="results: JSON, CSV, PNG")] = Path("runs/demo"),
