@@ -227,6 +227,7 @@ def profile_cmd(
     """Time the engine over a grid of batch sizes and prompt lengths, fit the latency model, write both."""
     from rich.progress import Progress
 
+    from trt_disagg.planner.latency_model import NO_THRESHOLD
     from trt_disagg.planner.profile import ProfileGrid, fit_profile, profile_engine, write_profile
 
     if not (engine_dir / "config.json").is_file():
@@ -255,6 +256,9 @@ def profile_cmd(
         table.add_row(phase, str(rep.num_samples), f"{c.a * 1e3:.4g}", f"{c.b * 1e3:.4g}", f"{c.c * 1e3:.4g}",
                       f"{rep.max_rel_error:.1%}", f"{rep.mean_rel_error:.1%}")
     out.print(table)
+    threshold = fit.latency_model.for_tp(cfg.tp).decode_threshold
+    if threshold < NO_THRESHOLD:
+        out.print(f"decode_small covers batch <= {threshold}, decode_large the rest (the split that fits best)")
     out.print(f"measurements and fit written to {out_dir}/profile.csv, profile.json")
 
 
