@@ -52,7 +52,7 @@ class LLMEngine:
         # Called with (request ids, last-position logits [B, vocab]) after every forward pass: for
         # observability and for tests that compare logits with a reference implementation.
         self.logits_hook: LogitsHook | None = None
-        self.last_step: StepStats | None = None  # the latest step that ran a forward pass
+        self.last_step: StepStats | None = None  # this step's stats; None when it ran no forward pass
         self._runner = runner
         self._pool = BlockPool(cfg.kv_cache.num_blocks, cfg.kv_cache.tokens_per_block)
         self._scheduler = Scheduler(cfg.limits, self._pool)
@@ -203,6 +203,7 @@ class LLMEngine:
 
     def step(self) -> list[TokenEvent]:
         with self._lock:
+            self.last_step = None  # set again below only when this step runs a forward pass
             started = time.perf_counter()
             imported = 0
             for seq in self._scheduler.admit_imports():

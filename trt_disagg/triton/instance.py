@@ -224,7 +224,6 @@ class InstanceServer:
         if self._iteration_log is None or stats is None:
             return
         self._iteration_log.write(json.dumps({"t": round(started, 6), **asdict(stats)}) + "\n")
-        self.engine.last_step = None
 
     def _deliver(self, event: TokenEvent) -> None:
         with self._lock:
