@@ -4,7 +4,8 @@
                     first instance refresh → background task (every refresh_interval_s: instances, loads,
                     shared load, gauges; reap requests past their deadline)
     lifespan stop:  cancel background tasks (kept in a set) → withdraw shared load → close instance
-                    clients and Redis
+                    clients and Redis; each step bounded by shutdown_timeout_s (an overrun is logged,
+                    with the stuck task's stack: the router exits either way)
 
 Nothing is created at import; tests pass their own InstanceClient and tokenizer and a Redis URL.
 """
@@ -12,9 +13,11 @@ Nothing is created at import; tests pass their own InstanceClient and tokenizer 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -68,16 +71,13 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
                      settings.policy)
             yield
         finally:
-            for task in list(state.tasks):
-                task.cancel()
-            await asyncio.gather(*state.tasks, return_exceptions=True)
+            state.stopping.set()
+            await _stop_tasks(state.tasks, settings.shutdown_timeout_s)
             if state.dispatcher is not None:
-                try:
-                    await state.dispatcher.withdraw()
-                except Exception:
-                    log.info("could not withdraw shared load (Redis gone?)", exc_info=True)
-            await state.client.close()
-            await state.redis.aclose()
+                await _bounded(state.dispatcher.withdraw(), settings.shutdown_timeout_s,
+                               "withdrawing this router's shared load")
+            await _bounded(state.client.close(), settings.shutdown_timeout_s, "closing the instance channels")
+            await _bounded(state.redis.aclose(), settings.shutdown_timeout_s, "closing the Redis client")
 
     app = FastAPI(title="trt-disagg router", lifespan=lifespan)
     app.state.router = state
@@ -86,10 +86,41 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
     return app
 
 
+async def _stop_tasks(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
+    """Cancel the background tasks and wait for them, at most `timeout_s`: a router asked to stop must stop.
+    A task still running then is logged with its stack (it ignored its cancellation: a bug to see)."""
+    pending = set(tasks)
+    for task in pending:
+        task.cancel()
+    if not pending:
+        return
+    _, stuck = await asyncio.wait(pending, timeout=timeout_s)
+    for task in stuck:
+        stack = io.StringIO()
+        task.print_stack(file=stack)
+        log.warning("background task %s still running %.1fs after its cancellation:\n%s", task.get_name(),
+                    timeout_s, stack.getvalue())
+
+
+async def _bounded(step: Coroutine[Any, Any, Any], timeout_s: float, what: str) -> None:
+    """One shutdown step, at most `timeout_s`; a failure or an overrun is logged, and shutdown goes on."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await step
+    except TimeoutError:
+        log.warning("shutdown: %s took longer than %.1fs; going on", what, timeout_s)
+    except Exception:
+        log.info("shutdown: %s failed (Redis or an instance gone?)", what, exc_info=True)
+
+
 async def _refresh_loop(state: RouterState) -> None:
-    """Keep the instance view and the shared load fresh; a Redis hiccup is logged, not fatal."""
+    """Keep the instance view and the shared load fresh; a Redis hiccup is logged, not fatal.
+
+    It ends when `state.stopping` is set, not only when cancelled: redis-py 8.1 can swallow a task's
+    cancellation that arrives during a command (the command returns normally), and a loop that relied on
+    the cancel alone would then run forever and hold up the router's shutdown."""
     assert state.dispatcher is not None
-    while True:
+    while not state.stopping.is_set():
         await asyncio.sleep(state.settings.refresh_interval_s)
         try:
             state.metrics.observe_snapshot(await state.dispatcher.refresh())

@@ -41,6 +41,7 @@ class RouterState:
     dispatcher: Dispatcher | None = None
     runner: RequestRunner | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the lifespan begins to stop
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in a task the lifespan keeps (and cancels at shutdown)."""

@@ -82,14 +82,30 @@ class DispatchPolicy(Protocol):
 
 
 class LeastLoaded:
-    """Prefill: fewest outstanding prompt tokens. Decode/colocated: fewest sequences, then most free KV."""
+    """Prefill: fewest outstanding prompt tokens. Decode/colocated: fewest sequences, then most free KV
+    (in tenths of the pool: a few blocks' difference is noise, not pressure).
+
+    Instances that tie take turns. Breaking ties by id (or by a block or two of free KV) would send every
+    request to the same instance whenever requests do not overlap (each one finishes before the next is
+    placed: light load, or a fast engine), so one instance would take all the work while its peers idle."""
+
+    def __init__(self) -> None:
+        self._turns: dict[Role, Iterator[int]] = defaultdict(itertools.count)
+
+    @staticmethod
+    def load_key(role: Role, c: Candidate) -> tuple[int, ...]:
+        if role is Role.PREFILL:
+            return (c.queued_prompt_tokens,)
+        total = c.load.total_kv_blocks
+        free_tenths = 10 * c.load.free_kv_blocks // total if total > 0 else 0
+        return (c.running_sequences, -free_tenths)
 
     def choose(self, role: Role, candidates: Sequence[Candidate]) -> Candidate | None:
         if not candidates:
             return None
-        if role is Role.PREFILL:
-            return min(candidates, key=lambda c: (c.queued_prompt_tokens, c.info.instance_id))
-        return min(candidates, key=lambda c: (c.running_sequences, -c.load.free_kv_blocks, c.info.instance_id))
+        least = min(self.load_key(role, c) for c in candidates)
+        tied = sorted((c for c in candidates if self.load_key(role, c) == least), key=lambda c: c.info.instance_id)
+        return tied[next(self._turns[role]) % len(tied)]
 
 
 class RoundRobin:

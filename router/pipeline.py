@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import NoReturn
 
 from router.dispatch import Dispatcher, ServePath
 from router.errors import (
@@ -136,6 +137,14 @@ class RequestRunner(RequestLifecycle):
         inst = self._dispatch.pick(role, frozenset(exclude))
         if inst is not None:
             return inst
+        self._unavailable(role, exclude)
+
+    def _require(self, role: Role, exclude: set[str]) -> None:
+        """Fail now, without choosing (a choice takes a policy's turn), when no `role` instance is left."""
+        if not self._dispatch.candidates(role, frozenset(exclude)):
+            self._unavailable(role, exclude)
+
+    def _unavailable(self, role: Role, exclude: set[str]) -> NoReturn:
         if not exclude and self._dispatch.saturated(role):
             self._metrics.errors.labels(kind="overloaded").inc()
             raise Overloaded(f"every {role.value} instance has a full queue",
@@ -205,8 +214,7 @@ class RequestRunner(RequestLifecycle):
     async def _disaggregated(self, job: Job) -> AsyncGenerator[int, None]:
         lost_decodes: set[str] = set()
         while True:
-            # Pick the decode side first: when none is left, fail before prefilling again.
-            decode = self._pick(Role.DECODE, lost_decodes)
+            self._require(Role.DECODE, lost_decodes)  # when no decode instance is left, fail before prefilling
             result = await self._prefill(job)
             job.unpulled_kv = OfferedKV(job.legs["prefill"], result.handle)
             handed_off_s = time.monotonic()
@@ -217,7 +225,7 @@ class RequestRunner(RequestLifecycle):
                 self._enter_soon(job, S.PREFILL_DONE, handle=result.handle, first_token=result.first_token)
             if not accepted or job.remaining <= 0:
                 return
-            decode = self._dispatch.pick(Role.DECODE, frozenset(lost_decodes)) or decode
+            decode = self._pick(Role.DECODE, lost_decodes)  # chosen now: the load changed during the prefill
             if job.state is S.PREFILL_DONE:
                 self._enter_soon(job, S.DECODE_DISPATCHED, decode_instance=decode.instance_id)
             else:

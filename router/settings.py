@@ -47,6 +47,9 @@ class RouterSettings(BaseSettings):
     max_prefill_retries: int = Field(default=2, ge=0)
     max_decode_retries: int = Field(default=2, ge=0, description="decode legs lost mid-stream that are "
                                     "continued on another instance")
+    shutdown_timeout_s: float = Field(default=5.0, gt=0, description="how long each shutdown step (stopping "
+                                      "background tasks, closing channels and Redis) may take before it is "
+                                      "abandoned with a warning")
     refresh_interval_s: float = Field(default=0.2, gt=0, description="how often the instance view and "
                                       "the shared load are re-read from Redis")
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin; unset: disabled")

@@ -50,19 +50,24 @@ def grpc_stream(url: str, model: str, prompt: list[int], n: int, handle: bytes |
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     tokens: list[int] = []
+    # Stopping with cancel_requests=True leaves tritonclient's request-feeding thread blocked for good (it
+    # is only woken by the end marker that a graceful stop enqueues), so the stream is stopped gracefully
+    # unless the test cancels the request on purpose.
+    cancel = True
     try:
         client.async_stream_infer(model, inputs(grpcclient, prompt, n, handle, streaming=True),
                                   parameters={"request_type": request_type}, enable_empty_final_response=True)
         while True:
             result, error = responses.get(timeout=RESPONSE_TIMEOUT_S)
             if error is not None:
+                cancel = False  # the request is over (an error is its final response)
                 return StreamResult(tokens, str(error))
             tokens.extend(tokens_of(result))
             if cancel_after is not None and len(tokens) >= cancel_after:
-                client.stop_stream(cancel_requests=True)
                 return StreamResult(tokens, "cancelled by the test")
             if result.get_response().parameters["triton_final_response"].bool_param:
+                cancel = False
                 return StreamResult(tokens, None)
     finally:
-        client.stop_stream(cancel_requests=True)
+        client.stop_stream(cancel_requests=cancel)
         client.close()

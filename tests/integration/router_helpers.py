@@ -5,20 +5,27 @@ uvicorn serving an app in the test's event loop."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+import redis.asyncio as aioredis
+from fastapi import FastAPI
 
 from router.records import RequestRecord
 from tests.unit.router.router_testkit import serve
 from trt_disagg.config import Deployment, load_deployment
+from trt_disagg.contract import Role
 from trt_disagg.triton.fake_engine import FAKE_SHAPE, fake_next_token
+from trt_disagg.triton.registry import get_load, list_instances
 
 __all__ = ["DISAGG_WALK", "EOS", "IdTokenizer", "Streamed", "assert_walk", "expected", "serve", "stream_completion",
-           "tiny"]
+           "on_instance", "tiny", "wait_idle", "within"]
 
 REPO = Path(__file__).resolve().parents[2]
 EOS = int(FAKE_SHAPE.eos_token_id or 2)
@@ -100,3 +107,47 @@ def assert_walk(rec: RequestRecord | None, states: list[str]) -> None:
     assert walked == states, walked
     stamps = [float(e["ts"]) for e in rec.events]
     assert stamps == sorted(stamps), stamps
+
+
+T = TypeVar("T")
+
+
+async def within(timeout_s: float, awaitable: Awaitable[T], app: FastAPI) -> T:
+    """`await awaitable`, failing after `timeout_s` with what the router still holds (each unfinished job's
+    state, legs and token count) and every task's stack: a hang becomes a failure that says where."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    except TimeoutError:
+        out = io.StringIO()
+        runner = app.state.router.runner
+        for job in list(runner.active.values()) if runner is not None else []:
+            legs = {k: v.instance_id for k, v in job.legs.items()}
+            print(f"job {job.request_id}: {job.state} legs={legs} generated={len(job.generated)} "
+                  f"remaining={job.remaining} record_write={job.record_write}", file=out)
+        for task in asyncio.all_tasks():
+            print(f"--- task {task.get_name()}: {task.get_coro()}", file=out)
+            task.print_stack(limit=25, file=out)
+        raise AssertionError(f"not done within {timeout_s}s; the router holds:\n{out.getvalue()}") from None
+
+
+async def wait_idle(redis_url: str, role: Role, timeout_s: float = 30.0) -> None:
+    """Until every `role` instance publishes no running sequence: a test that checks how work is spread must
+    not start while the previous test's load is still what the instances last published (every 0.5 s)."""
+    client = aioredis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                loads = [await get_load(client, i.instance_id) for i in await list_instances(client, role)]
+                if loads and all(load is not None and load.running_sequences == 0 for load in loads):
+                    return
+                await asyncio.sleep(0.1)  # polling what another process publishes
+    finally:
+        await client.aclose()
+
+
+def on_instance(app: FastAPI, instance_id: str) -> list[str]:
+    """The requests `app` has in flight with a leg on `instance_id`."""
+    runner = app.state.router.runner
+    return [job.request_id for job in list(runner.active.values())
+            if any(leg.instance_id == instance_id for leg in job.legs.values())]

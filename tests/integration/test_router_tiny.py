@@ -25,7 +25,16 @@ import pytest
 
 from router.app import create_app
 from router.settings import RouterSettings
-from tests.integration.router_helpers import DISAGG_WALK, assert_walk, serve, stream_completion, tiny
+from tests.integration.router_helpers import (
+    DISAGG_WALK,
+    assert_walk,
+    on_instance,
+    serve,
+    stream_completion,
+    tiny,
+    wait_idle,
+    within,
+)
 from trt_disagg.contract import Role
 from trt_disagg.triton.cluster import LocalCluster
 
@@ -63,7 +72,8 @@ async def reference_texts(cluster: LocalCluster, root: Path, prompts: list[str],
     app = create_app(settings(cluster, root, threshold=COLOCATED_ONLY))
     async with serve(app) as url:
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as http:
-            done = await asyncio.gather(*(stream_completion(http, url, p, max_tokens) for p in prompts))
+            done = await within(120, asyncio.gather(*(stream_completion(http, url, p, max_tokens) for p in prompts)),
+                                app)
             for s in done:
                 assert s.error is None, s.error
                 assert (await app.state.router.records.get(s.request_id)).fields["path"] == "colocated"
@@ -129,24 +139,24 @@ async def test_64_concurrent_streams_equal_the_colocated_answers(tiny_cluster):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=False, reason="known issue 5 gap: on a fresh CI clone one run hung after the kill (a re-prefilled "
-                   "stream never finished); passes locally; kept running so the hang is seen, not hidden")
 async def test_killing_a_decode_instance_mid_stream_loses_and_repeats_nothing(tiny_cluster):
     cluster, root = tiny_cluster
     n, num_streams = 160, 8
     prompts = [prompt_of(i) for i in range(num_streams)]
     reference = await reference_texts(cluster, root, prompts, max_tokens=n)
     victim = next(p for p in cluster.processes if p.instance_id == "decode-0")
+    await wait_idle(str(cluster.redis_url), Role.DECODE)  # else a stale load can keep decode-0 out of it
     app = create_app(settings(cluster, root, threshold=0, max_decode_retries=3))
     async with serve(app) as url:
         async with httpx.AsyncClient(timeout=120) as http:
             started = [asyncio.Event() for _ in prompts]
             tasks = [asyncio.create_task(stream_completion(http, url, p, n, started[i]))
                      for i, p in enumerate(prompts)]
-            await asyncio.gather(*(e.wait() for e in started))
+            await within(120, asyncio.gather(*(e.wait() for e in started)), app)
+            assert on_instance(app, "decode-0"), "no stream on decode-0 when it is killed"
             assert victim.proc is not None
             os.killpg(victim.proc.pid, signal.SIGKILL)  # the server, its Python stubs and its rank processes
-            results = await asyncio.gather(*tasks)
+            results = await within(120, asyncio.gather(*tasks), app)
         metrics = app.state.router.metrics.render().decode()
         resumed = 0
         for i, s in enumerate(results):

@@ -198,3 +198,23 @@ async def test_health_is_ready_only_with_a_pair_or_a_colocated_instance(valkey_u
     async with asgi_client(app) as http:
         resp = await http.get("/health")
     assert resp.status_code == (200 if ready else 503)
+
+
+async def test_shutdown_is_bounded_when_a_background_task_ignores_its_cancellation(valkey_url, redis, caplog):
+    await register_pd(redis)
+    app = make_router(valkey_url, FakeInstanceClient(), shutdown_timeout_s=0.2)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()  # swallows its cancellation (a bug the router must survive, and show)
+
+    async with app.router.lifespan_context(app):
+        app.state.router.spawn(stubborn())
+        await started.wait()
+    assert "still running 0.2s after its cancellation" in caplog.text and "stubborn" in caplog.text
+    assert app.state.router.client.closed  # shutdown went on past it
+    release.set()

@@ -22,7 +22,7 @@ def cand(i: str, role: Role = Role.PREFILL, *, queued: int = 0, running: int = 0
          outstanding: Outstanding | None = None) -> Candidate:
     info = InstanceInfo(i, role, "h", "g", "h", "k", 1, 1, 100, "f", role.value)
     return Candidate(info, InstanceLoad(queued_prompt_tokens=queued, running_sequences=running,
-                                        free_kv_blocks=free), outstanding or Outstanding())
+                                        free_kv_blocks=free, total_kv_blocks=10), outstanding or Outstanding())
 
 
 def test_least_loaded_prefill_takes_the_shortest_queue_counting_outstanding_tokens():
@@ -39,6 +39,22 @@ def test_least_loaded_decode_takes_fewest_sequences_then_most_free_kv():
     cs = [cand("a", Role.DECODE, running=3), cand("b", Role.DECODE, running=1, free=2),
           cand("c", Role.DECODE, running=1, free=9)]
     assert p.choose(Role.DECODE, cs).info.instance_id == "c"
+
+
+def test_least_loaded_instances_that_tie_take_turns():
+    # requests that never overlap see every instance idle: ties by id would put all of them on one
+    p = LeastLoaded()
+    idle = [cand("d1", Role.DECODE), cand("d0", Role.DECODE), cand("d2", Role.DECODE, running=1)]
+    assert [p.choose(Role.DECODE, idle).info.instance_id for _ in range(4)] == ["d0", "d1", "d0", "d1"]
+    # free KV decides only by tenths of the pool: 95 vs 99 free of 100 is a tie, 85 vs 99 is not
+    near = [cand("d0", Role.DECODE), cand("d1", Role.DECODE)]
+    near = [Candidate(c.info, InstanceLoad(free_kv_blocks=f, total_kv_blocks=100), c.outstanding)
+            for c, f in zip(near, (95, 99), strict=True)]
+    assert {p.choose(Role.DECODE, near).info.instance_id for _ in range(2)} == {"d0", "d1"}
+    far = [Candidate(near[0].info, InstanceLoad(free_kv_blocks=85, total_kv_blocks=100), Outstanding()), near[1]]
+    assert {p.choose(Role.DECODE, far).info.instance_id for _ in range(2)} == {"d1"}
+    prefills = [cand("p0"), cand("p1")]
+    assert {p.choose(Role.PREFILL, prefills).info.instance_id for _ in range(2)} == {"p0", "p1"}
 
 
 def test_round_robin_cycles_by_id():
