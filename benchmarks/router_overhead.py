@@ -258,6 +258,10 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--engine", choices=["fake", "tiny"], default="fake")
+    ap.add_argument("--step-ms", type=float, default=0.0,
+                    help="fake engine: emulated time per generation step (0: instant tokens). At a real "
+                         "engine's pace (a GPU decode step is ~10-50 ms) the router's per-token work overlaps "
+                         "the next step instead of queueing behind instant tokens")
     ap.add_argument("--out", type=Path, default=None, help="JSON results file")
     ap.add_argument("--profile-router", type=Path, default=None, help="write a cProfile of the router process")
     ap.add_argument("--router-loop", choices=["auto", "asyncio", "uvloop"], default="auto",
@@ -274,7 +278,8 @@ def main() -> None:
     dep = base.model_copy(update={"context_servers": None, "generation_servers": None})
     with tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp:
         build_deployment(dep, engines_root=Path(tmp), roles=["colocated"])
-        overrides = {Role.COLOCATED: "fake:colocated"} if args.engine == "fake" else {}
+        fake = "fake:colocated" + (f":1:1:{args.step_ms:g}" if args.step_ms > 0 else "")
+        overrides = {Role.COLOCATED: fake} if args.engine == "fake" else {}
         cluster = LocalCluster(dep, engines_root=Path(tmp), start_router=False, engine_overrides=overrides,
                                ready_timeout_s=180)
         cluster.start()
@@ -317,7 +322,8 @@ def main() -> None:
     result["setup"] = {**vars(args), "out": str(args.out) if args.out else None,
                        "profile_router": str(args.profile_router) if args.profile_router else None,
                        "instance": asdict(inst) | {"role": inst.role.value}, "cpu_count": os.cpu_count()}
-    print(f"router overhead, engine={args.engine}, {args.requests} requests x {args.max_tokens} tokens, "
+    engine = args.engine + (f" ({args.step_ms:g} ms per step)" if args.engine == "fake" and args.step_ms else "")
+    print(f"router overhead, engine={engine}, {args.requests} requests x {args.max_tokens} tokens, "
           f"prompt {args.prompt_tokens} tokens, concurrency 1, interleaved")
     print(f"{'':8}{'direct p50':>12}{'router p50':>12}{'added p50':>12}{'direct p99':>12}{'router p99':>12}"
           f"{'added p99':>12}   (ms)")

@@ -5,8 +5,8 @@
     decode_stream(d, prompt, t1, h)    ModelStreamInfer, request_type=generation_only + context_phase_params
                                        -> tokens #2, #3, ... (the instance does not repeat t1)
     generate_stream(c, prompt)         ModelStreamInfer, request_type=context_and_generation -> tokens #1...
-    cancel(instance, request_id)       cancels that request's open calls (Triton cancels the decoupled
-                                       request; the instance frees its blocks)
+    cancel(instance, request_id)       cancels that request's open calls, retries included (Triton cancels
+                                       the decoupled request; the instance frees its blocks)
 
 Errors: `InstanceLost` when the instance cannot be reached or the stream breaks (the caller moves the
 work elsewhere), `InstanceRejected` when it answered with an error for this request.
@@ -240,8 +240,12 @@ class TritonInstanceClient:
                 call.cancel()
 
     async def cancel(self, instance: InstanceInfo, request_id: str) -> None:
-        for call in list(self._calls.get(request_id, ())):
-            call.cancel()
+        """Cancel the request's open calls: those sent as `request_id` and as its retries' ids
+        (`<request_id>-<suffix>`, router.job.Job.call_id)."""
+        retries = f"{request_id}-"
+        for sent_as in [k for k in self._calls if k == request_id or k.startswith(retries)]:
+            for call in list(self._calls.get(sent_as, ())):
+                call.cancel()
 
     async def close(self) -> None:
         for channel, _ in self._channels.values():

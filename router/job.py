@@ -37,6 +37,7 @@ class Job:
     last_token_s: float | None = None
     legs: dict[str, InstanceInfo] = field(default_factory=dict)  # role -> instance of the current leg
     unpulled_kv: OfferedKV | None = None  # prefill KV no decode leg has taken yet (released if none will)
+    calls: dict[str, int] = field(default_factory=dict)  # role -> instance calls made (see call_id)
 
     @property
     def max_tokens(self) -> int:
@@ -45,6 +46,16 @@ class Job:
     @property
     def remaining(self) -> int:
         return self.max_tokens - len(self.generated)
+
+    def call_id(self, role: str) -> str:
+        """The request id the next `role` call gives its instance: the request's own id first, then
+        `<id>-<role initial><n>`. A retry or a continuation can land on an instance where an earlier call of
+        this request is still being cleaned up (a prefill whose KV pull failed mid-way is freed only when the
+        failure reaches the prefill side), and an engine refuses an id it still holds. Cancelling the
+        request's id cancels them all (instance_client.TritonInstanceClient.cancel)."""
+        n = self.calls.get(role, 0)
+        self.calls[role] = n + 1
+        return self.request_id if n == 0 else f"{self.request_id}-{role[0]}{n}"
 
 
 def with_max(sampling: SamplingParams, max_new_tokens: int) -> SamplingParams:

@@ -192,7 +192,7 @@ class RequestRunner(RequestLifecycle):
             try:
                 with self._dispatch.lease(inst.instance_id, prompt_tokens=len(context)):
                     async with self._timeout(job):
-                        result = await self._client.prefill(inst, job.request_id, context, sampling)
+                        result = await self._client.prefill(inst, job.call_id("prefill"), context, sampling)
             except TimeoutError:
                 raise DeadlineExceeded("request deadline passed during prefill") from None
             except InstanceError as exc:
@@ -236,7 +236,7 @@ class RequestRunner(RequestLifecycle):
             job.legs["decode"] = decode
             try:
                 with self._dispatch.lease(decode.instance_id, sequences=1):
-                    stream = self._client.decode_stream(decode, job.request_id, context, job.generated[-1],
+                    stream = self._client.decode_stream(decode, job.call_id("decode"), context, job.generated[-1],
                                                         result.handle, sampling)
                     async with aclosing(stream):
                         async for token in self._deadlined(stream, job):
@@ -279,7 +279,7 @@ class RequestRunner(RequestLifecycle):
             job.legs["colocated"] = inst
             try:
                 with self._dispatch.lease(inst.instance_id, prompt_tokens=len(context), sequences=1):
-                    stream = self._client.generate_stream(inst, job.request_id, context,
+                    stream = self._client.generate_stream(inst, job.call_id("colocated"), context,
                                                           with_max(job.sampling, job.remaining))
                     async with aclosing(stream):
                         async for token in self._deadlined(stream, job):

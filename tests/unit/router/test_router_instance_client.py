@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2
 
@@ -9,10 +11,12 @@ from router.instance_client import (
     ENABLE_FINAL_PARAM,
     InstanceLost,
     InstanceRejected,
+    TritonInstanceClient,
     build_request,
     classify_error,
     output_tokens,
 )
+from router.job import Job
 from trt_disagg.contract import (
     REQUEST_TYPE_PARAMETER,
     InstanceInfo,
@@ -83,3 +87,28 @@ def test_detokenizer_deltas_add_up_to_the_full_text():
     deltas = [d.add(t) for t in ids] + [d.flush()]
     assert "".join(deltas) == "héllo → wörld"
     assert all("\ufffd" not in x for x in deltas)
+
+
+class _Call:
+    """Stands in for a grpc.aio call: only `cancel` is used by TritonInstanceClient.cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_cancel_reaches_the_calls_of_a_request_and_of_its_retries_only():
+    client = TritonInstanceClient(prefill_timeout_s=1.0)
+    job = Job(request_id="cmpl-ab", prompt_ids=[1], sampling=SamplingParams(max_new_tokens=4), received_s=0.0,
+              deadline_s=1.0)
+    ids = [job.call_id("prefill"), job.call_id("prefill"), job.call_id("decode"), job.call_id("decode")]
+    assert ids == ["cmpl-ab", "cmpl-ab-p1", "cmpl-ab", "cmpl-ab-d1"]  # each retry reaches its engine as new
+    calls = {sent_as: _Call() for sent_as in ("cmpl-ab", "cmpl-ab-p1", "cmpl-ab-d1", "cmpl-abc")}
+    with ExitStack() as open_calls:
+        for sent_as, call in calls.items():
+            open_calls.enter_context(client._track(sent_as, call))
+        await client.cancel(INFO, "cmpl-ab")
+    assert {k for k, c in calls.items() if c.cancelled} == {"cmpl-ab", "cmpl-ab-p1", "cmpl-ab-d1"}
