@@ -38,6 +38,9 @@ class RouterMetrics:
         self.tokens = Counter("trtd_router_generated_tokens", "Tokens streamed to clients", registry=r)
         self.in_flight = Gauge("trtd_router_in_flight", "Unfinished requests of this router by pool", ["pool"],
                                registry=r)
+        self.queued = Gauge("trtd_router_queued", "Requests of this router still waiting for their first token "
+                            "(queued at or running on a prefill or colocated instance) by pool", ["pool"],
+                            registry=r)
         self.instances = Gauge("trtd_router_instances", "Live (not draining) instances by pool", ["pool"],
                                registry=r)
         self.instance_load = Gauge("trtd_router_instance_load", "Load an instance published",

@@ -71,6 +71,7 @@ class RequestRunner(RequestLifecycle):
         # labelled children looked up once: the per-token path must stay cheap
         self._ttft = {p: metrics.ttft_s.labels(path=p.value) for p in ServePath}
         self._itl = {p: metrics.itl_s.labels(path=p.value) for p in ServePath}
+        self._queued = {p: metrics.queued.labels(pool=p.value) for p in ServePath}
 
     # ---- the token stream ---------------------------------------------------------------------------
 
@@ -102,6 +103,7 @@ class RequestRunner(RequestLifecycle):
             raise InstanceUnavailable("no prefill+decode pair and no colocated instance is up")
         job.path = path
         self._metrics.in_flight.labels(pool=path.value).inc()
+        self._queued[path].inc()  # until its first token (_accept) or its end
         try:
             run = self._colocated(job) if path is ServePath.COLOCATED else self._disaggregated(job)
             async with aclosing(run) as tokens:
@@ -109,6 +111,8 @@ class RequestRunner(RequestLifecycle):
                     yield token
         finally:
             self._metrics.in_flight.labels(pool=path.value).dec()
+            if job.first_token_s is None:
+                self._queued[path].dec()
 
     def _accept(self, job: Job, token: int) -> bool:
         """Take one token from an instance; False when the request is complete (the token may be the end)."""
@@ -126,6 +130,7 @@ class RequestRunner(RequestLifecycle):
         else:
             job.first_token_s = now
             self._ttft[path].observe(now - job.received_s)
+            self._queued[path].dec()
         job.last_token_s = now
         job.generated.append(token)
         self._metrics.tokens.inc()

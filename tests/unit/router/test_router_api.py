@@ -218,3 +218,23 @@ async def test_shutdown_is_bounded_when_a_background_task_ignores_its_cancellati
     assert "still running 0.2s after its cancellation" in caplog.text and "stubborn" in caplog.text
     assert app.state.router.client.closed  # shutdown went on past it
     release.set()
+
+
+async def test_metrics_count_requests_waiting_for_their_first_token(valkey_url, redis):
+    await register(redis, "colocated-0", Role.COLOCATED)
+    fake = FakeInstanceClient()
+    gate = fake.gates["colocated-0"] = asyncio.Event()  # holds every token, the first included
+    app = make_router(valkey_url, fake)
+
+    def queued(text: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith('trtd_router_queued{pool="colocated"}'))
+        return float(line.split()[-1])
+
+    async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        pending = asyncio.create_task(http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi",
+                                                                          "max_tokens": 3}))
+        await fake.streams_started.wait()
+        assert queued((await http.get("/metrics")).text) == 1.0
+        gate.set()
+        assert (await pending).status_code == 200
+        assert queued((await http.get("/metrics")).text) == 0.0
