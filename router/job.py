@@ -38,6 +38,8 @@ class Job:
     legs: dict[str, InstanceInfo] = field(default_factory=dict)  # role -> instance of the current leg
     unpulled_kv: OfferedKV | None = None  # prefill KV no decode leg has taken yet (released if none will)
     calls: dict[str, int] = field(default_factory=dict)  # role -> instance calls made (see call_id)
+    stop: tuple[str, ...] = ()  # OpenAI `stop` strings, applied to the text (router/text.py)
+    stopped_at_string: bool = False  # the text reached a stop string: the request ended normally
 
     @property
     def max_tokens(self) -> int:

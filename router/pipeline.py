@@ -94,7 +94,9 @@ class RequestRunner(RequestLifecycle):
             await self._settle(job, S.FAILED, error=f"internal: {type(exc).__name__}")
             raise
         finally:
-            if outcome is None:  # cancelled or closed by the consumer: the client went away
+            if outcome is None and job.stopped_at_string:  # closed by the consumer at a stop string
+                self._spawn(self._settle(job, S.DONE, finish_reason="stop"))
+            elif outcome is None:  # cancelled or closed by the consumer: the client went away
                 self._spawn(self._settle(job, S.CANCELLED, error="client disconnected"))
 
     async def _run(self, job: Job) -> AsyncGenerator[int, None]:

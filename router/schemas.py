@@ -3,7 +3,8 @@
 Requests validate types and ranges here (pydantic: wrong type, missing field, absurd sampling → 400 with
 the field path); limits that depend on the deployment (max_tokens against max_seq_len, prompt length
 against max_input_len, the model name) are checked in `routes/` against the settings. Unknown fields are
-ignored, as OpenAI's API does; features we do not serve (n > 1, echo, logprobs, best_of) are refused.
+ignored, as OpenAI's API does; features we do not serve (n > 1, echo, logprobs, best_of, penalties,
+logit_bias) are refused rather than silently dropped. `stop` strings are applied to the text (router/text.py).
 Completion and chunk bodies are built as plain dicts in `routes/` (OpenAI's field names): one json.dumps
 per streamed token, no model construction on the per-token path.
 """
@@ -37,6 +38,36 @@ class _Sampling(BaseModel):
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     min_tokens: int = Field(default=0, ge=0, description="extension (vLLM); served when it equals max_tokens "
                             "(a fixed output length, as benchmarks ask), refused below it")
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the text ends before the "
+                                         "first one generated (finish_reason stop)")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop strings")
+        if v == "" or (isinstance(v, list) and any(not s for s in v)):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _penalties_unsupported(self) -> _Sampling:
+        # Refused, not ignored: an answer sampled without the penalty the client asked for is a wrong answer.
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported by this deployment's "
+                             "engines (leave them at 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this deployment's engines")
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     @model_validator(mode="after")
     def _min_tokens_supported(self) -> _Sampling:

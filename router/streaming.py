@@ -23,7 +23,8 @@ from starlette.types import Receive, Scope, Send
 
 from router.errors import RouterError, error_body
 from router.job import Job
-from router.tokenizer import Detokenizer, TextTokenizer
+from router.text import TextStream
+from router.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,19 @@ ChunkFn = Callable[[str | None, str | None], dict[str, Any]]
 async def sse_events(job: Job, primed: Primed, tokenizer: TextTokenizer, chunk: ChunkFn, *,
                      include_usage: bool, opening: dict[str, Any] | None = None) -> AsyncGenerator[bytes, None]:
     """SSE lines: optional opening chunk, one chunk per text delta, the finish chunk, usage, [DONE]."""
-    detok = Detokenizer(tokenizer)
+    text = TextStream(tokenizer, job.stop)
     stream = aiter(primed)
     try:
         if opening is not None:
             yield _line(opening)
         async for token in stream:
-            delta = detok.add(token)
+            delta = text.add(token)
             if delta:
                 yield _line(chunk(delta, None))
-        tail = detok.flush()
+            if text.stopped:
+                stopped_at_string(job)
+                break
+        tail = text.flush()
         yield _line(chunk(tail, job.finish_reason or "stop"))
         if include_usage:
             body = chunk(None, None)
@@ -123,7 +127,21 @@ async def sse_events(job: Job, primed: Primed, tokenizer: TextTokenizer, chunk: 
 
 
 async def collect(job: Job, primed: Primed, tokenizer: TextTokenizer) -> str:
-    """All tokens of a non-streaming request, as text."""
-    async for _ in primed:
-        pass
-    return tokenizer.decode(job.generated)
+    """All tokens of a non-streaming request, as text (up to its first stop string)."""
+    text = TextStream(tokenizer, job.stop)
+    parts = []
+    async for token in primed:
+        parts.append(text.add(token))
+        if text.stopped:
+            stopped_at_string(job)
+            await primed.rest.aclose()  # ends the request: DONE, its instance calls cancelled
+            break
+    parts.append(text.flush())
+    return "".join(parts)
+
+
+def stopped_at_string(job: Job) -> None:
+    """The text reached a stop string: the request ends here, normally (finish_reason stop); closing its token
+    stream then settles it DONE and cancels what its instances would still generate."""
+    job.stopped_at_string = True
+    job.finish_reason = "stop"

@@ -64,6 +64,7 @@ async def start(runner: RequestRunner, req: _Sampling, prompt_ids: list[int], ma
                 settings: RouterSettings, tokenizer: TextTokenizer) -> tuple[Job, Primed]:
     """Admit the request and run it to its first token (errors until then are plain HTTP errors)."""
     job = await runner.admit(prompt_ids, req.sampling(max_tokens, end_id(settings, tokenizer)), req.model)
+    job.stop = req.stop_strings
     return job, await prime(runner.tokens(job))
 
 

@@ -22,6 +22,7 @@ from tests.unit.router.router_testkit import (
     records_of,
     register,
     register_pd,
+    runner_of,
     serve,
 )
 from trt_disagg.contract import Role
@@ -238,3 +239,43 @@ async def test_metrics_count_requests_waiting_for_their_first_token(valkey_url, 
         gate.set()
         assert (await pending).status_code == 200
         assert queued((await http.get("/metrics")).text) == 0.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_strings_end_the_text_before_them_and_the_request_normally(valkey_url, redis, stream):
+    await register_pd(redis)
+    fake = FakeInstanceClient()
+    app = make_router(valkey_url, fake)
+    full = text_of("Hello", 40)
+    stop = full[9:11]  # two characters first generated at position 9 or before
+    want = full[:full.index(stop)]
+    async with serve(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x")
+        if stream:
+            chunks = [c async for c in await client.completions.create(
+                model=MODEL, prompt="Hello", max_tokens=40, stop=["zzz", stop], stream=True)]
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+            request_id = chunks[0].id
+        else:
+            out = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=40, stop=stop)
+            text, finish, request_id = out.choices[0].text, out.choices[0].finish_reason, out.id
+            assert out.usage.completion_tokens < 40
+        await client.close()
+        await runner_of(app).wait_settled(request_id)
+        rec = await records_of(app).get(request_id)
+    assert text == want and finish == "stop"
+    assert rec.state is S.DONE and rec.fields["finish_reason"] == "stop"
+    assert fake.open_streams == 0  # the decode leg was closed at the stop string, not run to max_tokens
+
+
+async def test_unsupported_sampling_fields_are_refused_not_ignored(valkey_url, redis):
+    await register_pd(redis)
+    app = make_router(valkey_url, FakeInstanceClient())
+    async with asgi_client(app) as http:
+        for extra, param in (({"presence_penalty": 0.5}, "presence_penalty"),
+                             ({"logit_bias": {"42": 10}}, "logit_bias"),
+                             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop")):
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **extra})
+            assert r.status_code == 400, extra
+            assert r.json()["error"]["type"] == "invalid_request_error" and param in r.json()["error"]["message"]
