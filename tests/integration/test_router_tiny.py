@@ -120,6 +120,25 @@ async def test_openai_client_disaggregated_equals_colocated(tiny_cluster):
     assert disagg["completion"] == disagg["completion_stream"] and disagg["chat"] == disagg["chat_stream"]
 
 
+async def test_a_stop_string_cuts_the_disaggregated_answer_where_the_colocated_text_has_it(tiny_cluster):
+    cluster, root = tiny_cluster
+    (reference,) = await reference_texts(cluster, root, [prompt_of(3)], max_tokens=24)
+    stop = reference[10:13]
+    app = create_app(settings(cluster, root, threshold=0))
+    async with serve(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        try:
+            out = await client.completions.create(model="tiny", prompt=prompt_of(3), max_tokens=24, temperature=0,
+                                                  stop=[stop])
+            chunks = [c async for c in await client.completions.create(
+                model="tiny", prompt=prompt_of(3), max_tokens=24, temperature=0, stop=stop, stream=True)]
+        finally:
+            await client.close()
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert out.choices[0].text == streamed == reference[:reference.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
 async def test_64_concurrent_streams_equal_the_colocated_answers(tiny_cluster):
     cluster, root = tiny_cluster
     prompts = [prompt_of(i) for i in range(64)]
