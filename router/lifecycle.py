@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 S = RequestState
 
 
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class RequestLifecycle:

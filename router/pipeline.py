@@ -95,7 +95,9 @@ class RequestRunner(RequestLifecycle):
             raise
         finally:
             if outcome is None and job.stopped_at_string:  # closed by the consumer at a stop string
-                self._spawn(self._settle(job, S.DONE, finish_reason="stop"))
+                # a normal end: the record says DONE before the client reads [DONE], as for any other end;
+                # shielded, so a consumer cancelled meanwhile (client gone) still leaves it settled
+                await asyncio.shield(self._spawn(self._settle(job, S.DONE, finish_reason="stop")))
             elif outcome is None:  # cancelled or closed by the consumer: the client went away
                 self._spawn(self._settle(job, S.CANCELLED, error="client disconnected"))
 

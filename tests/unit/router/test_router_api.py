@@ -22,7 +22,6 @@ from tests.unit.router.router_testkit import (
     records_of,
     register,
     register_pd,
-    runner_of,
     serve,
 )
 from trt_disagg.contract import Role
@@ -262,8 +261,7 @@ async def test_stop_strings_end_the_text_before_them_and_the_request_normally(va
             text, finish, request_id = out.choices[0].text, out.choices[0].finish_reason, out.id
             assert out.usage.completion_tokens < 40
         await client.close()
-        await runner_of(app).wait_settled(request_id)
-        rec = await records_of(app).get(request_id)
+        rec = await records_of(app).get(request_id)  # settled before the client had the whole answer
     assert text == want and finish == "stop"
     assert rec.state is S.DONE and rec.fields["finish_reason"] == "stop"
     assert fake.open_streams == 0  # the decode leg was closed at the stop string, not run to max_tokens
