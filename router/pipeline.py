@@ -228,10 +228,10 @@ class RequestRunner(RequestLifecycle):
             job.unpulled_kv = OfferedKV(job.legs["prefill"], result.handle)
             handed_off_s = time.monotonic()
             accepted = self._accept(job, result.first_token)
-            if accepted:
-                yield result.first_token  # TTFT: the client has it before anything else happens
-            if job.state is S.PREFILLING:  # the record writes up to the decode call do not hold it up
+            if job.state is S.PREFILLING:  # queued, not awaited: the first token does not wait for Redis
                 self._enter_soon(job, S.PREFILL_DONE, handle=result.handle, first_token=result.first_token)
+            if accepted:
+                yield result.first_token  # TTFT (the consumer may end the request here: a stop string)
             if not accepted or job.remaining <= 0:
                 return
             decode = self._pick(Role.DECODE, lost_decodes)  # chosen now: the load changed during the prefill
@@ -253,10 +253,9 @@ class RequestRunner(RequestLifecycle):
                             accepted = self._accept(job, token)
                             if job.state is S.DECODE_DISPATCHED:
                                 self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
+                                self._enter_soon(job, S.DECODING)
                             if accepted:
                                 yield token
-                            if job.state is S.DECODE_DISPATCHED:
-                                self._enter_soon(job, S.DECODING)
                             if not accepted or job.remaining <= 0:
                                 return
                 job.unpulled_kv = None  # the decode leg completed: it had taken the KV
@@ -293,10 +292,10 @@ class RequestRunner(RequestLifecycle):
                     async with aclosing(stream):
                         async for token in self._deadlined(stream, job):
                             accepted = self._accept(job, token)
+                            if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
+                                self._enter_soon(job, S.DECODING)
                             if accepted:
                                 yield token
-                            if job.state is S.PREFILLING:
-                                self._enter_soon(job, S.DECODING)
                             if not accepted or job.remaining <= 0:
                                 return
                 if job.state is S.PREFILLING:

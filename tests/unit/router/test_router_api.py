@@ -16,6 +16,7 @@ from tests.unit.router.router_testkit import (
     MODEL,
     FakeInstanceClient,
     FakeTokenizer,
+    RecordingKVReleaser,
     asgi_client,
     expected_tokens,
     make_router,
@@ -277,3 +278,19 @@ async def test_unsupported_sampling_fields_are_refused_not_ignored(valkey_url, r
             r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **extra})
             assert r.status_code == 400, extra
             assert r.json()["error"]["type"] == "invalid_request_error" and param in r.json()["error"]["message"]
+
+
+async def test_a_stop_string_in_the_first_token_ends_the_request_before_decode_and_frees_its_kv(valkey_url, redis):
+    await register_pd(redis)
+    fake, releaser = FakeInstanceClient(), RecordingKVReleaser()
+    app = make_router(valkey_url, fake, releaser)
+    first = text_of("Hello", 1)
+    async with serve(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x")
+        out = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=20, stop=first)
+        await client.close()
+        rec = await records_of(app).get(out.id)
+    assert out.choices[0].text == "" and out.choices[0].finish_reason == "stop"
+    assert fake.decode_calls == []  # no decode leg for an answer that is already over
+    assert [r[0] for r in releaser.releases] == [out.id]  # the prefill KV nobody will pull goes back at once
+    assert rec.state is S.DONE
