@@ -15,7 +15,8 @@
         it back to the prefill instance at once (job.unpulled_kv, kv_release.py) instead of at its TTL
       colocated:
         c = pick(COLOCATED) → PREFILL_QUEUED → PREFILLING → DECODING at the first token; yield tokens
-      DONE | FAILED (a RouterError, recorded with its reason) | CANCELLED (the consumer went away)
+      DONE (also when the consumer closes the stream at a stop string, router/text.py)
+      | FAILED (a RouterError, recorded with its reason) | CANCELLED (the consumer went away)
 
 Every instance call runs under the request's deadline. The generator never repeats or drops a token:
 `job.generated` is the single list of what the client received, and every continuation starts from it.
