@@ -103,8 +103,9 @@ class LeastLoaded:
     def choose(self, role: Role, candidates: Sequence[Candidate]) -> Candidate | None:
         if not candidates:
             return None
-        least = min(self.load_key(role, c) for c in candidates)
-        tied = sorted((c for c in candidates if self.load_key(role, c) == least), key=lambda c: c.info.instance_id)
+        keyed = [(self.load_key(role, c), c) for c in candidates]
+        least = min(key for key, _ in keyed)
+        tied = sorted((c for key, c in keyed if key == least), key=lambda c: c.info.instance_id)
         return tied[next(self._turns[role]) % len(tied)]
 
 

@@ -22,9 +22,9 @@ class TextStream:
 
     def add(self, token: int) -> str:
         delta = self._detok.add(token)
-        if not self._stop or self.stopped:
-            return "" if self.stopped else delta
-        return self._cut(self._held + delta)
+        if self.stopped:
+            return ""
+        return self._cut(self._held + delta) if self._stop else delta
 
     def flush(self) -> str:
         if self.stopped:
