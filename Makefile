@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` (the main job end to end) and `make test` (the suite).
+# Two commands for a fresh machine: `make demo` (the whole pipeline end to end) and `make test` (the suite).
 # Each creates the virtualenv and installs what it needs first.
 PY ?= python3.11
 VENV := .venv
@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/mypy trt_disagg router
 
 test: $(STAMP) lint
+	$(BIN)/python tests/check_collected.py tests
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra
 
 clean:

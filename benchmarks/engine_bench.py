@@ -4,7 +4,7 @@
 
 Prints prefill tokens/s and decode tokens/s at batch 1 and batch 16 for both, with the ratio
 (ours / transformers). Same weights (the GGUF, de-quantized to fp32), same torch thread count, TP1.
-Targets (issue 3): decode at batch 16 at least as fast as transformers; prefill within 1.25x.
+Targets: decode at batch 16 at least as fast as transformers; prefill within 1.25x.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from trt_disagg.build.builder import build_deployment
 from trt_disagg.config import ModelSource, parse_deployment
 from trt_disagg.contract import SamplingParams
 from trt_disagg.engine.llm_engine import LLMEngine
 from trt_disagg.engine.weights import build_hf_reference
+from trt_disagg.engine_build.builder import build_deployment
 
 console = Console()
 BATCHES = (1, 16)

@@ -7,7 +7,7 @@ Part 1 moves SmolLM2-135M's KV (30 layers, 3 KV heads x 64, float32, prefill lay
 tokens from a sender process (the prefill instance's KV server, `SocketKVSender`) into this process
 (`ShmKVReceiver` / `TcpKVReceiver`, what a decode instance runs) and compares the throughput with a plain
 in-process copy of the same bytes (`clone()` of every shard: allocation + copy, like the receiver).
-Targets (issue 4): shm >= 0.5x and TCP >= 0.3x the in-process copy.
+Targets: shm >= 0.5x and TCP >= 0.3x the in-process copy.
 
 Part 2 serves SmolLM2 with real tritonserver instances (prefill TP2, decode PP2) and measures, per request,
 the hand-off latency as a client sees it: prefill response received -> first decode token received
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trt_disagg.contract import KVLayout, pp_layer_ranges  # noqa: E402
-from trt_disagg.engine.types import ExportedKV  # noqa: E402
+from trt_disagg.exported_kv import ExportedKV  # noqa: E402
 from trt_disagg.triton.tensors import client_inputs  # noqa: E402
 
 SMOLLM2 = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64}
@@ -142,7 +142,7 @@ def part2(engines_dir: Path, samples: int, prompt_tokens: list[int]) -> None:
 
     dep = load_deployment(REPO / "configs" / "smollm2.yaml")
     if not (engines_dir / "smollm2" / "decode" / "config.json").is_file():
-        from trt_disagg.build.builder import build_deployment
+        from trt_disagg.engine_build.builder import build_deployment
 
         print(f"building SmolLM2 engines into {engines_dir} ...")
         build_deployment(dep, engines_root=engines_dir, roles=["prefill", "decode"])

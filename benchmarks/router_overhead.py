@@ -269,10 +269,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from trt_disagg.build.builder import build_deployment
+    from trt_disagg.engine_build.builder import build_deployment
+    from trt_disagg.registry_read import get_instance
     from trt_disagg.triton.cluster import LocalCluster
     from trt_disagg.triton.launch import free_port
-    from trt_disagg.triton.registry import get_instance
 
     base = load_deployment(REPO / "configs" / "tiny.yaml")
     dep = base.model_copy(update={"context_servers": None, "generation_servers": None})

@@ -30,6 +30,7 @@ from router.kv_release import KVReleaser, SocketKVReleaser
 from router.metrics import RouterMetrics
 from router.pipeline import RequestRunner
 from router.records import RecordStore
+from router.request_table import RequestTable
 from router.routes import include_all
 from router.settings import RouterSettings
 from router.tokenizer import HFTokenizer, TextTokenizer
@@ -64,8 +65,8 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
                                           publish_ttl_s=max(3 * settings.refresh_interval_s, 1.0))
             state.metrics.observe_snapshot(await state.dispatcher.refresh())
             releaser = kv_releaser or SocketKVReleaser(timeout_s=settings.kv_release_timeout_s)
-            state.runner = RequestRunner(settings, state.records, state.dispatcher, state.client, releaser,
-                                         state.metrics, state.spawn)
+            requests = RequestTable(settings, state.records, state.client, releaser, state.metrics, state.spawn)
+            state.runner = RequestRunner(settings, requests, state.dispatcher, state.client, state.metrics)
             state.spawn(_refresh_loop(state))
             log.info("router %s up on %s:%d (policy %s)", settings.router_id, settings.host, settings.port,
                      settings.policy)
@@ -125,6 +126,6 @@ async def _refresh_loop(state: RouterState) -> None:
         try:
             state.metrics.observe_snapshot(await state.dispatcher.refresh())
             if state.runner is not None:
-                await state.runner.reap_overdue()
+                await state.runner.requests.reap_overdue()
         except Exception:
             log.warning("instance refresh or reaping failed", exc_info=True)

@@ -1,7 +1,7 @@
 """Where each request goes: prefill to the shortest queue, decode to the least loaded, or colocated.
 
     Redis ──refresh() every refresh_interval_s──▶ snapshot: live instances + their published load
-      trtd:role:<role>, trtd:instance:<id>, trtd:load:<id>        (written by the instances, registry.py)
+      trtd:role:<role>, trtd:instance:<id>, trtd:load:<id>        (written by the instances; trt_disagg.keys)
       trtd:drain:<id>                                             (written by /admin: take no new work)
       trtd:router_inflight:<router_id>  HASH instance -> outstanding work this router sent there
     pick(role) = policy.choose(candidates)                        (in memory, no Redis round trip)
@@ -30,22 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
-from trt_disagg.triton.registry import decode_load, list_instances, load_key
+from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, decode_load
+from trt_disagg.keys import ROUTERS_KEY, as_text, drain_key, load_key, router_inflight_key
+from trt_disagg.registry_read import list_instances
 
 log = logging.getLogger(__name__)
-
-PREFIX = "trtd:"
-ROUTERS_KEY = f"{PREFIX}routers"
-
-
-def drain_key(instance_id: str) -> str:
-    return f"{PREFIX}drain:{instance_id}"
-
-
-def router_inflight_key(router_id: str) -> str:
-    return f"{PREFIX}router_inflight:{router_id}"
-
 
 class ServePath(enum.StrEnum):
     DISAGGREGATED = "disaggregated"
@@ -145,7 +134,6 @@ class Snapshot:
 
     instances: dict[Role, list[InstanceView]] = field(default_factory=dict)
     others_outstanding: dict[str, Outstanding] = field(default_factory=dict)
-    taken_at: float = 0.0
 
     def live(self, role: Role) -> list[InstanceView]:
         return [v for v in self.instances.get(role, []) if not v.draining]
@@ -182,7 +170,7 @@ class Dispatcher:
                                             drain is not None)
                                for info, raw, drain in zip(infos, loads, drains, strict=True)]
         others = await self._exchange_outstanding(now)
-        self.snapshot = Snapshot(instances, others, now)
+        self.snapshot = Snapshot(instances, others)
         return self.snapshot
 
     async def _exchange_outstanding(self, now: float) -> dict[str, Outstanding]:
@@ -199,7 +187,7 @@ class Dispatcher:
         pipe.zrangebyscore(ROUTERS_KEY, now - self._publish_ttl_ms / 1000, "+inf")
         routers = (await pipe.execute())[-1]
         others: dict[str, Outstanding] = defaultdict(Outstanding)
-        peers = [_text(r) for r in routers if _text(r) != self.router_id]
+        peers = [as_text(r) for r in routers if as_text(r) != self.router_id]
         if not peers:
             return others
         pipe = self._redis.pipeline(transaction=False)
@@ -208,7 +196,7 @@ class Dispatcher:
         for table in await pipe.execute():
             for inst, raw in table.items():
                 prompt_tokens, sequences = json.loads(raw)
-                o = others[_text(inst)]
+                o = others[as_text(inst)]
                 o.prompt_tokens += int(prompt_tokens)
                 o.sequences += int(sequences)
         return others
@@ -276,7 +264,3 @@ class Dispatcher:
                 if v.info.instance_id == instance_id:
                     return v
         return None
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -102,13 +102,9 @@ class InstanceFailed(RouterError):
 
 
 class KVTransferFailed(InstanceFailed):
+    """The KV hand-off failed on every decode leg tried (the pull failed, or the handle was refused)."""
+
     code = "kv_transfer_failed"
-
-
-class InvalidHandle(RouterError):
-    status = 403
-    type = "invalid_request_error"
-    code = "invalid_handle"
 
 
 class DeadlineExceeded(RouterError):

@@ -32,7 +32,16 @@ import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
-from trt_disagg.contract import REQUEST_TYPE_PARAMETER, InstanceInfo, RequestType, SamplingParams, TensorName
+from trt_disagg.contract import (
+    INSTANCE_LOST_KINDS,
+    REQUEST_TYPE_PARAMETER,
+    ErrorKind,
+    InstanceInfo,
+    RequestType,
+    SamplingParams,
+    TensorName,
+    parse_error_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +49,11 @@ FINAL_PARAM = "triton_final_response"
 ENABLE_FINAL_PARAM = "triton_enable_empty_final_response"
 
 
-# The tag an instance puts in front of every error message (trt_disagg.triton.instance.ErrorKind), so the
-# router maps errors without parsing prose. Kept as strings here: importing the instance module would pull
-# the engine (and torch) into the router process.
-TAG_BAD_REQUEST = "bad_request"
-TAG_OVERLOADED = "overloaded"
-_LOST_TAGS = frozenset({"shutting_down", "internal", "cancelled"})
-_KNOWN_TAGS = frozenset({TAG_BAD_REQUEST, TAG_OVERLOADED, "invalid_handle", "kv_transfer_failed"}) | _LOST_TAGS
-
-
 class InstanceError(Exception):
-    """An instance call failed; `instance_id` says which instance, `kind` the instance's error tag."""
+    """An instance call failed; `instance_id` says which instance, `kind` what the instance said went wrong
+    (None when the failure carries no instance tag: the transport failed, or the reply was malformed)."""
 
-    def __init__(self, instance_id: str, message: str, kind: str = "") -> None:
+    def __init__(self, instance_id: str, message: str, kind: ErrorKind | None = None) -> None:
         super().__init__(f"instance {instance_id}: {message}")
         self.instance_id = instance_id
         self.kind = kind
@@ -255,10 +256,10 @@ class TritonInstanceClient:
 
 def classify_error(instance: InstanceInfo, message: str, *, lost: bool) -> InstanceError:
     """Classify by the instance's tag when there is one, else by what the transport said (`lost`)."""
-    tag = message.split(":", 1)[0].strip()
-    if tag in _KNOWN_TAGS:
-        cls: type[InstanceError] = InstanceLost if tag in _LOST_TAGS else InstanceRejected
-        return cls(instance.instance_id, message, kind=tag)
+    kind = parse_error_kind(message)
+    if kind is not None:
+        cls: type[InstanceError] = InstanceLost if kind in INSTANCE_LOST_KINDS else InstanceRejected
+        return cls(instance.instance_id, message, kind=kind)
     return (InstanceLost if lost else InstanceRejected)(instance.instance_id, message)
 
 

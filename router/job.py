@@ -1,45 +1,47 @@
-"""A request in flight, as the router's request path (`pipeline.py`) keeps it.
+"""A request in flight, as the router's request path (`pipeline.py`) keeps it, and how a request ends.
 
 `generated` is the single list of tokens the client has received; every continuation (a retried prefill,
 a decode leg moved to another instance) starts from it, which is why no token is repeated or lost.
+A `Job` holds no flags: where the request is lives in its record (`job.state`, written only by
+`RequestRecordWriter`), what it holds on the instances lives in its `Legs`, and whether it is complete is
+a counter (`remaining`) or its `finish_reason`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass, field
 
 from router.dispatch import ServePath
-from router.kv_release import OfferedKV
+from router.errors import RouterError
+from router.legs import Legs
+from router.record_writer import RequestRecordWriter
 from router.states import RequestState
-from trt_disagg.contract import InstanceInfo, SamplingParams
+from trt_disagg.contract import SamplingParams
 
 
 @dataclass
 class Job:
-    """A request in flight: what it asked for and what the client has received so far."""
+    """A request in flight: what it asked for, what the client has received so far, what it holds."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     received_s: float  # monotonic
     deadline_s: float  # monotonic
-    state: RequestState = RequestState.RECEIVED
+    record: RequestRecordWriter  # the only writer of the request's state (memory and Redis)
+    legs: Legs  # its open instance calls and its un-pulled prefill KV
     model: str = ""
-    created: bool = False  # the record exists in Redis (written with the first dispatch)
-    record_write: asyncio.Future[None] | None = None  # that first write, while in flight
-    reaped: bool = False  # failed by the reaper; the generator must not go on
+    stop: tuple[str, ...] = ()  # OpenAI `stop` strings, applied to the text (router/text.py)
     path: ServePath | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_s: float | None = None
     last_token_s: float | None = None
-    legs: dict[str, InstanceInfo] = field(default_factory=dict)  # role -> instance of the current leg
-    unpulled_kv: OfferedKV | None = None  # prefill KV no decode leg has taken yet (released if none will)
-    calls: dict[str, int] = field(default_factory=dict)  # role -> instance calls made (see call_id)
-    stop: tuple[str, ...] = ()  # OpenAI `stop` strings, applied to the text (router/text.py)
-    stopped_at_string: bool = False  # the text reached a stop string: the request ended normally
+
+    @property
+    def state(self) -> RequestState:
+        return self.record.state
 
     @property
     def max_tokens(self) -> int:
@@ -49,15 +51,45 @@ class Job:
     def remaining(self) -> int:
         return self.max_tokens - len(self.generated)
 
-    def call_id(self, role: str) -> str:
-        """The request id the next `role` call gives its instance: the request's own id first, then
-        `<id>-<role initial><n>`. A retry or a continuation can land on an instance where an earlier call of
-        this request is still being cleaned up (a prefill whose KV pull failed mid-way is freed only when the
-        failure reaches the prefill side), and an engine refuses an id it still holds. Cancelling the
-        request's id cancels them all (instance_client.TritonInstanceClient.cancel)."""
-        n = self.calls.get(role, 0)
-        self.calls[role] = n + 1
-        return self.request_id if n == 0 else f"{self.request_id}-{role[0]}{n}"
+    @property
+    def complete(self) -> bool:
+        """Every token the request will get has been generated (its budget, or an end token)."""
+        return self.finish_reason is not None or self.remaining <= 0
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a request ends: its terminal state, and what its record and the metrics say about why."""
+
+    state: RequestState  # DONE | FAILED | CANCELLED
+    finish_reason: str | None = None  # DONE: stop | length
+    error: str | None = None  # FAILED / CANCELLED: the record's `error` field
+    error_kind: str | None = None  # the trtd_router_errors{kind} label; None: not an error
+
+    @classmethod
+    def done(cls, finish_reason: str) -> Ending:
+        return cls(RequestState.DONE, finish_reason=finish_reason)
+
+    @classmethod
+    def failed(cls, exc: RouterError) -> Ending:
+        return cls(RequestState.FAILED, error=f"{type(exc).__name__}: {exc.message}", error_kind=exc.code or exc.type)
+
+    @classmethod
+    def internal(cls, exc: BaseException) -> Ending:
+        return cls(RequestState.FAILED, error=f"internal: {type(exc).__name__}", error_kind="internal")
+
+    @classmethod
+    def cancelled(cls, reason: str) -> Ending:
+        return cls(RequestState.CANCELLED, error=reason)
+
+    def fields(self) -> dict[str, str]:
+        """What the terminal transition writes into the record besides the state."""
+        out = {}
+        if self.finish_reason is not None:
+            out["finish_reason"] = self.finish_reason
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 def with_max(sampling: SamplingParams, max_new_tokens: int) -> SamplingParams:

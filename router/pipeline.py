@@ -1,27 +1,25 @@
 """One request, from admission to its last token: the router's request path.
 
-    admit()            429 when this router holds max_queued_requests; record created in RECEIVED
     tokens(job):
       path = dispatch.choose_path(prompt)                      colocated | disaggregated
-      disaggregated:
-        p = pick(PREFILL)   → PREFILL_QUEUED → PREFILLING      (error: next prefill instance, bounded)
-        first, handle = prefill(p)  → PREFILL_DONE (handle stored with a TTL); yield first   ← TTFT
-        d = pick(DECODE)    → DECODE_DISPATCHED
-        decode_stream(d, handle)    → DECODING at its first token; yield tokens #2...
-        decode leg lost:  re-prefill prompt + tokens so far on a prefill instance (its first token is the
-                          next token, streamed once), then decode on another instance (bounded)
-        the prefill KV is the request's until a decode leg streams from it; a request that ends before
-        (cancel, deadline, failure, first token ends it) or a decode leg lost before its first token gives
-        it back to the prefill instance at once (job.unpulled_kv, kv_release.py) instead of at its TTL
+      disaggregated (DistServe's steps):
+        p = pick(PREFILL)  → PREFILL_QUEUED → PREFILLING      an error: the next prefill instance (bounded)
+        first, handle = prefill(p) → PREFILL_DONE              the prefill instance holds the KV for us
+        yield first                                            ← TTFT
+        d = pick(DECODE)   → DECODE_DISPATCHED
+        stream decode(d, handle) → DECODING at its first token (d pulled the KV); yield tokens #2...
       colocated:
         c = pick(COLOCATED) → PREFILL_QUEUED → PREFILLING → DECODING at the first token; yield tokens
-      DONE (also when the consumer closes the stream at a stop string, router/text.py)
-      | FAILED (a RouterError, recorded with its reason) | CANCELLED (the consumer went away)
+      a leg lost mid-stream (decode or colocated instance gone): `_continued` runs the path again from the
+        tokens the client has (prompt + generated re-prefilled; its first token is the next one), on
+        another instance, a bounded number of times
+      the end: DONE | FAILED (a RouterError, with its reason) | CANCELLED (the consumer went away), or DONE
+        at a stop string (the consumer calls `stop_at_string`); one call, `RequestTable.end`
 
 Every instance call runs under the request's deadline. The generator never repeats or drops a token:
 `job.generated` is the single list of what the client received, and every continuation starts from it.
-A CANCELLED settle runs in a task of its own, because the consumer's cancel scope is still cancelled
-while the generator unwinds. Admission, the record and settling are `RequestLifecycle`'s (lifecycle.py).
+State changes between tokens are queued, not awaited (`RequestRecordWriter`), and queued before the token
+is yielded: a consumer that ends the request at that token still leaves a record that walks to DONE.
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from typing import NoReturn
 
 from router.dispatch import Dispatcher, ServePath
@@ -39,36 +37,45 @@ from router.errors import (
     DeadlineExceeded,
     InstanceFailed,
     InstanceUnavailable,
+    KVTransferFailed,
     Overloaded,
     RouterError,
 )
-from router.instance_client import (
-    TAG_BAD_REQUEST,
-    TAG_OVERLOADED,
-    InstanceClient,
-    InstanceError,
-    PrefillResult,
-)
-from router.job import Job, with_max
-from router.kv_release import KVReleaser, OfferedKV
-from router.lifecycle import RequestLifecycle, Spawn
+from router.instance_client import InstanceClient, InstanceError, PrefillResult
+from router.job import Ending, Job, with_max
 from router.metrics import RouterMetrics
-from router.records import RecordStore
+from router.request_table import RequestTable
 from router.settings import RouterSettings
-from router.states import RequestState
-from trt_disagg.contract import InstanceInfo, Role
+from router.states import TERMINAL, RequestState
+from trt_disagg.contract import ErrorKind, InstanceInfo, Role
 
 log = logging.getLogger(__name__)
 
 S = RequestState
+_KV_KINDS = frozenset({ErrorKind.KV_TRANSFER_FAILED, ErrorKind.INVALID_HANDLE})  # the hand-off itself failed
+Leg = Callable[[Job, frozenset[str]], AsyncGenerator[int, None]]
 
 
-class RequestRunner(RequestLifecycle):
-    """Runs each admitted request's token stream over the instances (the bookkeeping is RequestLifecycle's)."""
+class LegLost(Exception):
+    """An instance call of a request failed in a way another instance may not (it died, it was overloaded)."""
 
-    def __init__(self, settings: RouterSettings, records: RecordStore, dispatcher: Dispatcher,
-                 client: InstanceClient, releaser: KVReleaser, metrics: RouterMetrics, spawn: Spawn) -> None:
-        super().__init__(settings, records, dispatcher, client, releaser, metrics, spawn)
+    def __init__(self, instance: InstanceInfo, phase: Role, cause: InstanceError) -> None:
+        super().__init__(str(cause))
+        self.instance = instance
+        self.phase = phase  # PREFILL or DECODE: which retry budget it spends
+        self.cause = cause
+
+
+class RequestRunner:
+    """Runs each admitted request's token stream over the instances; `requests` keeps and ends them."""
+
+    def __init__(self, settings: RouterSettings, requests: RequestTable, dispatcher: Dispatcher,
+                 client: InstanceClient, metrics: RouterMetrics) -> None:
+        self._settings = settings
+        self.requests = requests
+        self._dispatch = dispatcher
+        self._client = client
+        self._metrics = metrics
         # labelled children looked up once: the per-token path must stay cheap
         self._ttft = {p: metrics.ttft_s.labels(path=p.value) for p in ServePath}
         self._itl = {p: metrics.itl_s.labels(path=p.value) for p in ServePath}
@@ -77,30 +84,28 @@ class RequestRunner(RequestLifecycle):
     # ---- the token stream ---------------------------------------------------------------------------
 
     async def tokens(self, job: Job) -> AsyncGenerator[int, None]:
-        """The tokens the client receives, each exactly once; settles the record however it ends."""
-        outcome: RequestState | None = None
+        """The tokens the client receives, each exactly once; the request is ended however this ends."""
         try:
-            async for token in self._run(job):
-                yield token
-            outcome = S.DONE
-            await self._settle(job, S.DONE, finish_reason=job.finish_reason or "stop")
+            async with aclosing(self._run(job)) as run:
+                async for token in run:
+                    yield token
         except RouterError as exc:
-            outcome = S.FAILED
-            self._metrics.errors.labels(kind=exc.code or exc.type).inc()
-            await self._settle(job, S.FAILED, error=f"{type(exc).__name__}: {exc.message}")
+            await self.requests.end(job, Ending.failed(exc))
             raise
         except Exception as exc:
-            outcome = S.FAILED
-            self._metrics.errors.labels(kind="internal").inc()
-            await self._settle(job, S.FAILED, error=f"internal: {type(exc).__name__}")
+            await self.requests.end(job, Ending.internal(exc))
             raise
+        else:
+            await self.requests.end(job, Ending.done(job.finish_reason or "stop"))
         finally:
-            if outcome is None and job.stopped_at_string:  # closed by the consumer at a stop string
-                # a normal end: the record says DONE before the client reads [DONE], as for any other end;
-                # shielded, so a consumer cancelled meanwhile (client gone) still leaves it settled
-                await asyncio.shield(self._spawn(self._settle(job, S.DONE, finish_reason="stop")))
-            elif outcome is None:  # cancelled or closed by the consumer: the client went away
-                self._spawn(self._settle(job, S.CANCELLED, error="client disconnected"))
+            if job.state not in TERMINAL:  # closed or cancelled by its consumer: the client went away
+                self.requests.end_soon(job, Ending.cancelled("client disconnected"))
+
+    async def stop_at_string(self, job: Job) -> None:
+        """The text reached a stop string: the request ends here, normally; what its instances would still
+        generate is cancelled when the consumer then closes the token stream."""
+        job.finish_reason = "stop"
+        await self.requests.end(job, Ending.done("stop"))
 
     async def _run(self, job: Job) -> AsyncGenerator[int, None]:
         path = self._dispatch.choose_path(len(job.prompt_ids))
@@ -109,9 +114,9 @@ class RequestRunner(RequestLifecycle):
         job.path = path
         self._metrics.in_flight.labels(pool=path.value).inc()
         self._queued[path].inc()  # until its first token (_accept) or its end
+        leg = self._colocated if path is ServePath.COLOCATED else self._disaggregated
         try:
-            run = self._colocated(job) if path is ServePath.COLOCATED else self._disaggregated(job)
-            async with aclosing(run) as tokens:
+            async with aclosing(self._continued(job, leg)) as tokens:
                 async for token in tokens:
                     yield token
         finally:
@@ -119,9 +124,119 @@ class RequestRunner(RequestLifecycle):
             if job.first_token_s is None:
                 self._queued[path].dec()
 
+    # ---- the two paths --------------------------------------------------------------------------------
+
+    async def _disaggregated(self, job: Job, lost_decodes: frozenset[str]) -> AsyncGenerator[int, None]:
+        self._require(Role.DECODE, lost_decodes)  # no decode instance left: fail before prefilling
+        prefilled = await self._prefill(job)  # pick prefill → prefill (first token, handle); retried
+        handed_off_s = time.monotonic()
+        if self._accept(job, prefilled.first_token):
+            yield prefilled.first_token  # TTFT (the consumer may end the request here: a stop string)
+        if job.complete:
+            return
+        decode = self._pick(Role.DECODE, lost_decodes)  # chosen now: the load changed during the prefill
+        async for token in self._decode(job, decode, prefilled.handle, handed_off_s):
+            yield token
+
+    async def _prefill(self, job: Job) -> PrefillResult:
+        """Prefill prompt + tokens so far, on another prefill instance after an error (bounded)."""
+        context = job.prompt_ids + job.generated
+        sampling = with_max(job.sampling, job.remaining)
+        tried: list[LegLost] = []
+        for _ in range(self._settings.max_prefill_retries + 1):
+            prefill = self._dispatch.pick(Role.PREFILL, frozenset(t.instance.instance_id for t in tried))
+            if prefill is None:
+                break
+            job.record.dispatch(ServePath.DISAGGREGATED, prefill_instance=prefill.instance_id,
+                                **({"prefilled_tokens": len(context)} if job.state is not S.RECEIVED else {}))
+            started = time.monotonic()
+            try:
+                async with self._leg(job, Role.PREFILL, prefill, prompt_tokens=len(context)) as call_id:
+                    async with self._timeout(job):
+                        result = await self._client.prefill(prefill, call_id, context, sampling)
+            except TimeoutError:
+                raise DeadlineExceeded("request deadline passed during prefill") from None
+            except LegLost as lost:
+                self._metrics.retries.labels(phase="prefill").inc()
+                log.warning("prefill of %s failed on %s: %s", job.request_id, prefill.instance_id, lost)
+                tried.append(lost)
+                continue
+            self._metrics.prefill_s.observe(time.monotonic() - started)
+            job.legs.offer(prefill, result.handle)
+            if job.state is S.PREFILLING:  # a re-prefill (continuing a lost decode leg) is not a new phase
+                job.record.enter_with_handle(S.PREFILL_DONE, result.handle, first_token=result.first_token)
+            return result
+        self._prefill_failed(tried)
+
+    async def _decode(self, job: Job, decode: InstanceInfo, handle: bytes,
+                      handed_off_s: float) -> AsyncGenerator[int, None]:
+        """Stream tokens #2... from `decode`, which pulls the prefill's KV by `handle` at its first step."""
+        first_leg = job.state is S.PREFILL_DONE
+        job.record.enter(S.DECODE_DISPATCHED if first_leg else job.state, decode_instance=decode.instance_id,
+                         **({} if first_leg else {"resumed_after_tokens": len(job.generated)}))
+        context = job.prompt_ids + job.generated[:-1]
+        sampling = with_max(job.sampling, job.remaining + 1)  # counts the first token it continues from
+        async with self._leg(job, Role.DECODE, decode, sequences=1) as call_id:
+            stream = self._client.decode_stream(decode, call_id, context, job.generated[-1], handle, sampling)
+            async for token in self._deadlined(stream, job):
+                job.legs.pulled()
+                if job.state is S.DECODE_DISPATCHED:
+                    self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
+                    job.record.enter(S.DECODING)
+                if self._accept(job, token):
+                    yield token
+                if job.complete:
+                    return
+        job.legs.pulled()  # the decode leg completed: it had taken the KV
+        job.finish_reason = job.finish_reason or "stop"
+
+    async def _colocated(self, job: Job, lost: frozenset[str]) -> AsyncGenerator[int, None]:
+        inst = self._pick(Role.COLOCATED, lost)
+        job.record.dispatch(ServePath.COLOCATED, colocated_instance=inst.instance_id,
+                            **({"resumed_after_tokens": len(job.generated)} if job.state is not S.RECEIVED else {}))
+        context = job.prompt_ids + job.generated
+        async with self._leg(job, Role.COLOCATED, inst, prompt_tokens=len(context), sequences=1) as call_id:
+            stream = self._client.generate_stream(inst, call_id, context, with_max(job.sampling, job.remaining))
+            async for token in self._deadlined(stream, job):
+                if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
+                    job.record.enter(S.DECODING)
+                if self._accept(job, token):
+                    yield token
+                if job.complete:
+                    return
+        if job.state is S.PREFILLING:
+            raise InstanceFailed(f"colocated instance {inst.instance_id} ended the stream without a token")
+        job.finish_reason = job.finish_reason or "stop"
+
+    async def _continued(self, job: Job, leg: Leg) -> AsyncGenerator[int, None]:
+        """`leg` until the request is complete: a leg lost mid-stream is run again on another instance, from
+        the tokens the client has, while the retry budget of the phase it was lost in lasts."""
+        lost: list[LegLost] = []
+        while True:
+            try:
+                async with aclosing(leg(job, frozenset(x.instance.instance_id for x in lost))) as tokens:
+                    async for token in tokens:
+                        yield token
+                return
+            except LegLost as exc:
+                lost.append(exc)
+                self._metrics.retries.labels(phase=exc.phase.value).inc()
+                budget = (self._settings.max_prefill_retries if exc.phase is Role.PREFILL
+                          else self._settings.max_decode_retries)
+                if len(lost) > budget:
+                    what = "decode failed on {} instance(s)" if job.path is ServePath.DISAGGREGATED \
+                        else "colocated instance(s) failed {} time(s)"
+                    failed = KVTransferFailed if exc.cause.kind in _KV_KINDS else InstanceFailed
+                    raise failed(f"{what.format(len(lost))}: {exc}") from None
+                log.warning("%s leg of %s lost on %s after %d tokens: %s; continuing elsewhere", exc.phase,
+                            job.request_id, exc.instance.instance_id, len(job.generated), exc)
+
+    # ---- one token, one leg ---------------------------------------------------------------------------
+
     def _accept(self, job: Job, token: int) -> bool:
-        """Take one token from an instance; False when the request is complete (the token may be the end)."""
-        if job.reaped:
+        """Take one token from an instance; False when it is not for the client (the end token, or past
+        the budget). Sets `finish_reason` when the request is complete."""
+        if job.state in TERMINAL:  # ended while this generator waited: only the reaper does that
             raise DeadlineExceeded("request deadline passed (reaped)")
         if job.remaining <= 0:
             return False
@@ -143,18 +258,55 @@ class RequestRunner(RequestLifecycle):
             job.finish_reason = "length"
         return True
 
-    def _pick(self, role: Role, exclude: set[str]) -> InstanceInfo:
-        inst = self._dispatch.pick(role, frozenset(exclude))
+    @asynccontextmanager
+    async def _leg(self, job: Job, role: Role, inst: InstanceInfo, *, prompt_tokens: int = 0,
+                   sequences: int = 0) -> AsyncIterator[str]:
+        """One instance call: counted as outstanding on `inst`, held in `job.legs`; yields the id the call
+        gives the instance. An instance error becomes `LegLost` unless no instance would do better."""
+        job.legs.open[role] = inst
+        try:
+            with self._dispatch.lease(inst.instance_id, prompt_tokens=prompt_tokens, sequences=sequences):
+                yield job.legs.call_id(role)
+        except InstanceError as exc:
+            phase = Role.PREFILL if role is Role.PREFILL or job.state is S.PREFILLING else Role.DECODE
+            await job.legs.lost(role)
+            if job.state in TERMINAL:
+                raise DeadlineExceeded("request deadline passed (reaped)") from None
+            if exc.kind == ErrorKind.BAD_REQUEST:  # any other instance would say the same: a 400
+                raise BadRequest(f"an instance refused the request: {exc}") from None
+            raise LegLost(inst, phase, exc) from exc
+
+    async def _deadlined(self, stream: AsyncGenerator[int, None], job: Job) -> AsyncGenerator[int, None]:
+        """`stream` with the request's deadline on every wait for the next token."""
+        async with aclosing(stream):
+            while True:
+                try:
+                    async with self._timeout(job):
+                        token = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded("request deadline passed while generating") from None
+                yield token
+
+    def _timeout(self, job: Job) -> asyncio.Timeout:
+        loop_now = asyncio.get_running_loop().time()
+        return asyncio.timeout_at(loop_now + (job.deadline_s - time.monotonic()))
+
+    # ---- choosing an instance -----------------------------------------------------------------------
+
+    def _pick(self, role: Role, exclude: frozenset[str]) -> InstanceInfo:
+        inst = self._dispatch.pick(role, exclude)
         if inst is not None:
             return inst
         self._unavailable(role, exclude)
 
-    def _require(self, role: Role, exclude: set[str]) -> None:
+    def _require(self, role: Role, exclude: frozenset[str]) -> None:
         """Fail now, without choosing (a choice takes a policy's turn), when no `role` instance is left."""
-        if not self._dispatch.candidates(role, frozenset(exclude)):
+        if not self._dispatch.candidates(role, exclude):
             self._unavailable(role, exclude)
 
-    def _unavailable(self, role: Role, exclude: set[str]) -> NoReturn:
+    def _unavailable(self, role: Role, exclude: frozenset[str]) -> NoReturn:
         if not exclude and self._dispatch.saturated(role):
             self._metrics.errors.labels(kind="overloaded").inc()
             raise Overloaded(f"every {role.value} instance has a full queue",
@@ -162,164 +314,11 @@ class RequestRunner(RequestLifecycle):
         tried = f" (tried {', '.join(sorted(exclude))})" if exclude else ""
         raise InstanceUnavailable(f"no {role.value} instance available{tried}")
 
-    async def _deadlined(self, stream: AsyncGenerator[int, None], job: Job) -> AsyncGenerator[int, None]:
-        """`stream` with the request's deadline on every wait for the next token."""
-        while True:
-            try:
-                async with self._timeout(job):
-                    token = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise DeadlineExceeded("request deadline passed while generating") from None
-            yield token
-
-    def _timeout(self, job: Job) -> asyncio.Timeout:
-        loop_now = asyncio.get_running_loop().time()
-        return asyncio.timeout_at(loop_now + (job.deadline_s - time.monotonic()))
-
-    async def _prefill(self, job: Job) -> PrefillResult:
-        """Prefill prompt + tokens so far, on another prefill instance after an error (bounded)."""
-        context = job.prompt_ids + job.generated
-        sampling = with_max(job.sampling, job.remaining)
-        tried: set[str] = set()
-        kinds: set[str] = set()
-        last_error: InstanceError | None = None
-        for _ in range(self._settings.max_prefill_retries + 1):
-            try:
-                inst = self._pick(Role.PREFILL, tried)
-            except InstanceUnavailable:
-                if last_error is None:
-                    raise
-                break
-            if job.state is S.RECEIVED:
-                self._begin(job, ServePath.DISAGGREGATED, prefill_instance=inst.instance_id)
-            else:  # a retry, or a re-prefill for a lost decode leg: an event in the current state
-                await self._enter(job, job.state, prefill_instance=inst.instance_id,
-                                  prefilled_tokens=len(context))
-            job.legs["prefill"] = inst
-            started = time.monotonic()
-            try:
-                with self._dispatch.lease(inst.instance_id, prompt_tokens=len(context)):
-                    async with self._timeout(job):
-                        result = await self._client.prefill(inst, job.call_id("prefill"), context, sampling)
-            except TimeoutError:
-                raise DeadlineExceeded("request deadline passed during prefill") from None
-            except InstanceError as exc:
-                job.legs.pop("prefill", None)
-                _stop_if_final(job, exc)
-                log.warning("prefill of %s failed on %s: %s", job.request_id, inst.instance_id, exc)
-                self._metrics.retries.labels(phase="prefill").inc()
-                tried.add(inst.instance_id)
-                last_error = exc
-                kinds.add(exc.kind)
-                continue
-            self._metrics.prefill_s.observe(time.monotonic() - started)
-            return result
-        if kinds == {TAG_OVERLOADED}:
-            raise Overloaded(f"every prefill instance tried is overloaded: {last_error}",
+    def _prefill_failed(self, tried: list[LegLost]) -> NoReturn:
+        if not tried:
+            self._unavailable(Role.PREFILL, frozenset())
+        last = tried[-1].cause
+        if all(t.cause.kind == ErrorKind.OVERLOADED for t in tried):
+            raise Overloaded(f"every prefill instance tried is overloaded: {last}",
                              retry_after_s=self._settings.retry_after_s)
-        raise InstanceFailed(f"prefill failed on {len(tried)} instance(s): {last_error}")
-
-    async def _disaggregated(self, job: Job) -> AsyncGenerator[int, None]:
-        lost_decodes: set[str] = set()
-        while True:
-            self._require(Role.DECODE, lost_decodes)  # when no decode instance is left, fail before prefilling
-            result = await self._prefill(job)
-            job.unpulled_kv = OfferedKV(job.legs["prefill"], result.handle)
-            handed_off_s = time.monotonic()
-            accepted = self._accept(job, result.first_token)
-            if job.state is S.PREFILLING:  # queued, not awaited: the first token does not wait for Redis
-                self._enter_soon(job, S.PREFILL_DONE, handle=result.handle, first_token=result.first_token)
-            if accepted:
-                yield result.first_token  # TTFT (the consumer may end the request here: a stop string)
-            if not accepted or job.remaining <= 0:
-                return
-            decode = self._pick(Role.DECODE, lost_decodes)  # chosen now: the load changed during the prefill
-            if job.state is S.PREFILL_DONE:
-                self._enter_soon(job, S.DECODE_DISPATCHED, decode_instance=decode.instance_id)
-            else:
-                await self._enter(job, job.state, decode_instance=decode.instance_id,
-                                  resumed_after_tokens=len(job.generated))
-            context = job.prompt_ids + job.generated[:-1]
-            sampling = with_max(job.sampling, job.remaining + 1)  # counts the first token it continues from
-            job.legs["decode"] = decode
-            try:
-                with self._dispatch.lease(decode.instance_id, sequences=1):
-                    stream = self._client.decode_stream(decode, job.call_id("decode"), context, job.generated[-1],
-                                                        result.handle, sampling)
-                    async with aclosing(stream):
-                        async for token in self._deadlined(stream, job):
-                            job.unpulled_kv = None  # a decode token: the decode instance holds the KV now
-                            accepted = self._accept(job, token)
-                            if job.state is S.DECODE_DISPATCHED:
-                                self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
-                                self._enter_soon(job, S.DECODING)
-                            if accepted:
-                                yield token
-                            if not accepted or job.remaining <= 0:
-                                return
-                job.unpulled_kv = None  # the decode leg completed: it had taken the KV
-                job.finish_reason = job.finish_reason or "stop"
-                return
-            except InstanceError as exc:
-                job.legs.pop("decode", None)
-                _stop_if_final(job, exc)
-                offered, job.unpulled_kv = job.unpulled_kv, None
-                if offered is not None:  # lost before its first token: the KV may still sit on the prefill side
-                    await self._releaser.release(job.request_id, offered)
-                lost_decodes.add(decode.instance_id)
-                self._metrics.retries.labels(phase="decode").inc()
-                if len(lost_decodes) > self._settings.max_decode_retries:
-                    raise InstanceFailed(f"decode failed on {len(lost_decodes)} instance(s): {exc}") from None
-                log.warning("decode leg of %s lost on %s after %d tokens: %s; continuing elsewhere",
-                            job.request_id, decode.instance_id, len(job.generated), exc)
-
-    async def _colocated(self, job: Job) -> AsyncGenerator[int, None]:
-        lost: set[str] = set()
-        while True:
-            inst = self._pick(Role.COLOCATED, lost)
-            if job.state is S.RECEIVED:
-                self._begin(job, ServePath.COLOCATED, colocated_instance=inst.instance_id)
-            else:
-                await self._enter(job, job.state, colocated_instance=inst.instance_id,
-                                  resumed_after_tokens=len(job.generated))
-            context = job.prompt_ids + job.generated
-            job.legs["colocated"] = inst
-            try:
-                with self._dispatch.lease(inst.instance_id, prompt_tokens=len(context), sequences=1):
-                    stream = self._client.generate_stream(inst, job.call_id("colocated"), context,
-                                                          with_max(job.sampling, job.remaining))
-                    async with aclosing(stream):
-                        async for token in self._deadlined(stream, job):
-                            accepted = self._accept(job, token)
-                            if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
-                                self._enter_soon(job, S.DECODING)
-                            if accepted:
-                                yield token
-                            if not accepted or job.remaining <= 0:
-                                return
-                if job.state is S.PREFILLING:
-                    raise InstanceFailed(f"colocated instance {inst.instance_id} ended the stream without a token")
-                job.finish_reason = job.finish_reason or "stop"
-                return
-            except InstanceError as exc:
-                job.legs.pop("colocated", None)
-                _stop_if_final(job, exc)
-                lost.add(inst.instance_id)
-                phase = "prefill" if job.state is S.PREFILLING else "decode"
-                self._metrics.retries.labels(phase=phase).inc()
-                budget = self._settings.max_prefill_retries if phase == "prefill" else self._settings.max_decode_retries
-                if len(lost) > budget:
-                    raise InstanceFailed(f"colocated instance(s) failed {len(lost)} time(s): {exc}") from None
-                log.warning("colocated leg of %s lost on %s: %s; continuing elsewhere", job.request_id,
-                            inst.instance_id, exc)
-
-
-def _stop_if_final(job: Job, exc: InstanceError) -> None:
-    """No retry when the request was reaped, or when an instance calls the request itself bad (any other
-    instance would say the same): a 400."""
-    if job.reaped:
-        raise DeadlineExceeded("request deadline passed (reaped)") from None
-    if exc.kind == TAG_BAD_REQUEST:
-        raise BadRequest(f"an instance refused the request: {exc}") from None
+        raise InstanceFailed(f"prefill failed on {len(tried)} instance(s): {last}")

@@ -1,12 +1,7 @@
 """Durable request records in Redis; `transition` is the only writer of a request's state.
 
-Key schema (all under `trtd:`):
-
-    trtd:req:<id>            HASH   state, router, model, path, prompt_tokens, output_tokens, instance ids,
-                                    created_at, t_<STATE> (first entry into each state, unix seconds), error
-    trtd:req:<id>:events     LIST   JSON {"state", "ts", ...fields} appended by every transition
-    trtd:req:<id>:handle     STRING context_phase_params of the prefill leg, TTL = handle_ttl_s
-    trtd:router:<rid>:active ZSET   unfinished request ids owned by router <rid> (score: created_at)
+The keys (`trtd:req:<id>`, its `:events` and `:handle`, `trtd:router:<rid>:active`) and what they hold
+are written down in `trt_disagg.keys`.
 
 `transition` runs one Lua script: it reads the state, checks the edge against `states.ALLOWED` (the
 allowed source states are passed in, so the table lives only in Python), writes the state and the fields,
@@ -28,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.states import TERMINAL, RequestState, sources_of
+from trt_disagg.keys import active_key, as_text, events_key, handle_key, record_key
 
 log = logging.getLogger(__name__)
-
-PREFIX = "trtd:"
 
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'state')
@@ -62,28 +56,11 @@ return {'ok', cur}
 """
 
 
-def record_key(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}"
-
-
-def events_key(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}:events"
-
-
-def handle_key(request_id: str) -> str:
-    return f"{PREFIX}req:{request_id}:handle"
-
-
-def active_key(router_id: str) -> str:
-    return f"{PREFIX}router:{router_id}:active"
-
-
 class TransitionRefused(Exception):
     """The edge does not exist (or the record is gone): a bug in the caller or a lost race."""
 
     def __init__(self, request_id: str, current: str | None, to: RequestState) -> None:
         super().__init__(f"request {request_id}: {current or 'missing'} -> {to} is not allowed")
-        self.current = current
         self.to = to
 
 
@@ -182,9 +159,9 @@ class RecordStore:
     def _check(request_id: str, replies: list[Any], targets: list[RequestState]) -> list[RequestState]:
         previous = []
         for (status, prev), to in zip(replies, targets, strict=True):
-            if _text(status) != "ok":
-                raise TransitionRefused(request_id, _text(prev) or None, to)
-            previous.append(RequestState(_text(prev)))
+            if as_text(status) != "ok":
+                raise TransitionRefused(request_id, as_text(prev) or None, to)
+            previous.append(RequestState(as_text(prev)))
         return previous
 
     async def try_settle(self, request_id: str, *, to: RequestState, **fields: str | int | float) -> bool:
@@ -202,7 +179,7 @@ class RecordStore:
         raw, events = await pipe.execute()
         if not raw:
             return None
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {as_text(k): as_text(v) for k, v in raw.items()}
         return RequestRecord(request_id, RequestState(fields["state"]), fields,
                              [json.loads(e) for e in events])
 
@@ -212,7 +189,7 @@ class RecordStore:
 
     async def active_ids(self, router_id: str | None = None) -> list[str]:
         """Unfinished requests owned by `router_id` (default: this router)."""
-        return [_text(m) for m in await self._redis.zrange(active_key(router_id or self.router_id), 0, -1)]
+        return [as_text(m) for m in await self._redis.zrange(active_key(router_id or self.router_id), 0, -1)]
 
     async def settle_orphans(self, reason: str) -> list[str]:
         """Fail every request this router left unfinished (it restarted: their streams are gone)."""
@@ -225,7 +202,3 @@ class RecordStore:
         if settled:
             log.warning("settled %d unfinished requests of router %s: %s", len(settled), self.router_id, reason)
         return settled
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -12,7 +12,7 @@ CANCELLED record, both legs cancelled — runs at once instead of whenever the g
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ class Primed:
 
     head: list[int]
     rest: AsyncGenerator[int, None]
+    stop_at_string: Callable[[], Awaitable[None]]  # ends the request normally here (the text hit a stop string)
 
     async def __aiter__(self) -> AsyncIterator[int]:
         for t in self.head:
@@ -68,16 +69,16 @@ class Primed:
             yield t
 
 
-async def prime(tokens: AsyncGenerator[int, None]) -> Primed:
+async def prime(tokens: AsyncGenerator[int, None], stop_at_string: Callable[[], Awaitable[None]]) -> Primed:
     """Run the request until its first token, so admission and dispatch errors are still HTTP errors."""
     try:
         first = await anext(tokens)
     except StopAsyncIteration:
-        return Primed([], tokens)
+        return Primed([], tokens, stop_at_string)
     except BaseException:
         await tokens.aclose()
         raise
-    return Primed([first], tokens)
+    return Primed([first], tokens, stop_at_string)
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -107,7 +108,7 @@ async def sse_events(job: Job, primed: Primed, tokenizer: TextTokenizer, chunk: 
             if delta:
                 yield _line(chunk(delta, None))
             if text.stopped:
-                stopped_at_string(job)
+                await primed.stop_at_string()
                 break
         tail = text.flush()
         yield _line(chunk(tail, job.finish_reason or "stop"))
@@ -133,15 +134,8 @@ async def collect(job: Job, primed: Primed, tokenizer: TextTokenizer) -> str:
     async for token in primed:
         parts.append(text.add(token))
         if text.stopped:
-            stopped_at_string(job)
-            await primed.rest.aclose()  # ends the request: DONE, its instance calls cancelled
+            await primed.stop_at_string()
+            await primed.rest.aclose()  # its instance calls cancelled
             break
     parts.append(text.flush())
     return "".join(parts)
-
-
-def stopped_at_string(job: Job) -> None:
-    """The text reached a stop string: the request ends here, normally (finish_reason stop); closing its token
-    stream then settles it DONE and cancels what its instances would still generate."""
-    job.stopped_at_string = True
-    job.finish_reason = "stop"

@@ -2,17 +2,17 @@
 incremental detokenizer that turns a token stream into text deltas.
 
 The tokenizer comes from the engine directory (`engines/<deployment>/<role>/tokenizer/`), so the router
-needs no hub access. Chat requests are rendered with the tokenizer's own chat template.
+needs no hub access; it is loaded by the same torch-free code as the instances' (`trt_disagg.engine_dir`).
+Chat requests are rendered with the tokenizer's own chat template.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from trt_disagg.errors import UserError
+from trt_disagg.engine_dir import load_tokenizer
 
 
 class TextTokenizer(Protocol):
@@ -35,19 +35,7 @@ class HFTokenizer:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: Path) -> HFTokenizer:
-        try:  # the engine's own loader when it exists (same code the instances use)
-            loader = importlib.import_module("trt_disagg.engine.tokenizer").load_tokenizer
-            return cls(loader(engine_dir))
-        except (ImportError, AttributeError):
-            pass
-        from trt_disagg.engine.types import TOKENIZER_DIR  # here: that module imports torch
-
-        path = Path(engine_dir) / TOKENIZER_DIR
-        if not path.is_dir():
-            raise UserError(f"engine_dir {engine_dir} has no {TOKENIZER_DIR}/ (build the engine first)")
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        return cls(load_tokenizer(engine_dir))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))

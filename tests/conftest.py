@@ -12,7 +12,7 @@ from trt_disagg.config import parse_deployment
 def build_engine(root: Path, source: dict, *, tp: int = 1, pp: int = 1, max_tokens: int = 4096,
                  max_input_len: int = 256, max_seq_len: int = 512, max_batch_size: int = 8) -> Path:
     """A colocated engine directory for `source` at tp x pp, built with the real build step."""
-    from trt_disagg.build.builder import build_deployment
+    from trt_disagg.engine_build.builder import build_deployment
 
     name = f"{source['source']}-tp{tp}pp{pp}"
     dep = parse_deployment({

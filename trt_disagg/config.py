@@ -28,8 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from trt_disagg.contract import Role
 from trt_disagg.errors import UserError
 
-KV_DTYPES = ("float32", "float16", "bfloat16", "fp8")
-
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

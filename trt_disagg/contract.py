@@ -30,6 +30,40 @@ class Role(enum.StrEnum):
     COLOCATED = "colocated"
 
 
+class ErrorKind(enum.StrEnum):
+    """What went wrong on an instance: the tag in front of every error message it sends.
+
+    An instance answers a failed request with the message "<kind>: <prose>" (Triton carries only a
+    string), and the router reads the tag back (`parse_error_kind`) to decide between retrying elsewhere,
+    answering the client, or giving up, without parsing prose.
+    """
+
+    BAD_REQUEST = "bad_request"  # the request itself is wrong: every instance would refuse it
+    OVERLOADED = "overloaded"  # this instance has no room now: another one (or later) may
+    INVALID_HANDLE = "invalid_handle"  # context_phase_params is forged, expired or for another model
+    KV_TRANSFER_FAILED = "kv_transfer_failed"  # the KV pull from the prefill instance failed
+    CANCELLED = "cancelled"  # the instance dropped the request (client gone, pull cancelled, aborted)
+    SHUTTING_DOWN = "shutting_down"  # the instance is stopping and fails what it holds
+    INTERNAL = "internal"  # the engine broke (a failed step)
+
+
+# The kinds that say "the instance lost this request, not that the request is bad": a router retries them
+# on another instance, exactly as when the instance cannot be reached at all.
+INSTANCE_LOST_KINDS: frozenset[ErrorKind] = frozenset({
+    ErrorKind.SHUTTING_DOWN, ErrorKind.INTERNAL, ErrorKind.CANCELLED,
+})
+
+
+def parse_error_kind(message: str) -> ErrorKind | None:
+    """The kind tagged in front of an instance's error message, or None when it carries no known tag
+    (the error came from the transport or from something that is not one of our instances)."""
+    tag = message.split(":", 1)[0].strip()
+    try:
+        return ErrorKind(tag)
+    except ValueError:
+        return None
+
+
 class RequestType(enum.StrEnum):
     """TensorRT-LLM's `request_type` request parameter."""
 
@@ -261,3 +295,30 @@ class InstanceInfo:
     fingerprint: str
     model_name: str
     extra: dict = field(default_factory=dict)
+
+
+# ---- the registry's JSON (trt_disagg.keys names where it lives) --------------------------------------------
+# Written by the instance (triton.registry.Registrar), read by the router (registry_read) and tools: one
+# codec, so both sides agree on the field names.
+
+
+def encode_info(info: InstanceInfo) -> str:
+    d = asdict(info)
+    d["role"] = Role(info.role).value
+    return json.dumps(d, sort_keys=True)
+
+
+def decode_info(raw: str | bytes) -> InstanceInfo:
+    d = json.loads(raw)
+    d["role"] = Role(d["role"])
+    return InstanceInfo(**d)
+
+
+def encode_load(load: InstanceLoad) -> str:
+    return json.dumps(asdict(load), sort_keys=True)
+
+
+def decode_load(raw: str | bytes) -> InstanceLoad:
+    """Fields this side does not know are dropped: an instance of a newer version may publish more."""
+    known = InstanceLoad.__dataclass_fields__
+    return InstanceLoad(**{k: v for k, v in json.loads(raw).items() if k in known})

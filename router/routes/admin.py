@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from router.deps import get_dispatcher, get_redis, require_admin
-from router.dispatch import Dispatcher, drain_key
+from router.dispatch import Dispatcher
 from router.errors import NotFound
-from trt_disagg.triton.registry import instance_key, load_key, role_set_key
+from trt_disagg.keys import drain_key, instance_key, load_key, role_set_key
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)],
                    responses={401: {"description": "missing or wrong bearer token"}})

@@ -63,9 +63,9 @@ def end_id(settings: RouterSettings, tokenizer: TextTokenizer) -> int | None:
 async def start(runner: RequestRunner, req: _Sampling, prompt_ids: list[int], max_tokens: int,
                 settings: RouterSettings, tokenizer: TextTokenizer) -> tuple[Job, Primed]:
     """Admit the request and run it to its first token (errors until then are plain HTTP errors)."""
-    job = await runner.admit(prompt_ids, req.sampling(max_tokens, end_id(settings, tokenizer)), req.model)
-    job.stop = req.stop_strings
-    return job, await prime(runner.tokens(job))
+    job = runner.requests.admit(prompt_ids, req.sampling(max_tokens, end_id(settings, tokenizer)), req.model,
+                                stop=req.stop_strings)
+    return job, await prime(runner.tokens(job), lambda: runner.stop_at_string(job))
 
 
 def stream_response(job: Job, primed: Primed, tokenizer: TextTokenizer, chunk: ChunkFn, include_usage: bool,

@@ -2,7 +2,7 @@
 the run path (exercised with stand-in tools that write what the real ones write) is atomic and idempotent.
 
 Flag names checked here are TensorRT-LLM's (tensorrt_llm/commands/build.py, tensorrt_llm/plugin/plugin.py,
-examples/llama/convert_checkpoint.py); see trt_disagg/build/tensorrtllm.py for the references.
+examples/llama/convert_checkpoint.py); see trt_disagg/engine_build/tensorrtllm.py for the references.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trt_disagg.build import tensorrtllm
-from trt_disagg.build.builder import BuildStatus, build_deployment
 from trt_disagg.config import Deployment, load_deployment, parse_deployment
 from trt_disagg.contract import Role
+from trt_disagg.engine_build import tensorrtllm
+from trt_disagg.engine_build.builder import BuildStatus, build_deployment
 from trt_disagg.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]

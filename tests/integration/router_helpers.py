@@ -21,8 +21,8 @@ from router.records import RequestRecord
 from tests.unit.router.router_testkit import serve
 from trt_disagg.config import Deployment, load_deployment
 from trt_disagg.contract import Role
+from trt_disagg.registry_read import get_load, list_instances
 from trt_disagg.triton.fake_engine import FAKE_SHAPE, fake_next_token
-from trt_disagg.triton.registry import get_load, list_instances
 
 __all__ = ["DISAGG_WALK", "EOS", "IdTokenizer", "Streamed", "assert_walk", "expected", "serve", "stream_completion",
            "on_instance", "tiny", "wait_idle", "within"]
@@ -121,10 +121,10 @@ async def within(timeout_s: float, awaitable: Awaitable[T], app: FastAPI) -> T:
     except TimeoutError:
         out = io.StringIO()
         runner = app.state.router.runner
-        for job in list(runner.active.values()) if runner is not None else []:
-            legs = {k: v.instance_id for k, v in job.legs.items()}
+        for job in list(runner.requests.active.values()) if runner is not None else []:
+            legs = {k.value: v.instance_id for k, v in job.legs.open.items()}
             print(f"job {job.request_id}: {job.state} legs={legs} generated={len(job.generated)} "
-                  f"remaining={job.remaining} record_write={job.record_write}", file=out)
+                  f"remaining={job.remaining} unpulled_kv={job.legs.unpulled}", file=out)
         for task in asyncio.all_tasks():
             print(f"--- task {task.get_name()}: {task.get_coro()}", file=out)
             task.print_stack(limit=25, file=out)
@@ -148,6 +148,6 @@ async def wait_idle(redis_url: str, role: Role, timeout_s: float = 30.0) -> None
 
 def on_instance(app: FastAPI, instance_id: str) -> list[str]:
     """The requests `app` has in flight with a leg on `instance_id`."""
-    runner = app.state.router.runner
-    return [job.request_id for job in list(runner.active.values())
-            if any(leg.instance_id == instance_id for leg in job.legs.values())]
+    requests = app.state.router.runner.requests
+    return [job.request_id for job in list(requests.active.values())
+            if any(leg.instance_id == instance_id for leg in job.legs.open.values())]

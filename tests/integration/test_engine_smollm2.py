@@ -10,8 +10,8 @@ from tests.conftest import LAYOUTS, build_engine, run_to_completion
 from trt_disagg.config import ModelSource
 from trt_disagg.contract import SamplingParams
 from trt_disagg.engine.llm_engine import LLMEngine
-from trt_disagg.engine.tokenizer import load_tokenizer
 from trt_disagg.engine.weights import build_hf_reference
+from trt_disagg.engine_dir import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

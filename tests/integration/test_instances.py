@@ -20,10 +20,10 @@ import tritonclient.http as httpclient
 
 from tests.integration.instances_helpers import grpc_stream, http_generate, prefill
 from trt_disagg.config import load_deployment
-from trt_disagg.contract import Role, SamplingParams
+from trt_disagg.contract import Role, SamplingParams, decode_load
+from trt_disagg.keys import load_key
 from trt_disagg.kv.handle import decode_handle, encode_handle
 from trt_disagg.triton.cluster import LocalCluster
-from trt_disagg.triton.registry import decode_load, load_key
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ N = 10
 
 @pytest.fixture(scope="session")
 def tiny_deployment_engines(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trt_disagg.build.builder import build_deployment
+    from trt_disagg.engine_build.builder import build_deployment
 
     root = tmp_path_factory.mktemp("tiny-deployment")
     build_deployment(load_deployment(REPO / "configs" / "tiny.yaml"), engines_root=root)

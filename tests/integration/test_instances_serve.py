@@ -18,7 +18,7 @@ import yaml
 
 from trt_disagg.config import load_deployment
 from trt_disagg.contract import Role
-from trt_disagg.triton.registry import list_instances
+from trt_disagg.registry_read import list_instances
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ CLI = str(Path(sys.executable).parent / "trt-disagg")
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
-    from trt_disagg.build.builder import build_deployment
+    from trt_disagg.engine_build.builder import build_deployment
 
     root = tmp_path_factory.mktemp("tiny-serve")
     build_deployment(load_deployment(REPO / "configs" / "tiny.yaml"), engines_root=root)

@@ -45,7 +45,7 @@ COLOCATED_ONLY = 10_000  # colocated_threshold_tokens above any prompt: every re
 
 @pytest.fixture(scope="module")
 def tiny_cluster(tmp_path_factory: pytest.TempPathFactory):
-    from trt_disagg.build.builder import build_deployment
+    from trt_disagg.engine_build.builder import build_deployment
 
     root = tmp_path_factory.mktemp("tiny-router")
     dep = tiny(num_decode=2)

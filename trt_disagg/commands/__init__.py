@@ -6,7 +6,9 @@ import typer
 
 
 def register_all(app: typer.Typer) -> None:
-    from trt_disagg.commands import bench, build, demo, plan, serve
+    from trt_disagg.commands import bench, build, demo, plan, serve, simulate
 
-    for module in (build, serve, plan, bench, demo):
-        module.register(app)
+    # The order of `trt-disagg --help`: the planning path reads plan, simulate, profile.
+    for register in (build.register, serve.register, plan.register, simulate.register, plan.register_profile,
+                     bench.register, demo.register):
+        register(app)

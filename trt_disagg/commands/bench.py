@@ -71,7 +71,7 @@ def load_tokenizer(engine_dir: Path) -> Any:
 
 def engine_limits(engine_dir: Path) -> tuple[int, int] | None:
     """(max_input_len, max_output_len) from an engine's config.json, to scale the workload to the model."""
-    from trt_disagg.engine.types import CONFIG_FILE, EngineConfig
+    from trt_disagg.engine_dir import CONFIG_FILE, EngineConfig
 
     if not (engine_dir / CONFIG_FILE).is_file():
         return None

@@ -1,4 +1,4 @@
-"""`trt-disagg build CONFIG`: write engines/<deployment>/<role>/ for every role (see trt_disagg/build/).
+"""`trt-disagg build CONFIG`: write engines/<deployment>/<role>/ for every role (see trt_disagg/engine_build/).
 
 Progress is drawn with rich on stderr (one bar per role, advanced per rank shard); the summary table and,
 for the tensorrtllm backend, the exact TensorRT-LLM commands go to stdout so they can be piped to a file.
@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from trt_disagg.build.builder import BuildStatus, RolePlan, RoleResult, build_deployment
-from trt_disagg.build.tensorrtllm import BuildFailed
 from trt_disagg.config import Deployment, load_deployment
 from trt_disagg.contract import Role
+from trt_disagg.engine_build.builder import BuildStatus, RolePlan, RoleResult, build_deployment
+from trt_disagg.engine_build.tensorrtllm import BuildFailed
 
 out = Console()
 err = Console(stderr=True)

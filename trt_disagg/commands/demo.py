@@ -1,9 +1,11 @@
-"""`trt-disagg demo CONFIG`: the main job, end to end on this machine.
+"""`trt-disagg demo CONFIG`: build, profile, serve and benchmark, end to end on this machine.
 
     build the engines ─▶ load the workload (the engine's tokenizer) ─▶ profile the engine (1 thread)
     ─▶ serve the disaggregated deployment ─▶ time a few hand-offs ─▶ benchmark ─▶ stop
     ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop
     ─▶ predict both (simulator: profile + hand-off costs) ─▶ tables + JSON/CSV/PNG
+
+The stages are `trt_disagg.demo.run.run_demo`; this module parses flags, shows progress and prints the result.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from trt_disagg.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from trt_disagg.demo.run import DemoOptions, DemoResult
 
 # Wide enough for the comparison tables when the output is a pipe or a CI log (rich defaults to 80 there).
 out = Console(width=120)
@@ -46,93 +53,63 @@ def demo_cmd(
 ) -> None:
     """Disaggregated vs colocated on this machine: build, serve, benchmark, predict, compare."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from trt_disagg.bench.report import write_report
     from trt_disagg.commands.build import build_with_progress
-    from trt_disagg.config import load_deployment
-    from trt_disagg.contract import Role
-    from trt_disagg.demo.measure import measure
-    from trt_disagg.demo.predict import HandoffCosts, handoff_latency_s, predict_attainment, profile, sim_spec
-    from trt_disagg.demo.report import (
-        VariantOutcome,
-        goodput_table,
-        plot_predicted_vs_measured,
-        prediction_table,
-    )
-    from trt_disagg.demo.served_steps import step_ratio_table, step_ratios
-    from trt_disagg.demo.variants import split_variants
-    from trt_disagg.engine.tokenizer import load_tokenizer
-    from trt_disagg.engine.types import EngineConfig
-    from trt_disagg.sim import DisaggSpec
-    from trt_disagg.workload import load_workload
+    from trt_disagg.demo.run import DemoOptions, run_demo
 
     started = time.perf_counter()
-    rate_list = _rates(rates)
-    if num_requests < 1:
-        raise UserError("--num-requests must be >= 1")
-    dep = load_deployment(config)
-    variants = split_variants(dep)
-    engines_root = engines_dir or Path(dep.engines_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    err.rule("1/5 build the engines")
-    build_with_progress(dep, engines_root=engines_root)
-    engine_dirs = {role: dep.engine_dir(role, engines_root) for role in dep.groups()}
-    engine_cfgs = {role: EngineConfig.load(d) for role, d in engine_dirs.items()}
-    colocated_cfg = engine_cfgs[Role.COLOCATED]
-    requests = load_workload(workload, num_requests=num_requests, seed=seed,
-                             tokenizer=load_tokenizer(engine_dirs[Role.COLOCATED]),
-                             max_input_len=colocated_cfg.limits.max_input_len, max_output_len=output_len,
-                             input_len=input_len if workload == "fixed" else None, output_len=output_len)
-
-    err.rule("2/5 profile the engine (one thread, as served)")
-    threads = dep.groups()[Role.COLOCATED].threads_per_instance
-    with err.status("profiling") as status:
-        prof = profile(engine_dirs[Role.COLOCATED], dep.name, threads, out_dir / "profile",
-                       lambda done, total: status.update(f"profiling {done}/{total}"))
-    for phase, rep in prof.fit.reports.items():
-        err.print(f"  fit {phase}: max rel err {rep.max_rel_error:.1%}, mean {rep.mean_rel_error:.1%}")
-    err.print(f"  KV import: {prof.import_s_per_token * 1e6:.1f} us/token")
-    coeffs = prof.fit.latency_model.for_tp(1)
-
-    measured = {}
-    for step, variant in enumerate(variants, start=3):
-        err.rule(f"{step}/5 serve and benchmark: {variant.label} ({variant.describe()})")
-        measured[variant.label] = measure(variant, requests, rate_list, dep.slo, engines_root=engines_root,
-                                          run_dir=out_dir / variant.label, seed=seed)
-
-    outcomes, handoff_notes, served = [], [], []
-    for variant in variants:
-        m = measured[variant.label]
-        costs = HandoffCosts(prof.import_s_per_token)
-        if m.handoffs_s:
-            bare = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
-            assert isinstance(bare, DisaggSpec)
-            costs = HandoffCosts(prof.import_s_per_token,
-                                 handoff_latency_s(m.handoffs_s, m.handoff_input_lens, bare, coeffs.decode_step_s))
-            handoff_notes.append(f"{variant.label}: hand-off (prefill done -> first decode token, alone) "
-                                 f"{', '.join(f'{h * 1e3:.0f}' for h in m.handoffs_s)} ms -> fixed part "
-                                 f"{costs.handoff_s * 1e3:.0f} ms; KV import {prof.import_s_per_token * 1e6:.1f} us/token")
-        spec = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
-        predicted = predict_attainment(spec, requests, rate_list, dep.slo.ttft_s, dep.slo.tpot_s, seed=seed)
-        outcomes.append(VariantOutcome(variant, m.runs, predicted))
-        served += [r for path in m.iteration_logs for r in step_ratios(path, coeffs)]
-
-    err.rule("5/5 report")
-    target = dep.slo.attainment
-    paths = write_report({o.variant.label: o.goodput(target) for o in outcomes}, out_dir)
-    paths.append(plot_predicted_vs_measured(outcomes, target, out_dir / "predicted_vs_measured.png"))
-    slo_text = f"TTFT <= {dep.slo.ttft_s:g} s and TPOT <= {dep.slo.tpot_s:g} s"
-    out.print(goodput_table(outcomes, target, slo_text))
-    out.print(prediction_table(outcomes))
-    for note in handoff_notes:
-        out.print(note)
-    out.print(step_ratio_table(served))
-    out.print(f"workload: {workload}, {len(requests)} requests per rate, "
-              f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
-              f"output {output_len} tokens; rates {rate_list} req/s (Poisson)")
-    for p in paths:
-        out.print(f"  wrote {p}")
+    options = DemoOptions(config, workload, input_len, output_len, tuple(_rates(rates)), num_requests, seed, out_dir,
+                          engines_dir)
+    progress = _ConsoleProgress()
+    try:
+        result = run_demo(options, lambda dep, root: build_with_progress(dep, engines_root=root), progress)
+    finally:
+        progress.stop_status()
+    _print_result(result, options)
     out.print(f"demo finished in {time.perf_counter() - started:.0f} s; nothing left running")
+
+
+class _ConsoleProgress:
+    """The demo's progress on stderr: a rule per stage, a spinner while profiling, notes as they come."""
+
+    def __init__(self) -> None:
+        self._status: Status | None = None
+
+    def step(self, number: int, total: int, title: str) -> None:
+        self.stop_status()
+        err.rule(f"{number}/{total} {title}")
+
+    def profiling(self, done: int, total: int) -> None:
+        if self._status is None:
+            self._status = err.status("profiling")
+            self._status.start()
+        self._status.update(f"profiling {done}/{total}")
+
+    def note(self, text: str) -> None:
+        self.stop_status()
+        err.print(text)
+
+    def stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+def _print_result(result: DemoResult, options: DemoOptions) -> None:
+    from trt_disagg.demo.report import goodput_table, prediction_table
+    from trt_disagg.demo.served_steps import step_ratio_table
+
+    slo = result.slo
+    out.print(goodput_table(result.outcomes, slo.attainment, f"TTFT <= {slo.ttft_s:g} s and TPOT <= {slo.tpot_s:g} s"))
+    out.print(prediction_table(result.outcomes))
+    for note in result.handoff_notes:
+        out.print(note)
+    out.print(step_ratio_table(result.served_steps))
+    requests = result.requests
+    out.print(f"workload: {options.workload}, {len(requests)} requests per rate, "
+              f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
+              f"output {options.output_len} tokens; rates {list(result.rates)} req/s (Poisson)")
+    for p in result.paths:
+        out.print(f"  wrote {p}")
 
 
 def register(app: typer.Typer) -> None:

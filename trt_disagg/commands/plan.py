@@ -5,7 +5,7 @@
     simulate             one configuration at given rates, or the tightest SLO scale met at one rate
 
 The heavy lifting is Python API (trt_disagg.planner / trt_disagg.sim); this module parses flags and prints.
-`simulate` is in commands/simulate.py (it shares `plan_inputs` with `plan`).
+`simulate` is in commands/simulate.py; both turn their flags into a `planner.request.PlanRequest`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import typer
@@ -23,6 +23,11 @@ from rich.table import Table
 
 from trt_disagg.errors import UserError
 
+if TYPE_CHECKING:
+    from trt_disagg.planner.placement import Candidate
+    from trt_disagg.planner.search import PlanInputs, PlanResult
+    from trt_disagg.sim import ColocatedPolicy
+
 log = logging.getLogger(__name__)
 out = Console()
 
@@ -30,51 +35,13 @@ Opt = typer.Option
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the CLI (`simulate` lives in commands/simulate.py, which imports this)."""
-    from trt_disagg.commands.simulate import simulate_cmd
-
+    """Add `plan` to the CLI."""
     app.command("plan")(plan_cmd)
-    app.command("simulate")(simulate_cmd)
+
+
+def register_profile(app: typer.Typer) -> None:
+    """Add `profile` to the CLI (registered after `simulate`, so `--help` lists the planning path in order)."""
     app.command("profile")(profile_cmd)
-
-
-def _check_slo(ttft: float, tpot: float, attainment: float) -> None:
-    if not ttft > 0:
-        raise UserError(f"--ttft must be > 0 seconds, got {ttft}")
-    if not tpot > 0:
-        raise UserError(f"--tpot must be > 0 seconds, got {tpot}")
-    if not 0 < attainment <= 1:
-        raise UserError(f"--attainment must be in (0, 1], got {attainment}")
-
-
-def plan_inputs(model: str, gpu: str, nodes: int, gpus_per_node: int, pool: list[str] | None, network_gbps: float,
-                 workload: str, num_requests: int, seed: int, arrival: str, cv: float, ttft: float, tpot: float,
-                 attainment: float, affinity: str, latency_source: str, coefficients: list[str] | None,
-                 baseline_engine: str, max_input_len: int | None, max_output_len: int | None,
-                 prefill_max_num_tokens: int, input_len: int | None = None, output_len: int | None = None) -> Any:
-    from trt_disagg.planner import inputs
-    from trt_disagg.planner.goodput import SLOTarget
-    from trt_disagg.planner.models import get_model
-    from trt_disagg.planner.search import PlanInputs, check_fits
-
-    _check_slo(ttft, tpot, attainment)
-    if affinity not in ("high", "low"):
-        raise UserError(f"--affinity: expected high or low, got {affinity!r}")
-    if num_requests < 10:
-        raise UserError(f"--num-requests must be >= 10, got {num_requests}")
-    if prefill_max_num_tokens < 1:
-        raise UserError("--prefill-max-num-tokens must be >= 1")
-    spec = get_model(model)
-    cluster = inputs.parse_cluster(gpu, nodes, gpus_per_node, pool, network_gbps)
-    gpus = [p.gpu.name for p in cluster.pools]
-    check_fits(spec, cluster)
-    latency = inputs.latency_models(spec, gpus, latency_source, coefficients)
-    baseline = inputs.baseline_engine_models(spec, gpus, baseline_engine, latency)
-    lengths = inputs.plan_lengths(workload, spec, num_requests, seed, max_input_len, max_output_len,
-                                  input_len, output_len)
-    arrivals = inputs.unit_arrivals(arrival, seed, cv, max(inputs.MAX_SIM_REQUESTS, num_requests))
-    return PlanInputs(spec, cluster, lengths, arrivals, SLOTarget(ttft, tpot, attainment), latency, baseline,
-                      affinity, prefill_max_num_tokens)  # type: ignore[arg-type]
 
 
 def plan_cmd(
@@ -111,11 +78,16 @@ def plan_cmd(
     from trt_disagg.config import SLO, dump_deployment, load_deployment
     from trt_disagg.planner.deployment import placement_to_deployment
     from trt_disagg.planner.placement import Placement
+    from trt_disagg.planner.request import PlanRequest, plan_inputs
     from trt_disagg.planner.search import plan
 
-    inp = plan_inputs(model, gpu, nodes, gpus_per_node, pool, network_gbps, workload, num_requests, seed, arrival,
-                       cv, ttft, tpot, attainment, affinity, latency_source, coefficients, baseline_engine,
-                       max_input_len, max_output_len, prefill_max_num_tokens, input_len, output_len)
+    inp = plan_inputs(PlanRequest(
+        model=model, ttft_s=ttft, tpot_s=tpot, attainment=attainment, gpu=gpu, nodes=nodes,
+        gpus_per_node=gpus_per_node, pools=tuple(pool or ()), network_gbps=network_gbps, workload=workload,
+        input_len=input_len, output_len=output_len, num_requests=num_requests, arrival=arrival, cv=cv, seed=seed,
+        affinity=affinity, latency_source=latency_source, coefficients=tuple(coefficients or ()),
+        baseline_engine=baseline_engine, max_input_len=max_input_len, max_output_len=max_output_len,
+        prefill_max_num_tokens=prefill_max_num_tokens))
     result = plan(inp)
     best = result.cluster or result.best_disagg
     assert isinstance(best.placement, Placement)  # disaggregated candidates hold a Placement
@@ -141,16 +113,25 @@ def plan_cmd(
         out.print(f"deployment written to {output}")
 
 
-def _candidate_row(cand: Any) -> dict:
+def _candidate_row(cand: Candidate) -> dict:
     return {"placement": str(cand.placement), "unit_gpus": cand.unit_gpus, "goodput_rps": round(cand.goodput_rps, 4),
             "per_gpu_goodput_rps": round(cand.per_gpu_goodput, 4),
             "per_cost_goodput_rps": round(cand.per_cost_goodput, 4),
             "replicas": cand.placement.replicas}
 
 
-def _plan_summary(inp: Any, result: Any) -> dict:
-    chunked = [c for c in result.colocated if c.placement.policy == "chunked"]
-    prefill_first = [c for c in result.colocated if c.placement.policy == "prefill-first"]
+def _best_colocated(result: PlanResult, policy: ColocatedPolicy) -> list[Candidate]:
+    """The colocated candidates of one policy, best first."""
+    from trt_disagg.planner.placement import ColocatedPlacement
+
+    return [c for c in result.colocated if isinstance(c.placement, ColocatedPlacement) and c.placement.policy == policy]
+
+
+def _plan_summary(inp: PlanInputs, result: PlanResult) -> dict:
+    from trt_disagg.sim import ColocatedPolicy
+
+    chunked = _best_colocated(result, ColocatedPolicy.CHUNKED)
+    prefill_first = _best_colocated(result, ColocatedPolicy.PREFILL_FIRST)
     return {
         "model": inp.model.name,
         "cluster": [f"{p.gpu.name}:{p.nodes}x{p.gpus_per_node}@{p.cost:g}" for p in inp.cluster.pools],
@@ -195,14 +176,15 @@ def _print_plan(summary: dict) -> None:
               f"{summary['elapsed_s']:.1f}s")
 
 
-def _plot_plan(inp: Any, result: Any, path: Path) -> None:
+def _plot_plan(inp: PlanInputs, result: PlanResult, path: Path) -> None:
     from trt_disagg.planner.goodput import attainment_curve, min_duration_for
     from trt_disagg.planner.plots import plot_attainment
     from trt_disagg.planner.search import spec_for
+    from trt_disagg.sim import ColocatedPolicy
 
     curves = {}
-    picks = result.disagg[:2] + [c for c in result.colocated if c.placement.policy == "prefill-first"][:1] + [
-        c for c in result.colocated if c.placement.policy == "chunked"][:1]
+    picks = (result.disagg[:2] + _best_colocated(result, ColocatedPolicy.PREFILL_FIRST)[:1]
+             + _best_colocated(result, ColocatedPolicy.CHUNKED)[:1])
     top = max(c.per_gpu_goodput for c in picks) or 1.0
     per_gpu_rates = np.linspace(0.1, 2.0, 12) * top
     duration = min_duration_for(inp.slo, float(np.mean(inp.lengths.output_len)))
@@ -227,16 +209,13 @@ def profile_cmd(
     """Time the engine over a grid of batch sizes and prompt lengths, fit the latency model, write both."""
     from rich.progress import Progress
 
+    from trt_disagg.engine.llm_engine import LLMEngine
     from trt_disagg.planner.latency_model import NO_THRESHOLD
     from trt_disagg.planner.profile import ProfileGrid, fit_profile, profile_engine, write_profile
 
     if not (engine_dir / "config.json").is_file():
         raise UserError(f"ENGINE_DIR {engine_dir}: no config.json (build one with `trt-disagg build`)")
     grid = ProfileGrid(_ints(batch_sizes, "--batch-sizes"), _ints(lengths, "--lengths"), repeats, warmup, decode_steps)
-    try:
-        from trt_disagg.engine.llm_engine import LLMEngine
-    except ImportError as exc:
-        raise UserError(f"the engine is not available in this checkout: {exc}") from None
     engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank)
     try:
         with Progress(console=Console(stderr=True)) as progress:

@@ -1,7 +1,10 @@
 """`trt-disagg simulate`: one configuration at given rates, or the tightest SLO scale met at one rate.
 
-Registered by commands/plan.py's `register`; the workload/latency/SLO flags are turned into planner
-inputs by the same `plan_inputs` that `plan` uses, so both commands read them alike.
+    flags ─▶ PlanRequest ─▶ plan_inputs ─▶ placement (flags or --deployment) ─▶ unit_spec
+          ─▶ attainment per rate (+ plot) | tightest SLO scale at one rate ─▶ table or JSON
+
+The workload/latency/SLO flags become a `planner.request.PlanRequest`, as `plan`'s do, so both commands
+read them alike; the simulation itself is `planner.evaluate`.
 """
 
 from __future__ import annotations
@@ -9,20 +12,28 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from trt_disagg.commands.plan import plan_inputs
 from trt_disagg.errors import UserError
+
+if TYPE_CHECKING:
+    from trt_disagg.planner.placement import ColocatedPlacement, Placement
+    from trt_disagg.planner.search import PlanInputs
+    from trt_disagg.sim import ColocatedPolicy
 
 out = Console()
 
 Opt = typer.Option
+
+
+def register(app: typer.Typer) -> None:
+    """Add `simulate` to the CLI."""
+    app.command("simulate")(simulate_cmd)
 
 
 def simulate_cmd(
@@ -60,27 +71,69 @@ def simulate_cmd(
     as_json: bool = Opt(False, "--json"),
 ) -> None:
     """Simulate one configuration at given rates (attainment, goodput, percentiles), or find the tightest SLO."""
-    from trt_disagg.planner.goodput import attainment_curve, min_duration_for, workload_at
-    from trt_disagg.planner.inputs import parse_parallel
-    from trt_disagg.planner.placement import ColocatedPlacement, Placement
-    from trt_disagg.planner.search import spec_for
-    from trt_disagg.sim import COLOCATED_POLICIES, simulate
+    from trt_disagg.planner.evaluate import attainment_rows, slo_scale_row, unit_spec
+    from trt_disagg.planner.request import PlanRequest, plan_inputs
 
     if (rates is None) == (slo_scale_rate is None):
         raise UserError("give --rates (attainment at each rate) or --slo-scale-rate (tightest SLO at one rate)")
-    if policy not in COLOCATED_POLICIES:
-        raise UserError(f"--policy: expected one of {', '.join(COLOCATED_POLICIES)}, got {policy!r}")
-    inp = plan_inputs(model, gpu, 1, 8, None, network_gbps, workload, num_requests, seed, arrival, cv, ttft, tpot,
-                       attainment, "high", latency_source, coefficients, "same", max_input_len, max_output_len,
-                       prefill_max_num_tokens, input_len, output_len)
+    colocated_policy = _policy(policy)
+    inp = plan_inputs(PlanRequest(
+        model=model, ttft_s=ttft, tpot_s=tpot, attainment=attainment, gpu=gpu, network_gbps=network_gbps,
+        workload=workload, input_len=input_len, output_len=output_len, num_requests=num_requests, arrival=arrival,
+        cv=cv, seed=seed, latency_source=latency_source, coefficients=tuple(coefficients or ()),
+        max_input_len=max_input_len, max_output_len=max_output_len, prefill_max_num_tokens=prefill_max_num_tokens))
+    inp = _with_kv_capacity(inp, kv_capacity)
+    placement, inp = _placement(inp, gpu, colocated_policy, deployment, colocated, num_colocated, prefill, decode,
+                                num_prefill, num_decode)
+    spec = unit_spec(inp, placement)
+    if slo_scale_rate is not None:
+        if not slo_scale_rate > 0:
+            raise UserError(f"--slo-scale-rate must be > 0, got {slo_scale_rate}")
+        rows = [slo_scale_row(inp, spec, slo_scale_rate)]
+    else:
+        rate_list = _rates(rates or "")
+        rows = attainment_rows(inp, spec, rate_list)
+        if plot is not None:
+            _plot(inp, spec, placement, rate_list, plot)
+    if as_json:
+        typer.echo(json.dumps({"placement": str(placement), "rows": rows}, indent=2))
+        return
+    _print_rows(str(placement), rows)
+
+
+def _policy(name: str) -> ColocatedPolicy:
+    from trt_disagg.sim import ColocatedPolicy
+
+    try:
+        return ColocatedPolicy(name)
+    except ValueError:
+        raise UserError(f"--policy: expected one of {', '.join(ColocatedPolicy)}, got {name!r}") from None
+
+
+def _with_kv_capacity(inp: PlanInputs, kv_capacity: int | None) -> PlanInputs:
+    """--kv-capacity fixes every role's KV tokens per instance (the deployment's own values never override it)."""
+    from trt_disagg.contract import Role
+
+    if kv_capacity is None:
+        return inp
+    if kv_capacity < 1:
+        raise UserError(f"--kv-capacity must be >= 1 tokens, got {kv_capacity}")
+    return replace(inp, kv_capacity_by_role=dict.fromkeys(Role, kv_capacity))
+
+
+def _placement(inp: PlanInputs, gpu: str, policy: ColocatedPolicy, deployment: Path | None, colocated: str | None,
+               num_colocated: int, prefill: str | None, decode: str | None, num_prefill: int,
+               num_decode: int) -> tuple[Placement | ColocatedPlacement, PlanInputs]:
+    """The placement the flags name, and the inputs with the KV capacities a --deployment fixes."""
+    from trt_disagg.planner.evaluate import placement_from_deployment
+    from trt_disagg.planner.inputs import parse_parallel
+    from trt_disagg.planner.placement import ColocatedPlacement, Placement
+
     placement: Placement | ColocatedPlacement
-    if kv_capacity is not None:
-        if kv_capacity < 1:
-            raise UserError(f"--kv-capacity must be >= 1 tokens, got {kv_capacity}")
-        inp = replace(inp, kv_capacity_by_role=dict.fromkeys(("prefill", "decode", "colocated"), kv_capacity))
     if deployment is not None:
-        placement, capacities = _placement_from_deployment(deployment, gpu, policy)
-        inp = replace(inp, kv_capacity_by_role={**capacities, **inp.kv_capacity_by_role})
+        found = placement_from_deployment(deployment, gpu, policy)
+        placement = found.placement
+        inp = replace(inp, kv_capacity_by_role={**found.kv_capacity_by_role, **inp.kv_capacity_by_role})
     elif colocated is not None:
         placement = ColocatedPlacement(parse_parallel(colocated, gpu, "--colocated"), policy, num_colocated)
     elif prefill is not None and decode is not None:
@@ -90,80 +143,36 @@ def simulate_cmd(
         raise UserError("give --prefill and --decode, or --colocated, or --deployment")
     if isinstance(placement, ColocatedPlacement) and placement.replicas < 1:
         raise UserError("--num-colocated must be >= 1")
-    spec = spec_for(inp, placement)
-    if isinstance(placement, ColocatedPlacement) and placement.replicas > 1:
-        from trt_disagg.sim import ColocatedSpec
+    return placement, inp
 
-        spec = ColocatedSpec(spec.instance, placement.replicas, placement.policy)  # type: ignore[union-attr]
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise UserError(f"--rates {text!r}: expected comma-separated numbers") from None
+    if not rates or min(rates) <= 0:
+        raise UserError("--rates must all be > 0")
+    return rates
+
+
+def _plot(inp: PlanInputs, spec: Any, placement: Placement | ColocatedPlacement, rates: list[float],
+          path: Path) -> None:
+    import numpy as np
+
+    from trt_disagg.planner.goodput import attainment_curve, min_duration_for
+    from trt_disagg.planner.plots import plot_attainment
+
+    arr = np.array(rates)
     duration = min_duration_for(inp.slo, float(np.mean(inp.lengths.output_len)))
-    rows = []
-    if slo_scale_rate is not None:
-        if not slo_scale_rate > 0:
-            raise UserError(f"--slo-scale-rate must be > 0, got {slo_scale_rate}")
-        result = simulate(spec, workload_at(inp.lengths, inp.unit_arrivals, slo_scale_rate, duration))
-        scale = _tightest_scale(result, ttft, tpot, attainment)
-        rows.append({"rate_rps": slo_scale_rate, "slo_scale": scale, "ttft_s": ttft * scale, "tpot_s": tpot * scale,
-                     **result.percentiles()})
-    else:
-        try:
-            rate_list = [float(r) for r in rates.split(",")]  # type: ignore[union-attr]
-        except ValueError:
-            raise UserError(f"--rates {rates!r}: expected comma-separated numbers") from None
-        if not rate_list or min(rate_list) <= 0:
-            raise UserError("--rates must all be > 0")
-        for rate in rate_list:
-            result = simulate(spec, workload_at(inp.lengths, inp.unit_arrivals, rate, duration))
-            rows.append({"rate_rps": rate, "attainment": result.attainment(ttft, tpot), "num_requests": len(
-                result.arrival_s), **result.percentiles()})
-        if plot is not None:
-            from trt_disagg.planner.plots import plot_attainment
+    att = attainment_curve(spec, inp.lengths, inp.unit_arrivals, inp.slo, arr, duration)
+    plot_attainment({str(placement): (arr, att)}, inp.slo.attainment, path, f"{inp.model.name}: {placement}")
 
-            arr = np.array(rate_list)
-            att = attainment_curve(spec, inp.lengths, inp.unit_arrivals, inp.slo, arr, duration)
-            plot_attainment({str(placement): (arr, att)}, attainment, plot, f"{inp.model.name}: {placement}")
-    if as_json:
-        typer.echo(json.dumps({"placement": str(placement), "rows": rows}, indent=2))
-        return
-    table = Table(title=escape(str(placement)))
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=escape(title))
     for col in rows[0]:
         table.add_column(col)
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
     out.print(table)
-
-
-def _tightest_scale(result: Any, ttft: float, tpot: float, target: float) -> float:
-    """Smallest s with attainment(s*ttft, s*tpot) >= target, from one simulation (attainment grows with s)."""
-    lo, hi = 0.0, 1.0
-    while result.attainment(ttft * hi, tpot * hi) < target:
-        hi *= 2
-        if hi > 1e6:
-            return float("inf")
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if result.attainment(ttft * mid, tpot * mid) >= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _placement_from_deployment(path: Path, gpu: str, policy: str) -> tuple[Any, dict[str, int]]:
-    """The deployment's instances as a placement, and the KV capacities it fixes (role -> tokens)."""
-    from trt_disagg.config import load_deployment
-    from trt_disagg.contract import Role
-    from trt_disagg.planner.placement import ColocatedPlacement, ParallelConfig, Placement
-
-    dep = load_deployment(path)
-    capacities = {role.value: group.kv_cache_config.max_tokens for role, group in dep.groups().items()
-                  if group.kv_cache_config.max_tokens is not None}
-
-    def cfg(group: Any) -> ParallelConfig:
-        return ParallelConfig(group.gpu or gpu, group.tp, group.pp)
-
-    groups = dep.groups()
-    if Role.PREFILL in groups and Role.DECODE in groups:
-        p, d = groups[Role.PREFILL], groups[Role.DECODE]
-        return Placement(cfg(p), cfg(d), p.num_instances, d.num_instances), capacities
-    c = groups[Role.COLOCATED]  # load_deployment checked that the roles come in one of these two shapes
-    return ColocatedPlacement(cfg(c), policy, c.num_instances), capacities

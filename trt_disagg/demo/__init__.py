@@ -1,1 +1,1 @@
-"""The main job (`trt-disagg demo`, `make demo`): disaggregated vs colocated on one machine, measured and predicted."""
+"""The demo (`trt-disagg demo`, `make demo`): disaggregated vs colocated on one machine, measured and predicted."""

@@ -24,10 +24,10 @@ import numpy as np
 from trt_disagg.config import ServerGroup
 from trt_disagg.contract import RequestType, Role, SamplingParams
 from trt_disagg.demo.variants import Variant
-from trt_disagg.engine.types import EngineConfig
+from trt_disagg.engine_dir import EngineConfig
 from trt_disagg.planner.latency_model import InstanceTiming, LatencyModel
 from trt_disagg.planner.profile import ProfileFit, ProfileGrid, fit_profile, profile_engine, write_profile
-from trt_disagg.sim import ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload, simulate
+from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload, simulate
 from trt_disagg.workload import WorkloadRequest, make_arrivals
 
 # What `trt-disagg profile` measures for the demo: the lengths and batches the workload produces.
@@ -120,7 +120,8 @@ def sim_spec(variant: Variant, engine_configs: dict[Role, EngineConfig], model: 
     groups = variant.deployment.groups()
     if Role.COLOCATED in groups:
         g = groups[Role.COLOCATED]
-        return ColocatedSpec(_instance(g, engine_configs[Role.COLOCATED], model), g.num_instances, "prefill-first")
+        return ColocatedSpec(_instance(g, engine_configs[Role.COLOCATED], model), g.num_instances,
+                             ColocatedPolicy.PREFILL_FIRST)
     p, d = groups[Role.PREFILL], groups[Role.DECODE]
     cfg = engine_configs[Role.PREFILL]
     handoff = handoff or HandoffCosts(0.0)

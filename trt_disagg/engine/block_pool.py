@@ -31,9 +31,6 @@ class BlockPool:
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_block)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
     def try_allocate(self, num_blocks: int) -> list[int] | None:
         """`num_blocks` block ids, or None when the pool has fewer free."""
         if num_blocks > len(self._free):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from trt_disagg.contract import KVLayout, balanced_ranges, pp_layer_ranges, rank_of
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 
 
 def assemble_full(kv: ExportedKV) -> torch.Tensor:

@@ -34,7 +34,9 @@ from trt_disagg.engine.sampling import make_generator, sample_token
 from trt_disagg.engine.scheduler import Scheduler, StepKind
 from trt_disagg.engine.sequence import SeqState, Sequence
 from trt_disagg.engine.step_input import StepInput
-from trt_disagg.engine.types import EngineConfig, ExportedKV, FinishReason, StepStats, TokenEvent
+from trt_disagg.engine.types import FinishReason, StepStats, TokenEvent
+from trt_disagg.engine_dir import EngineConfig
+from trt_disagg.exported_kv import ExportedKV
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from trt_disagg.contract import pp_layer_ranges, rank_of, tp_slices
 from trt_disagg.engine.model import RankModel
 from trt_disagg.engine.step_input import StepInput, build_step_tensors
-from trt_disagg.engine.types import EngineConfig, rank_file
+from trt_disagg.engine_dir import EngineConfig, rank_file
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from trt_disagg.engine.block_pool import BlockPool
 from trt_disagg.engine.sequence import SeqState, Sequence
-from trt_disagg.engine.types import EngineLimits
+from trt_disagg.engine_dir import EngineLimits
 
 
 class StepKind(enum.Enum):

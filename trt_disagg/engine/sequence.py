@@ -1,4 +1,4 @@
-"""A request inside the engine. Counters, not flags (STYLE §3): `num_cached` says how much of the sequence
+"""A request inside the engine. Counters, not flags: `num_cached` says how much of the sequence
 has KV in the cache; the state says where the scheduler keeps it."""
 
 from __future__ import annotations

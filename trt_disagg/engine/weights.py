@@ -4,7 +4,7 @@ one full state dict with Hugging Face Llama names, plus its shape, a weights dig
     ModelSource ──load_source──▶ LoadedModel(shape, state_dict, weights_digest, tokenizer)
                                       │ shard_state_dict (sharding.py)
                                       ▼
-                              rank{i}.safetensors in an engine dir (trt_disagg/build/)
+                              rank{i}.safetensors in an engine dir (trt_disagg/engine_build/)
 
 Why these choices:
 - GGUF: transformers dequantizes Q4_1 and un-permutes q/k for us, so our weights equal exactly what the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from trt_disagg.contract import KVLayout
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv.errors import InvalidHandleError, KVNotFoundError, SourceUnreachableError
 from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle, verify_handle
 from trt_disagg.kv.transport import KVSource, issue_handle

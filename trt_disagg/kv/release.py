@@ -19,7 +19,7 @@ import asyncio
 import enum
 
 from trt_disagg.kv import wire
-from trt_disagg.kv.errors import HandleForgedError, KVTransferError, SourceUnreachableError
+from trt_disagg.kv.errors import HandleForgedError, KVTransferError, SourceUnreachableError, WireErrorKind
 
 
 class ReleaseOutcome(enum.Enum):
@@ -48,6 +48,6 @@ async def release_remote(kv_url: str, handle: bytes, *, timeout_s: float = 2.0) 
         raise SourceUnreachableError(f"KV endpoint {kv_url} unreachable for a release: {exc}") from None
     if reply["op"] == "released":
         return ReleaseOutcome.RELEASED if reply.get("held") else ReleaseOutcome.NOT_HELD
-    if reply["op"] == "error" and reply.get("kind") == "forged":
+    if reply["op"] == "error" and reply.get("kind") == WireErrorKind.FORGED:
         raise HandleForgedError(str(reply.get("message")))
     raise KVTransferError(f"KV endpoint {kv_url} answered a release with {reply}")

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 
 from trt_disagg.contract import KVLayout
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv import shm, wire
-from trt_disagg.kv.errors import HandleExpiredError, InvalidHandleError
+from trt_disagg.kv.errors import InvalidHandleError, WireErrorKind, wire_kind_of
 from trt_disagg.kv.handle import KVHandle, decode_handle, verify_handle
 from trt_disagg.kv.transport import KVSource, issue_handle
 
@@ -219,15 +219,13 @@ class SocketKVSender:
             if req["op"] == "release":
                 return self._serve_release(sock, blob)
             handle = decode_handle(blob, self._secret)
-        except HandleExpiredError as exc:
-            return _send_error(sock, "expired", str(exc))
-        except InvalidHandleError as exc:
-            return _send_error(sock, "forged", str(exc))
+        except InvalidHandleError as exc:  # expired, forged, or another instance's
+            return _send_error(sock, wire_kind_of(exc), str(exc))
         except (ValueError, KeyError, OSError) as exc:
-            return _send_error(sock, "internal", f"bad KV request: {exc}")
+            return _send_error(sock, WireErrorKind.INTERNAL, f"bad KV request: {exc}")
         why = self._claim(handle)
         if why is not None:
-            return _send_error(sock, "not_found", why)
+            return _send_error(sock, WireErrorKind.NOT_FOUND, why)
         try:
             kv = self._source.export_kv(handle.request_id)
             acked = self._stream(sock, kv, str(req.get("mode", "tcp")))
@@ -235,7 +233,7 @@ class SocketKVSender:
             log.warning("KV pull of %s failed: %s", handle.request_id, exc)
             self._unclaim(handle.request_id)  # before the error goes out: a retry must find it PENDING
             try:
-                _send_error(sock, "internal", f"prefill side failed while sending: {exc}")
+                _send_error(sock, WireErrorKind.INTERNAL, f"prefill side failed while sending: {exc}")
             except OSError:
                 pass
             return
@@ -249,7 +247,7 @@ class SocketKVSender:
             pass
 
     def _serve_release(self, sock: socket.socket, blob: bytes) -> None:
-        """Forged or foreign handles fall through to `_serve`'s "forged" error."""
+        """Forged or foreign handles fall through to `_serve`'s FORGED error."""
         wire.send_header(sock, {"op": "released", "held": self.release_handle(blob)})
 
     def _stream(self, sock: socket.socket, kv: ExportedKV, mode: str) -> bool:
@@ -277,5 +275,5 @@ class SocketKVSender:
         return wire.recv_header(sock).get("op") == "ack"
 
 
-def _send_error(sock: socket.socket, kind: str, message: str) -> None:
-    wire.send_header(sock, {"op": "error", "kind": kind, "message": message})
+def _send_error(sock: socket.socket, kind: WireErrorKind, message: str) -> None:
+    wire.send_header(sock, {"op": "error", "kind": kind.value, "message": message})

@@ -13,24 +13,15 @@ import socket
 import torch
 
 from trt_disagg.contract import KVLayout
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv import wire
-from trt_disagg.kv.errors import (
-    HandleExpiredError,
-    HandleForgedError,
-    KVNotFoundError,
-    KVTransferError,
-    SourceUnreachableError,
-)
+from trt_disagg.kv.errors import KVTransferError, SourceUnreachableError, error_from_wire
 from trt_disagg.kv.handle import KVHandle, encode_handle
 from trt_disagg.kv.wire import parse_kv_url
 
 log = logging.getLogger(__name__)
 
 SOCKET_BUFFER_BYTES = 4 << 20
-_ERRORS: dict[str, type[KVTransferError]] = {
-    "expired": HandleExpiredError, "forged": HandleForgedError, "not_found": KVNotFoundError,
-}
 
 
 class TcpKVReceiver:
@@ -82,7 +73,7 @@ class TcpKVReceiver:
     def _expect(self, sock: socket.socket, op: str) -> dict:
         msg = wire.recv_header(sock)
         if msg["op"] == "error":
-            raise _ERRORS.get(str(msg.get("kind")), KVTransferError)(str(msg.get("message")))
+            raise error_from_wire(msg.get("kind"), str(msg.get("message")))
         if msg["op"] != op:
             raise KVTransferError(f"KV protocol error: expected {op!r}, got {msg['op']!r}")
         return msg

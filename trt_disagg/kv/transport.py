@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trt_disagg.contract import KVLayout
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv.errors import KVTransferError, LayoutMismatchError
 from trt_disagg.kv.handle import KVHandle
 

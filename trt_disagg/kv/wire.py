@@ -8,7 +8,8 @@
                         {"op": "end"}
     decode -> prefill   {"op": "ack"}            the prefill side then frees the blocks
     prefill -> decode   {"op": "released"}       so fetch() returns only once the source is free
-    any error           {"op": "error", "kind": "forged" | "expired" | "not_found" | "internal", "message"}
+    any error           {"op": "error", "kind": errors.WireErrorKind ("forged" | "expired" | "not_found" |
+                                                  "internal"), "message"}
 
 A router that gives a request up before a decode instance pulled its KV (cancel, deadline, failure):
 

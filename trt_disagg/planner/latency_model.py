@@ -133,6 +133,26 @@ def published_latency_model(model: str, gpu: str, engine: str = "distserve") -> 
     return LatencyModel(model, gpu, f"published:{engine}", by_tp)
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeTerms:
+    """`InstanceTiming.decode_step_s` flattened: one attribute per number, no method calls, because the
+    simulator evaluates it once per decode step of every lane.
+
+        step_s = a + b * sum_ctx + c * batch   (small set when batch <= threshold, large set above)
+                 + hop_fixed_s + hop_per_seq_s * batch
+    """
+
+    threshold: int
+    a_small: float
+    b_small: float
+    c_small: float
+    a_large: float
+    b_large: float
+    c_large: float
+    hop_fixed_s: float  # the pp - 1 stage hops' fixed latency
+    hop_per_seq_s: float  # the pp - 1 stage hops' activation bytes per sequence over the link
+
+
 @dataclass(frozen=True)
 class InstanceTiming:
     """Times of one instance (tp x pp GPUs): what the simulator asks the latency model."""
@@ -154,13 +174,12 @@ class InstanceTiming:
         t = self.coeffs.prefill_s(sum_len, sum_len_sq)
         return t / self.pp, t + self._hops_s(sum_len)
 
-    def decode_terms(self) -> tuple[float, ...]:
-        """Flat decode coefficients for the simulator's hot loop:
-        (threshold, a_small, b_small, c_small, a_large, b_large, c_large, hop_fixed_s, hop_per_seq_s)."""
-        hop_fixed = (self.pp - 1) * HOP_LATENCY_S
-        hop_per_seq = (self.pp - 1) * self.hidden_size * self.dtype_bytes / self.link_bytes_per_s
+    def decode_terms(self) -> DecodeTerms:
+        """The decode step time as flat numbers, for the simulator's hot loop."""
         s, lg = self.coeffs.decode_small, self.coeffs.decode_large
-        return (self.coeffs.decode_threshold, s.a, s.b, s.c, lg.a, lg.b, lg.c, hop_fixed, hop_per_seq)
+        return DecodeTerms(self.coeffs.decode_threshold, s.a, s.b, s.c, lg.a, lg.b, lg.c,
+                           hop_fixed_s=(self.pp - 1) * HOP_LATENCY_S,
+                           hop_per_seq_s=(self.pp - 1) * self.hidden_size * self.dtype_bytes / self.link_bytes_per_s)
 
     def decode_step_s(self, batch: int, sum_ctx: float) -> float:
         """One decode step of a micro-batch through all stages (a PP instance runs pp micro-batches at once)."""

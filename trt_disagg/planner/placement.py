@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from trt_disagg.errors import UserError
 from trt_disagg.planner.hardware import GPUSpec
+from trt_disagg.sim.spec import ColocatedPolicy
 
 DEFAULT_NETWORK_BYTES_PER_S = 25e9  # 200 Gb/s InfiniBand per node, DistServe's "high node-affinity" cluster
 
@@ -88,7 +89,7 @@ class Placement:
 @dataclass(frozen=True)
 class ColocatedPlacement:
     config: ParallelConfig
-    policy: str = "prefill-first"
+    policy: ColocatedPolicy = ColocatedPolicy.PREFILL_FIRST
     replicas: int = 1
 
     def __str__(self) -> str:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from trt_disagg.contract import Role
 from trt_disagg.errors import UserError
 from trt_disagg.planner.goodput import SLOTarget, goodput_search, min_duration_for
 from trt_disagg.planner.latency_model import InstanceTiming, LatencyModel
@@ -39,7 +40,7 @@ from trt_disagg.planner.placement import (
     Placement,
     Pool,
 )
-from trt_disagg.sim import ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
+from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
 from trt_disagg.sim.loop import Phases
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,14 @@ class PlanInputs:
     affinity: Affinity = "high"
     prefill_max_num_tokens: int = 2048
     top_k: int = 3
-    colocated_policies: tuple[str, ...] = ("prefill-first", "chunked")
+    colocated_policies: tuple[ColocatedPolicy, ...] = tuple(ColocatedPolicy)
     # The colocated baseline is TP-only by default, like DistServe's vLLM baseline (vLLM had no PP then), and
     # because the simulator's PP lanes would hide how a prefill micro-batch stalls every other micro-batch
     # passing through the same stages, overstating a colocated PP engine.
     colocated_max_pp: int = 1
-    # Fixed KV capacity per instance by role ("prefill", "decode", "colocated"), e.g. from a deployment's
-    # kv_cache_config.max_tokens (CPU engines allocate it up front); otherwise memory.py computes it.
-    kv_capacity_by_role: dict[str, int] = field(default_factory=dict)
+    # Fixed KV capacity per instance by role, e.g. from a deployment's kv_cache_config.max_tokens (CPU engines
+    # allocate it up front); otherwise memory.py computes it.
+    kv_capacity_by_role: dict[Role, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,13 +109,13 @@ class _Searcher:
     def __init__(self, inp: PlanInputs) -> None:
         self.inp = inp
         self.num_simulations = 0
-        self.phase_cache: dict[tuple[str, ParallelConfig, bool | None], float] = {}
+        self.phase_cache: dict[tuple[Role, ParallelConfig, bool | None], float] = {}
         mean_in = float(np.mean(inp.lengths.input_len))
         self.mean_in = mean_in
         self.mean_out = float(np.mean(inp.lengths.output_len))
 
     # ---- instance specs -------------------------------------------------------------------------------
-    def instance_spec(self, cfg: ParallelConfig, pool: Pool, role: str, baseline: bool = False,
+    def instance_spec(self, cfg: ParallelConfig, pool: Pool, role: Role, baseline: bool = False,
                       cross_node_pp: bool | None = None) -> InstanceSpec | None:
         models = self.inp.baseline_latency if baseline else self.inp.latency
         lm = models.get(cfg.gpu)
@@ -128,7 +129,7 @@ class _Searcher:
         link = self.inp.cluster.network_bytes_per_s if spans_nodes else pool.gpu.nvlink_bytes_per_s
         timing = InstanceTiming(lm.for_tp(cfg.tp), cfg.pp, self.inp.model.shape.hidden_size, link,
                                 self.inp.model.dtype_bytes)
-        max_batch = PREFILL_MAX_BATCH if role == "prefill" else DECODE_MAX_BATCH * cfg.pp
+        max_batch = PREFILL_MAX_BATCH if role == Role.PREFILL else DECODE_MAX_BATCH * cfg.pp
         return InstanceSpec(timing, capacity, max_batch, self.inp.prefill_max_num_tokens)
 
     def configs(self, pool: Pool, max_gpus: int | None = None) -> Iterator[ParallelConfig]:
@@ -154,7 +155,7 @@ class _Searcher:
         _, latency = spec.timing.prefill_s(self.mean_in, self.mean_in ** 2)
         return max(0.05, spec.pp / latency)
 
-    def phase_goodput(self, role: str, cfg: ParallelConfig, pool: Pool, cross_node_pp: bool | None = None) -> float:
+    def phase_goodput(self, role: Role, cfg: ParallelConfig, pool: Pool, cross_node_pp: bool | None = None) -> float:
         key = (role, cfg, cross_node_pp)
         if key in self.phase_cache:
             return self.phase_cache[key]
@@ -162,10 +163,10 @@ class _Searcher:
         assert spec is not None  # configs() only yields configs that fit
         slo = self.inp.slo
         dspec = DisaggSpec(spec, spec, 1, 1, self.inp.model.kv_bytes_per_token, self.inp.cluster.network_bytes_per_s)
-        if role == "prefill":
-            rate = self._goodput(dspec, SLOTarget(slo.ttft_s, None, slo.attainment), self._guess(spec), "prefill")
+        if role == Role.PREFILL:
+            rate = self._goodput(dspec, SLOTarget(slo.ttft_s, None, slo.attainment), self._guess(spec), Role.PREFILL)
         else:
-            rate = self._goodput(dspec, SLOTarget(None, slo.tpot_s, slo.attainment), self._guess(spec), "decode")
+            rate = self._goodput(dspec, SLOTarget(None, slo.tpot_s, slo.attainment), self._guess(spec), Role.DECODE)
         self.phase_cache[key] = rate
         return rate
 
@@ -173,10 +174,10 @@ class _Searcher:
     def high_affinity_units(self) -> list[_Unit]:
         scored = []
         pools = self.inp.cluster.pools
-        prefill = [(c, p, self.phase_goodput("prefill", c, p)) for p in pools for c in self.configs(p)
-                   if self.instance_spec(c, p, "prefill") is not None]
-        decode = [(c, p, self.phase_goodput("decode", c, p)) for p in pools for c in self.configs(p)
-                  if self.instance_spec(c, p, "decode") is not None]
+        prefill = [(c, p, self.phase_goodput(Role.PREFILL, c, p)) for p in pools for c in self.configs(p)
+                   if self.instance_spec(c, p, Role.PREFILL) is not None]
+        decode = [(c, p, self.phase_goodput(Role.DECODE, c, p)) for p in pools for c in self.configs(p)
+                  if self.instance_spec(c, p, Role.DECODE) is not None]
         for pc, ppool, gp_p in prefill:
             for dc, dpool, gp_d in decode:
                 if gp_p <= 0 or gp_d <= 0:
@@ -208,10 +209,10 @@ class _Searcher:
                     pc = ParallelConfig(pool.gpu.name, tp_p, ppi_p * span)
                     dc = ParallelConfig(pool.gpu.name, tp_d, ppi_d * span)
                     if any(self.instance_spec(c, pool, r, cross_node_pp=span > 1) is None
-                           for c, r in ((pc, "prefill"), (dc, "decode"))):
+                           for c, r in ((pc, Role.PREFILL), (dc, Role.DECODE))):
                         continue
-                    gp_p = self.phase_goodput("prefill", pc, pool, cross_node_pp=span > 1)
-                    gp_d = self.phase_goodput("decode", dc, pool, cross_node_pp=span > 1)
+                    gp_p = self.phase_goodput(Role.PREFILL, pc, pool, cross_node_pp=span > 1)
+                    gp_d = self.phase_goodput(Role.DECODE, dc, pool, cross_node_pp=span > 1)
                     if gp_p <= 0 or gp_d <= 0:
                         continue
                     for n in range(1, pool.gpus_per_node + 1):
@@ -227,8 +228,8 @@ class _Searcher:
 
     def verify(self, unit: _Unit) -> Candidate:
         placement = unit.placement
-        p_spec = self.instance_spec(placement.prefill, unit.prefill_pool, "prefill", cross_node_pp=unit.cross_node_pp)
-        d_spec = self.instance_spec(placement.decode, unit.decode_pool, "decode", cross_node_pp=unit.cross_node_pp)
+        p_spec = self.instance_spec(placement.prefill, unit.prefill_pool, Role.PREFILL, cross_node_pp=unit.cross_node_pp)
+        d_spec = self.instance_spec(placement.decode, unit.decode_pool, Role.DECODE, cross_node_pp=unit.cross_node_pp)
         assert p_spec is not None and d_spec is not None  # scored units were built from fitting configs
         spec = DisaggSpec(p_spec, d_spec, placement.num_prefill, placement.num_decode,
                           self.inp.model.kv_bytes_per_token, unit.kv_link_bytes_per_s)
@@ -246,8 +247,8 @@ class _Searcher:
         assert isinstance(unit, Placement)
         pools = {p.gpu.name: p for p in self.inp.cluster.pools}
         ppool, dpool = pools[unit.prefill.gpu], pools[unit.decode.gpu]
-        gp_p = self.phase_cache.get(("prefill", unit.prefill, None))
-        gp_d = self.phase_cache.get(("decode", unit.decode, None))
+        gp_p = self.phase_cache.get((Role.PREFILL, unit.prefill, None))
+        gp_d = self.phase_cache.get((Role.DECODE, unit.decode, None))
         n, m = unit.num_prefill * unit.replicas, unit.num_decode * unit.replicas
         if gp_p is not None and gp_d is not None:  # Alg. 2 units are replicated whole: segments share nodes
             g_p, g_d = unit.prefill.num_gpus, unit.decode.num_gpus
@@ -264,8 +265,8 @@ class _Searcher:
             return Candidate(grown, best.goodput_rps, best.unit_gpus, best.unit_cost)
         cost = n * unit.prefill.num_gpus * ppool.cost + m * unit.decode.num_gpus * dpool.cost
         link = ppool.gpu.nvlink_bytes_per_s if self.inp.affinity == "low" else self.inp.cluster.network_bytes_per_s
-        p_spec = self.instance_spec(unit.prefill, ppool, "prefill")
-        d_spec = self.instance_spec(unit.decode, dpool, "decode")
+        p_spec = self.instance_spec(unit.prefill, ppool, Role.PREFILL)
+        d_spec = self.instance_spec(unit.decode, dpool, Role.DECODE)
         assert p_spec is not None and d_spec is not None
         spec = DisaggSpec(p_spec, d_spec, n, m, self.inp.model.kv_bytes_per_token, link)
         rate = self._goodput(spec, self.inp.slo, best.goodput_rps * n / max(1, unit.num_prefill))
@@ -275,7 +276,7 @@ class _Searcher:
         out = []
         for pool in self.inp.cluster.pools:
             for cfg in self.configs(pool, pool.gpus_per_node):
-                spec = self.instance_spec(cfg, pool, "colocated", baseline=True)
+                spec = self.instance_spec(cfg, pool, Role.COLOCATED, baseline=True)
                 if spec is None or cfg.pp > self.inp.colocated_max_pp:
                     continue
                 for policy in self.inp.colocated_policies:
@@ -348,12 +349,12 @@ def spec_for(inp: PlanInputs, placement: Placement | ColocatedPlacement) -> Disa
     pools = {p.gpu.name: p for p in inp.cluster.pools}
     if isinstance(placement, ColocatedPlacement):
         cfg = placement.config
-        spec = searcher.instance_spec(cfg, _pool(pools, cfg), "colocated", baseline=True)
+        spec = searcher.instance_spec(cfg, _pool(pools, cfg), Role.COLOCATED, baseline=True)
         if spec is None:
             raise UserError(f"colocated {cfg}: does not fit or has no latency coefficients")
         return ColocatedSpec(spec, 1, placement.policy)
-    p_spec = searcher.instance_spec(placement.prefill, _pool(pools, placement.prefill), "prefill")
-    d_spec = searcher.instance_spec(placement.decode, _pool(pools, placement.decode), "decode")
+    p_spec = searcher.instance_spec(placement.prefill, _pool(pools, placement.prefill), Role.PREFILL)
+    d_spec = searcher.instance_spec(placement.decode, _pool(pools, placement.decode), Role.DECODE)
     for cfg, spec in ((placement.prefill, p_spec), (placement.decode, d_spec)):
         if spec is None:
             raise UserError(f"{cfg}: {inp.model.name} does not fit, or there are no latency coefficients for TP {cfg.tp}")

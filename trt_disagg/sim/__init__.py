@@ -3,7 +3,7 @@ simulate → place → plan)."""
 
 from trt_disagg.sim.loop import simulate
 from trt_disagg.sim.result import SimResult
-from trt_disagg.sim.spec import COLOCATED_POLICIES, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
+from trt_disagg.sim.spec import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
 
-__all__ = ["COLOCATED_POLICIES", "ColocatedSpec", "DisaggSpec", "InstanceSpec", "SimResult", "SimWorkload",
+__all__ = ["ColocatedPolicy", "ColocatedSpec", "DisaggSpec", "InstanceSpec", "SimResult", "SimWorkload",
            "simulate"]

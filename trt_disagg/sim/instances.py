@@ -13,15 +13,20 @@ Lanes are advanced lazily (`advance(t)` runs the steps that start before t): not
 depends on its steps except through `load`, which the dispatcher reads after advancing. That keeps decode
 steps out of the event heap, which is what makes 10,000 requests simulate in well under a second.
 Token accounting is by counters, not per-sequence updates: every step adds `batch` to `sum_ctx`, and a
-finishing sequence removes input_len + output_len (its context at the end).
+finishing sequence removes input_len + output_len (its context at the end). A lane's steps are numbered, so
+a joining sequence is filed under the step after which it leaves (`leaving_at_step`), and a step looks up
+only the sequences that leave at it.
+
+`COLOCATED_LANES` maps each `ColocatedPolicy` to the lane that implements it: the one place a colocated
+policy becomes behaviour.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
+from dataclasses import dataclass
 
-from trt_disagg.sim.spec import InstanceSpec
+from trt_disagg.sim.spec import ColocatedPolicy, InstanceSpec
 
 
 class Recorder:
@@ -44,6 +49,13 @@ class Recorder:
         self.num_completed += 1
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillBatch:
+    requests: list[int]
+    stage_s: float  # until the first stage can take the next batch (latency_s / pp without the hops)
+    latency_s: float  # until the batch's first tokens exist
+
+
 class PrefillInstance:
     def __init__(self, spec: InstanceSpec, input_len: list[int]) -> None:
         self.spec = spec
@@ -56,8 +68,8 @@ class PrefillInstance:
         self.queue.append(i)
         self.queued_tokens += self.input_len[i]
 
-    def try_start_batch(self) -> tuple[list[int], float, float] | None:
-        """FCFS batch under the token budget (one over-budget prompt runs alone): (batch, stage_s, latency_s)."""
+    def try_start_batch(self) -> PrefillBatch | None:
+        """FCFS batch under the token budget (one over-budget prompt runs alone); None when nothing waits."""
         if not self.queue:
             return None
         budget, max_batch = self.spec.max_num_tokens, self.spec.max_batch_size
@@ -73,7 +85,7 @@ class PrefillInstance:
         self.queued_tokens -= total
         stage_s, latency_s = self.spec.timing.prefill_s(total, total_sq)
         self.busy = True
-        return batch, stage_s, latency_s
+        return PrefillBatch(batch, stage_s, latency_s)
 
 
 class DecodeLane:
@@ -91,7 +103,7 @@ class DecodeLane:
         self.sum_ctx = 0
         self.reserved = 0  # KV tokens reserved for running sequences (input + output, no preemption)
         self.step = 0
-        self.finishing: list[tuple[int, int]] = []  # heap of (step at which it leaves, request)
+        self.leaving_at_step: dict[int, list[int]] = {}  # step number -> running requests that leave after it
 
     @property
     def load(self) -> int:
@@ -121,21 +133,23 @@ class DecodeLane:
         self.batch += 1
         self.reserved += n_in + n_out
         self.sum_ctx += n_in + 1
-        heapq.heappush(self.finishing, (self.step + n_out - 1, i))
+        leave = self.step + max(n_out - 1, 1)  # a step is taken before its leavers are looked up
+        leaving = self.leaving_at_step.get(leave)
+        if leaving is None:
+            self.leaving_at_step[leave] = [i]
+        else:
+            leaving.append(i)
 
     def decode_step(self) -> None:
-        thr, a_s, b_s, c_s, a_l, b_l, c_l, hop_fixed, hop_per = self.terms
-        batch = self.batch
-        if batch <= thr:
-            dt = a_s + b_s * self.sum_ctx + c_s * batch
+        t, batch = self.terms, self.batch
+        if batch <= t.threshold:
+            dt = t.a_small + t.b_small * self.sum_ctx + t.c_small * batch
         else:
-            dt = a_l + b_l * self.sum_ctx + c_l * batch
-        self.clock += dt + hop_fixed + hop_per * batch
+            dt = t.a_large + t.b_large * self.sum_ctx + t.c_large * batch
+        self.clock += dt + t.hop_fixed_s + t.hop_per_seq_s * batch
         self.step += 1
         self.sum_ctx += batch
-        finishing, step = self.finishing, self.step
-        while finishing and finishing[0][0] <= step:
-            i = heapq.heappop(finishing)[1]
+        for i in self.leaving_at_step.pop(self.step, ()):
             done = self.input_len[i] + self.output_len[i]
             self.batch -= 1
             self.sum_ctx -= done
@@ -200,16 +214,24 @@ class ColocatedLane(DecodeLane):
             self.decode_step()
 
 
+@dataclass(slots=True)
+class PromptInProgress:
+    """A prompt admitted to a chunked lane (its KV reserved) whose prefill is not finished yet."""
+
+    request: int
+    prefilled_tokens: int = 0
+
+
 class ChunkedLane(ColocatedLane):
     """Each iteration: one decode token per running sequence + prompt chunks filling the token budget."""
 
     def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder) -> None:
         super().__init__(spec, input_len, output_len, rec)
-        self.prefilling: list[list[int]] = []  # [request, tokens already prefilled], admitted (KV reserved)
+        self.prefilling: list[PromptInProgress] = []  # in admission order
 
     @property
     def load(self) -> int:
-        return self.reserved + self.waiting_tokens + sum(self.input_len[i] for i, _ in self.prefilling)
+        return self.reserved + self.waiting_tokens + sum(self.input_len[p.request] for p in self.prefilling)
 
     def _admit_prompts(self) -> None:
         waiting, inp, out = self.waiting, self.input_len, self.output_len
@@ -221,7 +243,7 @@ class ChunkedLane(ColocatedLane):
             waiting.popleft()
             self.waiting_tokens -= need
             self.reserved += need  # held from admission on; handed over to join() at the first token
-            self.prefilling.append([i, 0])
+            self.prefilling.append(PromptInProgress(i))
 
     def _emit_first_tokens(self, batch: list[int]) -> None:
         for i in batch:
@@ -230,7 +252,7 @@ class ChunkedLane(ColocatedLane):
 
     def advance(self, t: float) -> None:
         prefill = self.spec.timing.coeffs.prefill
-        hop_per = self.terms[8]
+        hop_per = self.terms.hop_per_seq_s
         while self.clock < t:
             self._admit_prompts()
             if self.batch == 0 and not self.prefilling:
@@ -239,16 +261,16 @@ class ChunkedLane(ColocatedLane):
             chunk_tokens = 0
             attn = 0.0
             completed: list[int] = []
-            for entry in self.prefilling:
+            for prompt in self.prefilling:
                 if budget <= 0:
                     break
-                i, done = entry
+                i, done = prompt.request, prompt.prefilled_tokens
                 x = min(budget, self.input_len[i] - done)
                 attn += x * (x + 2 * done)
                 chunk_tokens += x
                 budget -= x
-                entry[1] = done + x
-                if entry[1] == self.input_len[i]:
+                prompt.prefilled_tokens = done + x
+                if done + x == self.input_len[i]:
                     completed.append(i)
             # The chunks ride along the decode step (one launch): their linear and attention terms add to it.
             extra_s = prefill.b * chunk_tokens + prefill.c * attn + hop_per * chunk_tokens
@@ -258,5 +280,11 @@ class ChunkedLane(ColocatedLane):
             else:
                 self.clock += prefill.a + extra_s
             if completed:
-                self.prefilling = [e for e in self.prefilling if e[1] < self.input_len[e[0]]]
+                self.prefilling = [p for p in self.prefilling if p.prefilled_tokens < self.input_len[p.request]]
                 self._emit_first_tokens(completed)
+
+
+COLOCATED_LANES: dict[ColocatedPolicy, type[ColocatedLane]] = {
+    ColocatedPolicy.PREFILL_FIRST: ColocatedLane,
+    ColocatedPolicy.CHUNKED: ChunkedLane,
+}

@@ -6,9 +6,9 @@ Disaggregated (one request's path, as the router does it):
         ──hand-off + KV bytes / link bandwidth──▶ KV_ARRIVED ──least-loaded decode lane──▶ DecodeLane
         ──(importing the KV stalls that lane's next step)──▶ finish (TPOT)
 
-`phases` isolates one side for DistServe's Alg. 1, which sizes each phase on its own SLO: "prefill"
-stops at the first token, "decode" sends each request to decode at its arrival time with its first token
-already there. Colocated deployments dispatch each arrival to the least-loaded lane.
+`phases` isolates one side for DistServe's Alg. 1, which sizes each phase on its own SLO: Role.PREFILL
+stops at the first token, Role.DECODE sends each request to decode at its arrival time with its first token
+already there. Colocated deployments dispatch each arrival to the least-loaded lane of the policy's kind.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from typing import Literal
 
 import numpy as np
 
-from trt_disagg.sim.events import EventKind, EventQueue
-from trt_disagg.sim.instances import ChunkedLane, ColocatedLane, DecodeLane, PrefillInstance, Recorder
+from trt_disagg.contract import Role
+from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, StageFree
+from trt_disagg.sim.instances import COLOCATED_LANES, DecodeLane, PrefillInstance, Recorder
 from trt_disagg.sim.result import SimResult
 from trt_disagg.sim.spec import ColocatedSpec, DisaggSpec, SimWorkload
 
-Phases = Literal["both", "prefill", "decode"]
-
-COLOCATED_LANES: dict[str, type[ColocatedLane]] = {"prefill-first": ColocatedLane, "chunked": ChunkedLane}
+# Which side to simulate: both (end to end), or only Role.PREFILL / Role.DECODE.
+Phases = Literal["both", Role.PREFILL, Role.DECODE]
 
 
 def simulate(spec: DisaggSpec | ColocatedSpec, workload: SimWorkload, phases: Phases = "both") -> SimResult:
@@ -51,18 +51,20 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
              for _ in range(spec.num_decode * spec.decode.pp)]
     kv_s_per_token = spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
     events = EventQueue()
-    for i, t in enumerate(arrivals):
-        events.push(t, EventKind.ARRIVAL, i)
+    # Each arrival schedules the next one, so the heap holds only work in flight and stays small. The order
+    # is the same as with every arrival queued up front: arrivals are the only events of their priority.
+    if arrivals:
+        events.push(Arrival(arrivals[0], 0))
 
     def start_batch(k: int, now: float) -> None:
         started = prefills[k].try_start_batch()
         if started is None:
             prefills[k].busy = False
             return
-        batch, stage_s, latency_s = started
-        events.push(now + latency_s, EventKind.PREFILL_DONE, (k, batch, stage_s >= latency_s))
-        if stage_s < latency_s:
-            events.push(now + stage_s, EventKind.STAGE_FREE, k)
+        frees_stage = started.stage_s >= started.latency_s
+        events.push(PrefillDone(now + started.latency_s, k, started.requests, frees_stage))
+        if not frees_stage:
+            events.push(StageFree(now + started.stage_s, k))
 
     def to_decode(i: int, now: float) -> None:
         for lane in lanes:
@@ -70,33 +72,37 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
         min(lanes, key=_lane_load).add(i, now)
 
     while len(events):
-        now, kind, payload = events.pop()
-        if kind is EventKind.ARRIVAL:
-            if phases == "decode":
-                rec.first_token(payload, now)
-                if out[payload] == 1:
-                    rec.finish(payload, now)
-                else:
-                    to_decode(payload, now)
-                continue
-            k = min(range(len(prefills)), key=lambda j: (prefills[j].queued_tokens, prefills[j].busy, j))
-            prefills[k].enqueue(payload)
-            if not prefills[k].busy:
-                start_batch(k, now)
-        elif kind is EventKind.PREFILL_DONE:
-            k, batch, frees_stage = payload
-            for i in batch:
+        # `type(ev) is` rather than `match`: the loop runs inside the placement search, and this is faster.
+        ev = events.pop()
+        now = ev.time_s
+        if type(ev) is Arrival:
+            i = ev.request
+            if i + 1 < len(arrivals):
+                events.push(Arrival(arrivals[i + 1], i + 1))
+            if phases == Role.DECODE:
                 rec.first_token(i, now)
-                if out[i] == 1 or phases == "prefill":
+                if out[i] == 1:
                     rec.finish(i, now)
                 else:
-                    events.push(now + spec.handoff_s + inp[i] * kv_s_per_token, EventKind.KV_ARRIVED, i)
-            if frees_stage:
+                    to_decode(i, now)
+                continue
+            k = min(range(len(prefills)), key=lambda j: (prefills[j].queued_tokens, prefills[j].busy, j))
+            prefills[k].enqueue(i)
+            if not prefills[k].busy:
                 start_batch(k, now)
-        elif kind is EventKind.STAGE_FREE:
-            start_batch(payload, now)
-        else:  # KV_ARRIVED
-            to_decode(payload, now)
+        elif type(ev) is PrefillDone:
+            for i in ev.batch:
+                rec.first_token(i, now)
+                if out[i] == 1 or phases == Role.PREFILL:
+                    rec.finish(i, now)
+                else:
+                    events.push(KVArrived(now + spec.handoff_s + inp[i] * kv_s_per_token, i))
+            if ev.frees_stage:
+                start_batch(ev.instance, now)
+        elif type(ev) is StageFree:
+            start_batch(ev.instance, now)
+        elif type(ev) is KVArrived:
+            to_decode(ev.request, now)
     for lane in lanes:
         lane.advance(math.inf)
 

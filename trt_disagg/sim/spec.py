@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,14 @@ class DisaggSpec:
     import_s_per_token: float = 0.0  # decode engine time writing the pulled KV into its pool (stalls a step)
 
 
-COLOCATED_POLICIES = ("prefill-first", "chunked")
+class ColocatedPolicy(enum.StrEnum):
+    """How a colocated engine mixes the two phases: the names the planner, the simulator and the CLI accept.
+
+    Each member has a lane class in `instances.COLOCATED_LANES`; adding a policy is one member and one lane.
+    """
+
+    PREFILL_FIRST = "prefill-first"  # vLLM: a waiting prompt runs as a prefill batch before the next decode step
+    CHUNKED = "chunked"  # Sarathi: prompt chunks ride along every decode step, up to the token budget
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,11 @@ class ColocatedSpec:
 
     instance: InstanceSpec
     num_instances: int
-    policy: str = "prefill-first"
+    policy: ColocatedPolicy = ColocatedPolicy.PREFILL_FIRST
+
+    def __post_init__(self) -> None:
+        # Accept the policy's name too (a config value, a flag), and refuse an unknown one here, not mid-run.
+        object.__setattr__(self, "policy", ColocatedPolicy(self.policy))
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,3 @@ class SimWorkload:
     def from_lengths(cls, arrival_s, input_len, output_len) -> SimWorkload:
         return cls(np.asarray(arrival_s, dtype=np.float64), np.asarray(input_len, dtype=np.int64),
                    np.asarray(output_len, dtype=np.int64))
-
-    def with_arrivals(self, arrival_s: np.ndarray) -> SimWorkload:
-        return SimWorkload(np.asarray(arrival_s, dtype=np.float64), self.input_len, self.output_len)

@@ -24,7 +24,7 @@ from trt_disagg.contract import InstanceInfo, Role
 from trt_disagg.kv.handle import new_secret, secret_from_env
 from trt_disagg.kv.transport import make_sender
 from trt_disagg.triton.fake_engine import FAKE_PREFIX, FakeEngine
-from trt_disagg.triton.instance import InstanceServer
+from trt_disagg.triton.instance import Engine, InstanceServer
 from trt_disagg.triton.registry import Registrar, get_or_create_secret
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class InstanceSettings:
         )
 
 
-def load_engine(engine_dir: str, threads_per_rank: int | None) -> Any:
+def load_engine(engine_dir: str, threads_per_rank: int | None) -> Engine:
     """The real engine, or the fake one for ENGINE_DIR "fake:<role>[:tp:pp]" (tests)."""
     if engine_dir.startswith(FAKE_PREFIX):
         return FakeEngine.from_spec(engine_dir)

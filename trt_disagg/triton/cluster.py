@@ -11,7 +11,6 @@ UserError with the reason and the failing instance's log tail.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
-from trt_disagg.engine.types import CONFIG_FILE
+from trt_disagg.engine_dir import CONFIG_FILE
 from trt_disagg.errors import UserError
 from trt_disagg.kv.handle import new_secret, secret_from_env
 from trt_disagg.triton import launch
@@ -193,15 +192,15 @@ class LocalCluster:
         return proc
 
     def _launch_router(self) -> None:
-        if importlib.util.find_spec("router.app") is None or self._config_path is None:
-            log.info("no router started (router package or config path missing)")
+        if self._config_path is None:
+            log.info("no router started (no config path)")
             return
-        # The router helper's entry point: trt_disagg.triton.router_runner builds RouterSettings and runs uvicorn.
+        # The router package's entry point (router/__main__.py) builds RouterSettings and runs uvicorn.
         host, port = self.dep.router.host, self.dep.router.port or launch.free_port()
         assert self.run_dir is not None
         logf = open(self.run_dir / "router.log", "ab")  # noqa: SIM115 - owned by the process below
         self.router_proc = subprocess.Popen(
-            [sys.executable, "-m", "trt_disagg.triton.router_runner", str(self._config_path),
+            [sys.executable, "-m", "router", str(self._config_path),
              "--redis-url", str(self.redis_url), "--port", str(port)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()

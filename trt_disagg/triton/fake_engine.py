@@ -16,14 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from trt_disagg.contract import InstanceLoad, ModelShape, RequestType, Role, SamplingParams, pp_layer_ranges
-from trt_disagg.engine.types import (
-    EngineConfig,
-    EngineLimits,
-    ExportedKV,
-    FinishReason,
-    KVCacheSpec,
-    TokenEvent,
-)
+from trt_disagg.engine.types import FinishReason, TokenEvent
+from trt_disagg.engine_dir import EngineConfig, EngineLimits, KVCacheSpec
+from trt_disagg.exported_kv import ExportedKV
 
 FAKE_PREFIX = "fake:"
 FAKE_SHAPE = ModelShape(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=4,

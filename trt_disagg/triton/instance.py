@@ -7,14 +7,13 @@
 
 Responses (decoupled): prefill sends one response (output_ids=[first token], context_phase_params=handle)
 with the final flag; decode and colocated stream one token per response when `streaming`, else one
-response with every token. Failures are sent as an error response whose message starts with an
-`ErrorKind` tag ("invalid_handle: ...") so the router can map it without parsing prose.
+response with every token. Failures are sent as an error response whose message starts with a
+contract.ErrorKind tag ("invalid_handle: ...") so the router can map it without parsing prose.
 Importable and testable without Triton: the model passes a `Responder` for each request.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import json
 import logging
@@ -25,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from trt_disagg.contract import InstanceLoad, RequestType, Role
+from trt_disagg.contract import ErrorKind, InstanceLoad, RequestType, Role, SamplingParams
 from trt_disagg.engine.types import FinishReason, TokenEvent
+from trt_disagg.engine_dir import EngineConfig
+from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv.errors import InvalidHandleError, KVTransferError
 from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle
 from trt_disagg.kv.transport import KVSender, check_layout, make_receiver, resolve_receiver_name
@@ -41,16 +42,31 @@ ROLE_ACCEPTS: dict[Role, frozenset[RequestType]] = {
 }
 
 
-class ErrorKind(enum.StrEnum):
-    """Prefix of every error message an instance sends; the router maps these to its error classes."""
+class Engine(Protocol):
+    """What an instance drives: the torch engine (engine.llm_engine.LLMEngine) or the fake one
+    (triton.fake_engine.FakeEngine, the test double), both checked against this by `adapter.load_engine`.
 
-    BAD_REQUEST = "bad_request"
-    OVERLOADED = "overloaded"
-    INVALID_HANDLE = "invalid_handle"
-    KV_TRANSFER_FAILED = "kv_transfer_failed"
-    CANCELLED = "cancelled"
-    SHUTTING_DOWN = "shutting_down"
-    INTERNAL = "internal"
+    Ownership: `add_request` / `add_decode_request` hand the request (and the imported KV) to the engine,
+    which owns its blocks until the request finishes or is aborted. A context_only request's KV is then
+    held for the hand-off until `release_kv`; `export_kv` only reads it. `abort` and `release_kv` are
+    idempotent. `step` is called from one thread; the other methods may come from any thread.
+    """
+
+    @property
+    def config(self) -> EngineConfig: ...
+    @property
+    def kv_capacity_tokens(self) -> int: ...
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                    request_type: RequestType = RequestType.CONTEXT_AND_GENERATION) -> None: ...
+    def add_decode_request(self, request_id: str, prompt_ids: list[int], first_token: int, kv: ExportedKV,
+                           sampling: SamplingParams) -> None: ...
+    def step(self) -> list[TokenEvent]: ...
+    def has_unfinished(self) -> bool: ...
+    def abort(self, request_id: str) -> None: ...
+    def export_kv(self, request_id: str) -> ExportedKV: ...
+    def release_kv(self, request_id: str) -> None: ...
+    def load(self) -> InstanceLoad: ...
+    def shutdown(self) -> None: ...
 
 
 class Responder(Protocol):
@@ -72,7 +88,7 @@ class _Stream:
 class InstanceServer:
     """Drives one engine for one Triton model (role). Thread-safe `submit`; one loop thread."""
 
-    def __init__(self, role: Role, engine: Any, secret: bytes, sender: KVSender | None = None,
+    def __init__(self, role: Role, engine: Engine, secret: bytes, sender: KVSender | None = None,
                  transport: str = "auto", receiver_options: dict | None = None,
                  fetch_workers: int = 4, idle_poll_s: float = 0.02, iteration_log: Path | None = None) -> None:
         if role is Role.PREFILL and sender is None:
@@ -276,10 +292,6 @@ class InstanceServer:
         """Forget a stream; False when it was already gone (failed or cancelled elsewhere)."""
         with self._lock:
             return self._streams.pop(engine_id, None) is not None
-
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
 
 
 def _cancelled(responder: Responder) -> bool:

@@ -46,10 +46,8 @@ class TritonBinary:
 
 def bundled_tritonserver(work_dir: Path) -> TritonBinary:
     """The pytriton wheel's server, with a backend dir that holds this interpreter's stub."""
-    try:
-        import pytriton
-    except ImportError:
-        raise UserError("no tritonserver: install nvidia-pytriton (CPU) or put tritonserver on PATH") from None
+    import pytriton
+
     root = Path(pytriton.__file__).parent / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"

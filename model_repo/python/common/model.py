@@ -11,8 +11,8 @@ import logging
 
 import triton_python_backend_utils as pb_utils
 
+from trt_disagg.contract import ErrorKind
 from trt_disagg.triton.adapter import InstanceSettings, RunningInstance
-from trt_disagg.triton.instance import ErrorKind
 from trt_disagg.triton.tensors import RequestParseError, output_arrays, parse_request
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

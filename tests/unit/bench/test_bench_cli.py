@@ -129,7 +129,7 @@ def write_engine_dir(root: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     from trt_disagg.contract import ModelShape, Role
-    from trt_disagg.engine.types import EngineConfig, EngineLimits, KVCacheSpec
+    from trt_disagg.engine_dir import EngineConfig, EngineLimits, KVCacheSpec
 
     words = "the cat sat on mat and dog ran far big red sun sky day way new old one two man car".split()
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}

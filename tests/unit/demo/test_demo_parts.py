@@ -20,7 +20,7 @@ from trt_disagg.demo.predict import (
 from trt_disagg.demo.report import VariantOutcome, goodput_table, prediction_table
 from trt_disagg.demo.served_steps import step_ratios
 from trt_disagg.demo.variants import COLOCATED, DISAGGREGATED, split_variants
-from trt_disagg.engine.types import EngineConfig, EngineLimits, KVCacheSpec
+from trt_disagg.engine_dir import EngineConfig, EngineLimits, KVCacheSpec
 from trt_disagg.errors import UserError
 from trt_disagg.planner.latency_model import Coefficients, LatencyModel, PhaseCoefficients
 from trt_disagg.sim import ColocatedSpec, DisaggSpec

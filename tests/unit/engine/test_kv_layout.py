@@ -5,7 +5,7 @@ import torch
 
 from trt_disagg.contract import KVLayout
 from trt_disagg.engine.kv_layout import assemble_full, convert, slice_for
-from trt_disagg.engine.types import ExportedKV
+from trt_disagg.exported_kv import ExportedKV
 
 LAYERS, HEADS, DIM, TOKENS = 5, 4, 3, 7  # 5 layers: PP splits unevenly (3 + 2)
 

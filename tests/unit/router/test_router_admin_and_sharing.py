@@ -15,7 +15,7 @@ from tests.unit.router.router_testkit import (
     make_router,
     records_of,
     register_pd,
-    runner_of,
+    requests_of,
     serve,
 )
 
@@ -86,4 +86,4 @@ async def test_two_routers_share_redis_records_and_balance_decode(valkey_url, re
         # either router reads the other's records from the shared Redis
         rec_b_from_a = await records_of(app_a).get(ids[1])
         assert rec_b_from_a.state is S.DONE and rec_b_from_a.fields["router"] == "router-b"
-        assert runner_of(app_a).active == {} and runner_of(app_b).active == {}
+        assert requests_of(app_a).active == {} and requests_of(app_b).active == {}

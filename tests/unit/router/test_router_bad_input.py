@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.router.router_testkit import MODEL, FakeInstanceClient, asgi_client, make_router, register_pd
+from trt_disagg.keys import record_key
 
 GOOD = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -67,7 +68,7 @@ async def test_bad_input_is_4xx_with_openai_error_body(valkey_url, redis, path, 
     if param is not None:
         assert err["param"] is not None and err["param"].startswith(param)
         assert param in err["message"]
-    assert not await redis.keys("trtd:req:*")  # rejected before a record was made
+    assert not await redis.keys(record_key("*"))  # rejected before a record was made
 
 
 async def test_unknown_route_and_method_are_openai_shaped(valkey_url, redis):

@@ -11,11 +11,11 @@ from router.dispatch import (
     Outstanding,
     RoundRobin,
     ServePath,
-    drain_key,
     make_policy,
 )
 from tests.unit.router.router_testkit import register
 from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
+from trt_disagg.keys import drain_key
 
 
 def cand(i: str, role: Role = Role.PREFILL, *, queued: int = 0, running: int = 0, free: int = 10,

@@ -24,9 +24,10 @@ from tests.unit.router.router_testkit import (
     make_router,
     records_of,
     register_pd,
-    runner_of,
+    requests_of,
     serve,
 )
+from trt_disagg.keys import events_key
 
 TOK = FakeTokenizer()
 
@@ -59,7 +60,7 @@ async def test_prefill_failing_everywhere_is_a_502_and_a_failed_record(valkey_ur
         assert resp.status_code == 502
         assert resp.json()["error"]["code"] == "instance_failed"
         assert len(fake.prefill_calls) == 2  # each instance once, then no instance is left to try
-        (rid,) = [k.decode().split(":")[2] for k in await redis.keys("trtd:req:*:events")]
+        (rid,) = [k.decode().split(":")[2] for k in await redis.keys(events_key("*"))]
         rec = await records_of(app).get(rid)
     assert rec.state is S.FAILED and "prefill failed" in rec.fields["error"]
 
@@ -86,6 +87,18 @@ async def test_decode_lost_mid_stream_continues_elsewhere_without_repeat_or_loss
     rec = (await records_of(app).get(rid)).to_json()
     assert rec["state"] == "DONE" and rec["fields"]["decode_instance"] == "decode-1"
     assert any(e.get("resumed_after_tokens") == 2 + lost_after for e in rec["events"])
+
+
+async def test_a_kv_pull_failing_on_every_decode_instance_is_a_502_kv_transfer_failed(valkey_url, redis):
+    await register_pd(redis, num_prefill=1, num_decode=2)
+    fake = FakeInstanceClient(fail_kv_pull={"decode-0", "decode-1"})
+    app = make_router(valkey_url, fake, max_decode_retries=1)
+    async with asgi_client(app) as http:
+        resp = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 6,
+                                                         "stream": True})
+    lines = data_lines(resp.text.splitlines())
+    assert json.loads(lines[-2])["error"]["code"] == "kv_transfer_failed" and lines[-1] == "[DONE]"
+    assert sorted(c[0] for c in fake.decode_calls) == ["decode-0", "decode-1"]  # tried each, then gave up
 
 
 async def test_decode_lost_with_no_decode_instance_left_ends_with_a_clear_error(valkey_url, redis):
@@ -126,7 +139,7 @@ async def test_client_disconnect_cancels_both_legs(valkey_url, redis):
                 except TimeoutError:
                     raise AssertionError(f"decode never started; the stream went on with {[x async for x in lines]}"
                                          f" and the record is {await records_of(app).get(rid)}") from None
-        await asyncio.wait_for(runner_of(app).wait_settled(rid), timeout=10)
+        await asyncio.wait_for(requests_of(app).wait_settled(rid), timeout=10)
         rec = await records_of(app).get(rid)
         assert rec.state is S.CANCELLED
         assert rec.fields["error"] == "client disconnected"
@@ -146,11 +159,11 @@ async def test_client_disconnect_cancels_a_non_streaming_request(valkey_url, red
         async with httpx.AsyncClient(base_url=url) as http:
             post = asyncio.create_task(http.post(path, json=body))
             await asyncio.wait_for(fake.streams_started.wait(), timeout=10)  # (1) prefilled, decoding
-            (rid,) = runner_of(app).active
+            (rid,) = requests_of(app).active
             post.cancel()  # (2) the client hangs up: httpx drops the connection
             with pytest.raises(asyncio.CancelledError):
                 await post
-        await asyncio.wait_for(runner_of(app).wait_settled(rid), timeout=10)
+        await asyncio.wait_for(requests_of(app).wait_settled(rid), timeout=10)
         rec = await records_of(app).get(rid)
     assert rec.state is S.CANCELLED and rec.fields["error"] == "client disconnected"  # (3) not the deadline
     assert fake.open_streams == 0  # (4) the decode stream was closed and both legs cancelled
@@ -248,7 +261,7 @@ async def test_reaper_fails_an_overdue_request_whose_stream_is_stuck(valkey_url,
                     if line.startswith("data: "):
                         break
                 await fake.streams_started.wait()
-                runner = runner_of(app)
+                runner = requests_of(app)
                 runner.active[rid].deadline_s = 0.0  # as if request_timeout_s had passed
                 assert await runner.reap_overdue() == [rid]
                 rec = await records_of(app).get(rid)

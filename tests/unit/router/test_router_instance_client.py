@@ -19,9 +19,10 @@ from router.instance_client import (
     classify_error,
     output_tokens,
 )
-from router.job import Job
+from router.legs import Legs
 from trt_disagg.contract import (
     REQUEST_TYPE_PARAMETER,
+    ErrorKind,
     InstanceInfo,
     RequestType,
     Role,
@@ -68,10 +69,11 @@ def test_output_tokens_reads_output_ids_and_drops_an_echoed_prompt():
 
 def test_errors_are_classified_by_the_instance_tag_first():
     assert isinstance(classify_error(INFO, "invalid_handle: expired", lost=True), InstanceRejected)
-    assert classify_error(INFO, "overloaded: 9000 pending tokens", lost=True).kind == "overloaded"
+    assert classify_error(INFO, "overloaded: 9000 pending tokens", lost=True).kind is ErrorKind.OVERLOADED
     assert isinstance(classify_error(INFO, "shutting_down: bye", lost=False), InstanceLost)
     assert isinstance(classify_error(INFO, "Socket closed", lost=True), InstanceLost)
-    assert classify_error(INFO, "bad_request: input_ids missing", lost=True).kind == "bad_request"
+    assert classify_error(INFO, "Socket closed", lost=True).kind is None
+    assert classify_error(INFO, "bad_request: input_ids missing", lost=True).kind is ErrorKind.BAD_REQUEST
 
 
 def test_detokenizer_deltas_add_up_to_the_full_text():
@@ -132,9 +134,8 @@ class _Call:
 
 async def test_cancel_reaches_the_calls_of_a_request_and_of_its_retries_only():
     client = TritonInstanceClient(prefill_timeout_s=1.0)
-    job = Job(request_id="cmpl-ab", prompt_ids=[1], sampling=SamplingParams(max_new_tokens=4), received_s=0.0,
-              deadline_s=1.0)
-    ids = [job.call_id("prefill"), job.call_id("prefill"), job.call_id("decode"), job.call_id("decode")]
+    legs = Legs("cmpl-ab", client, releaser=None, spawn=None)  # type: ignore[arg-type]  # call ids only
+    ids = [legs.call_id(Role.PREFILL), legs.call_id(Role.PREFILL), legs.call_id(Role.DECODE), legs.call_id(Role.DECODE)]
     assert ids == ["cmpl-ab", "cmpl-ab-p1", "cmpl-ab", "cmpl-ab-d1"]  # each retry reaches its engine as new
     calls = {sent_as: _Call() for sent_as in ("cmpl-ab", "cmpl-ab-p1", "cmpl-ab-d1", "cmpl-abc")}
     with ExitStack() as open_calls:

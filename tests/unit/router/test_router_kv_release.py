@@ -25,7 +25,7 @@ from tests.unit.router.router_testkit import (
     records_of,
     register,
     register_pd,
-    runner_of,
+    requests_of,
     serve,
 )
 from trt_disagg.contract import InstanceInfo, RequestType, Role, SamplingParams
@@ -54,7 +54,7 @@ async def test_client_gone_before_the_first_decode_token_releases_the_prefill_kv
     app = make_router(valkey_url, fake, releaser)
     async with serve(app) as url:
         rid = await first_token_then_hang_up(url, fake)  # (1) prefill done, decode dispatched, (2) hang up
-        await asyncio.wait_for(runner_of(app).wait_settled(rid), timeout=10)
+        await asyncio.wait_for(requests_of(app).wait_settled(rid), timeout=10)
         await asyncio.wait_for(releaser.released.wait(), timeout=10)
         assert (await records_of(app).get(rid)).state is S.CANCELLED  # (3) cancelled ...
     assert [(r[0], r[1]) for r in releaser.releases] == [(rid, "prefill-0")]  # (4) ... and its KV given back
@@ -171,7 +171,7 @@ async def test_cancel_between_prefill_and_decode_gives_the_blocks_back_to_the_pr
     app = make_router(valkey_url, fake, releaser, handle_ttl_s=3600)
     async with serve(app) as url:
         rid = await first_token_then_hang_up(url, fake)  # (1) prefilled and offered, (2) the client hangs up
-        await asyncio.wait_for(runner_of(app).wait_settled(rid), timeout=10)
+        await asyncio.wait_for(requests_of(app).wait_settled(rid), timeout=10)
         await asyncio.wait_for(releaser.answered.wait(), timeout=10)
     assert sender.num_pending() == 0  # (3) released long before its TTL
     assert engine.num_free_blocks == engine.num_total_blocks  # (4) the prefill pool is full again

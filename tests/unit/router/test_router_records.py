@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from router.records import RecordStore, TransitionRefused, active_key, handle_key, record_key
+from router.records import RecordStore, TransitionRefused
 from router.states import ALLOWED, TERMINAL, RequestState, sources_of
+from trt_disagg.keys import active_key, handle_key, record_key
 
 S = RequestState
 PHASE_ORDER = [S.RECEIVED, S.PREFILL_QUEUED, S.PREFILLING, S.PREFILL_DONE, S.DECODE_DISPATCHED, S.DECODING, S.DONE]

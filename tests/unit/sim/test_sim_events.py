@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from trt_disagg.sim.events import EventKind, EventQueue, event_key
+from trt_disagg.sim.events import (
+    Arrival,
+    EventKind,
+    EventQueue,
+    KVArrived,
+    PrefillDone,
+    StageFree,
+    event_key,
+)
 
 
 def test_key_orders_by_time_then_priority_then_sequence():
@@ -19,9 +27,14 @@ def test_completions_before_arrivals_at_the_same_instant():
 
 def test_queue_pops_in_key_order_and_fcfs_among_equals():
     q = EventQueue()
-    q.push(2.0, EventKind.ARRIVAL, "late")
-    q.push(1.0, EventKind.ARRIVAL, "a1")
-    q.push(1.0, EventKind.PREFILL_DONE, "done")
-    q.push(1.0, EventKind.ARRIVAL, "a2")
-    popped = [q.pop()[2] for _ in range(len(q))]
-    assert popped == ["done", "a1", "a2", "late"]
+    late, a1, done, a2 = Arrival(2.0, 0), Arrival(1.0, 1), PrefillDone(1.0, 0, [7], True), Arrival(1.0, 2)
+    for event in (late, a1, done, a2):
+        q.push(event)
+    popped = [q.pop() for _ in range(len(q))]
+    assert popped == [done, a1, a2, late]
+
+
+def test_each_event_carries_its_kind():
+    events = (PrefillDone(0.0, 0, [], True), StageFree(0.0, 0), KVArrived(0.0, 0), Arrival(0.0, 0))
+    assert [e.kind for e in events] == [EventKind.PREFILL_DONE, EventKind.STAGE_FREE, EventKind.KV_ARRIVED,
+                                        EventKind.ARRIVAL]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tests.unit.sim.sim_helpers import make_instance, make_workload
-from trt_disagg.sim import ColocatedSpec, DisaggSpec, SimWorkload, simulate
-from trt_disagg.sim.instances import ChunkedLane, ColocatedLane, DecodeLane, Recorder
+from trt_disagg.contract import Role
+from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, DisaggSpec, SimWorkload, simulate
+from trt_disagg.sim.instances import COLOCATED_LANES, ChunkedLane, ColocatedLane, DecodeLane, Recorder
 from trt_disagg.workload import make_arrivals
 
 
@@ -54,7 +55,7 @@ def test_single_prefill_instance_batch_one_is_an_md1_queue():
     service_s, rho, n = 0.05, 0.7, 40_000
     p = make_instance(prefill=(service_s, 0.0, 0.0), max_batch=1)
     arrivals = make_arrivals("poisson", rho / service_s, n, seed=1)
-    res = simulate(disagg(p, make_instance()), make_workload(arrivals, [64] * n, [1] * n), phases="prefill")
+    res = simulate(disagg(p, make_instance()), make_workload(arrivals, [64] * n, [1] * n), phases=Role.PREFILL)
     mean_wait = float(np.mean(res.ttft_s)) - service_s
     expected = rho * service_s / (2 * (1 - rho))
     assert mean_wait == pytest.approx(expected, rel=0.05)
@@ -71,7 +72,7 @@ def test_attainment_falls_monotonically_as_the_rate_grows():
     assert attainment[0] > 0.9 > attainment[-1]
 
 
-@pytest.mark.parametrize("kind", ["disagg", "prefill-first", "chunked"])
+@pytest.mark.parametrize("kind", ["disagg", *ColocatedPolicy])
 def test_every_request_finishes_exactly_once_with_consistent_times(kind):
     n = 600
     rng = np.random.default_rng(7)
@@ -106,7 +107,7 @@ def test_chunked_prefill_spreads_a_long_prompt_over_iterations():
 
 def test_pipeline_parallel_prefill_overlaps_batches():
     p = make_instance(prefill=(0.1, 0.0, 0.0), pp=2, max_batch=1)
-    res = simulate(disagg(p, make_instance()), make_workload([0.0, 0.0], [10, 10], [1, 1]), phases="prefill")
+    res = simulate(disagg(p, make_instance()), make_workload([0.0, 0.0], [10, 10], [1, 1]), phases=Role.PREFILL)
     # stage time 0.05: the second batch enters after 0.05 s and has the full 0.1 s (+ one hop) latency
     assert sorted(res.ttft_s) == pytest.approx([0.1, 0.15], abs=1e-4)
 
@@ -115,7 +116,7 @@ def test_decode_kv_capacity_limits_the_batch():
     # Capacity fits one request (in+out = 60) at a time: the second waits for the first to finish.
     d = make_instance(decode=(0.01, 0.0, 0.0), kv=100)
     res = simulate(disagg(make_instance(), d, link=1e15), make_workload([0.0, 0.0], [10, 10], [50, 50]),
-                   phases="decode")
+                   phases=Role.DECODE)
     first, second = sorted(res.finish_s)
     assert first == pytest.approx(49 * 0.01)
     assert second == pytest.approx(2 * 49 * 0.01)
@@ -145,3 +146,10 @@ def test_lanes_hold_no_kv_after_everything_finished(lane_cls):
     lane.advance(math.inf)
     assert rec.num_completed == n
     assert lane.load == 0
+
+
+def test_every_colocated_policy_has_a_lane_and_specs_take_names():
+    assert set(COLOCATED_LANES) == set(ColocatedPolicy)
+    assert ColocatedSpec(make_instance(), 1, "chunked").policy is ColocatedPolicy.CHUNKED  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        ColocatedSpec(make_instance(), 1, "round-robin")  # type: ignore[arg-type]

@@ -11,11 +11,11 @@ from dataclasses import replace
 
 import pytest
 
-from trt_disagg.contract import RequestType, Role, SamplingParams
+from trt_disagg.contract import ErrorKind, RequestType, Role, SamplingParams
 from trt_disagg.kv.handle import new_secret
 from trt_disagg.kv.transport import make_sender
 from trt_disagg.triton.fake_engine import FakeEngine
-from trt_disagg.triton.instance import ErrorKind, InstanceServer
+from trt_disagg.triton.instance import InstanceServer
 from trt_disagg.triton.tensors import InstanceRequest
 
 WAIT_S = 120.0  # a hang guard only; the machine is shared

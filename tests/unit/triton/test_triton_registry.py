@@ -1,4 +1,5 @@
-"""The Redis registry against the embedded Valkey: register, heartbeat, load, expiry, deregister."""
+"""The Redis registry against the embedded Valkey: register, heartbeat, load, expiry, deregister
+(the instance side's Registrar, read back with the router side's registry_read)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
+from trt_disagg import keys, registry_read
+from trt_disagg.contract import (
+    InstanceInfo,
+    InstanceLoad,
+    Role,
+    decode_info,
+    decode_load,
+    encode_info,
+    encode_load,
+)
 from trt_disagg.triton import registry
 from trt_disagg.triton.redis_server import EmbeddedRedis
 
@@ -34,17 +44,17 @@ def make_info(instance_id: str = "prefill-0", role: Role = Role.PREFILL) -> Inst
 
 
 def test_key_names_are_distinct_and_prefixed():
-    keys = {registry.instance_key("a"), registry.load_key("a"), registry.role_set_key(Role.PREFILL),
-            registry.role_set_key("decode"), registry.KV_SECRET_KEY}
-    assert len(keys) == 5
-    assert all(k.startswith(registry.KEY_PREFIX) for k in keys)
+    names = {keys.instance_key("a"), keys.load_key("a"), keys.role_set_key(Role.PREFILL),
+             keys.role_set_key("decode"), keys.KV_SECRET_KEY}
+    assert len(names) == 5
+    assert all(k.startswith(keys.KEY_PREFIX) for k in names)
 
 
 def test_info_and_load_round_trip():
     info = make_info()
-    assert registry.decode_info(registry.encode_info(info)) == info
+    assert decode_info(encode_info(info)) == info
     load = InstanceLoad(queued_prompt_tokens=3, running_sequences=2, free_kv_blocks=7, total_kv_blocks=9)
-    assert registry.decode_load(registry.encode_load(load)) == load
+    assert decode_load(encode_load(load)) == load
 
 
 async def test_register_list_load_deregister(client, redis_url):
@@ -53,26 +63,26 @@ async def test_register_list_load_deregister(client, redis_url):
     reg.start()
     aio = aioredis.from_url(redis_url)
     try:
-        found = await registry.list_instances(aio, Role.PREFILL)
+        found = await registry_read.list_instances(aio, Role.PREFILL)
         assert [i.instance_id for i in found] == ["prefill-0"]
         assert found[0].role is Role.PREFILL
-        assert await registry.list_instances(aio, Role.DECODE) == []
-        assert await registry.get_load(aio, "prefill-0") == load
-        assert client.pttl(registry.instance_key("prefill-0")) > 0  # heartbeat keys carry a TTL
+        assert await registry_read.list_instances(aio, Role.DECODE) == []
+        assert await registry_read.get_load(aio, "prefill-0") == load
+        assert client.pttl(keys.instance_key("prefill-0")) > 0  # heartbeat keys carry a TTL
         reg.stop()
-        assert await registry.list_instances(aio, Role.PREFILL) == []
-        assert await registry.get_load(aio, "prefill-0") is None
+        assert await registry_read.list_instances(aio, Role.PREFILL) == []
+        assert await registry_read.get_load(aio, "prefill-0") is None
     finally:
         reg.stop()
         await aio.aclose()
 
 
 async def test_expired_instance_is_pruned_from_role_set(client, redis_url):
-    client.sadd(registry.role_set_key(Role.DECODE), "decode-9")  # member without a live instance key
+    client.sadd(keys.role_set_key(Role.DECODE), "decode-9")  # member without a live instance key
     aio = aioredis.from_url(redis_url)
     try:
-        assert await registry.list_instances(aio, Role.DECODE) == []
-        assert client.scard(registry.role_set_key(Role.DECODE)) == 0
+        assert await registry_read.list_instances(aio, Role.DECODE) == []
+        assert client.scard(keys.role_set_key(Role.DECODE)) == 0
     finally:
         await aio.aclose()
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.unit.build.build_support import LoadCounter
-from trt_disagg.build.builder import BuildStatus, build_deployment
+from tests.unit.engine_build.build_support import LoadCounter
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
-from trt_disagg.engine.types import CONFIG_FILE, EngineConfig
+from trt_disagg.engine_build.builder import BuildStatus, build_deployment
+from trt_disagg.engine_dir import CONFIG_FILE, EngineConfig
 
 
 def statuses(results: list) -> dict[Role, BuildStatus]:
@@ -50,7 +50,7 @@ def test_force_and_seed_rebuild(make_dep: Callable[..., Deployment], loads: Load
     assert statuses(forced) == {Role.COLOCATED: BuildStatus.BUILT}
     before = EngineConfig.load(dep.engine_dir(Role.COLOCATED)).inputs_digest
     changed = make_dep(model={"seed": 1})
-    from trt_disagg.build.builder import plan_build
+    from trt_disagg.engine_build.builder import plan_build
 
     plan = plan_build(changed, roles=["colocated"])[0]
     assert not plan.up_to_date and plan.inputs_digest != before

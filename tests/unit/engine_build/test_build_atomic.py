@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import safetensors.torch
 
-from tests.unit.build.build_support import LoadCounter
-from trt_disagg.build.builder import BuildStatus, build_deployment
-from trt_disagg.build.staging import clean_stale
+from tests.unit.engine_build.build_support import LoadCounter
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
-from trt_disagg.engine.types import CONFIG_FILE, EngineConfig
+from trt_disagg.engine_build.builder import BuildStatus, build_deployment
+from trt_disagg.engine_build.staging import clean_stale
+from trt_disagg.engine_dir import CONFIG_FILE, EngineConfig
 
 
 class Interrupted(Exception):

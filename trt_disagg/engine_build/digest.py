@@ -13,8 +13,8 @@ import json
 
 from trt_disagg.config import ModelSource, ServerGroup
 from trt_disagg.contract import Role
-from trt_disagg.engine.types import ENGINE_FORMAT_VERSION
 from trt_disagg.engine.weights import source_digest
+from trt_disagg.engine_dir import ENGINE_FORMAT_VERSION
 
 # Bump when the builder writes something different for the same inputs (sharding, file names, ...).
 BUILDER_VERSION = 1

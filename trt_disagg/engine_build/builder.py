@@ -22,7 +22,6 @@ from typing import Protocol
 from trt_disagg.config import Deployment, ModelSource, ServerGroup
 from trt_disagg.contract import ModelShape, Role
 from trt_disagg.engine.sharding import shard_state_dict, validate_parallelism
-from trt_disagg.engine.types import TOKENIZER_DIR
 from trt_disagg.engine.weights import (
     LoadedModel,
     load_source,
@@ -30,6 +29,7 @@ from trt_disagg.engine.weights import (
     shape_from_hf_config,
     source_digest,
 )
+from trt_disagg.engine_dir import TOKENIZER_DIR
 from trt_disagg.errors import UserError
 
 from . import python_engine, tensorrtllm

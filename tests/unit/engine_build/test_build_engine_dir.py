@@ -9,14 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.unit.build.build_support import LoadCounter
-from trt_disagg.build.builder import BuildStatus, build_deployment
+from tests.unit.engine_build.build_support import LoadCounter
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
 from trt_disagg.engine.sharding import shard_state_dict
-from trt_disagg.engine.tokenizer import load_tokenizer
-from trt_disagg.engine.types import CONFIG_FILE, EngineConfig, EngineLimits, KVCacheSpec, rank_file
 from trt_disagg.engine.weights import LoadedModel
+from trt_disagg.engine_build.builder import BuildStatus, build_deployment
+from trt_disagg.engine_dir import (
+    CONFIG_FILE,
+    EngineConfig,
+    EngineLimits,
+    KVCacheSpec,
+    load_tokenizer,
+    rank_file,
+)
 from trt_disagg.errors import UserError
 
 

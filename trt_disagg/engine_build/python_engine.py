@@ -1,4 +1,4 @@
-"""Write one engine directory for the `python` (CPU torch) backend; layout in trt_disagg/engine/types.py.
+"""Write one engine directory for the `python` (CPU torch) backend; layout in trt_disagg/engine_dir.py.
 
 Order inside the staging dir: rank shards, tokenizer, then config.json last; the whole dir is renamed into
 place only after that (staging.staged_dir), so a directory named `<role>/` is always complete.
@@ -17,7 +17,7 @@ import torch
 
 from trt_disagg.config import ServerGroup
 from trt_disagg.contract import ModelShape, Role
-from trt_disagg.engine.types import (
+from trt_disagg.engine_dir import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     EngineConfig,

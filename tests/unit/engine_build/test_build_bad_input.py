@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.unit.build.build_support import LoadCounter, deep_update, tiny_config_dict
+from tests.unit.engine_build.build_support import LoadCounter, deep_update, tiny_config_dict
 from trt_disagg import cli
-from trt_disagg.build.builder import build_deployment
 from trt_disagg.config import Deployment
+from trt_disagg.engine_build.builder import build_deployment
 from trt_disagg.errors import EXIT_USAGE, UserError
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.unit.build.build_support import LoadCounter, deep_update, tiny_config_dict
-from trt_disagg.build import builder
+from tests.unit.engine_build.build_support import LoadCounter, deep_update, tiny_config_dict
 from trt_disagg.config import Deployment, ModelSource, parse_deployment
 from trt_disagg.engine.weights import LoadedModel, load_source
+from trt_disagg.engine_build import builder
 
 
 @pytest.fixture

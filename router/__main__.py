@@ -1,0 +1,55 @@
+"""`python -m router CONFIG --redis-url URL`: the router process (`trt-disagg serve` starts one).
+
+Another router of the same deployment (another host, or more throughput) runs the same command with the
+shared `--redis-url` and its own `--router-id`; every router reads the same deployment YAML, which is why
+the id is a flag (or env TRT_DISAGG_ROUTER_ROUTER_ID) and not part of the YAML.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from router.settings import RouterSettings
+from trt_disagg.config import load_deployment
+from trt_disagg.errors import UserError
+
+
+def settings_for(config: Path, redis_url: str, port: int | None = None,
+                 router_id: str | None = None) -> RouterSettings:
+    """The router settings of deployment `config`, with the command line's overrides."""
+    overrides: dict[str, object] = {} if port is None else {"port": port}
+    if router_id:
+        overrides["router_id"] = router_id
+    return RouterSettings.from_deployment(load_deployment(config), redis_url, **overrides)
+
+
+def main(
+    config: Annotated[Path, typer.Argument(help="the deployment YAML")],
+    redis_url: Annotated[str, typer.Option(help="Redis/Valkey shared by the deployment")],
+    port: Annotated[int | None, typer.Option(help="default: the deployment's router.port")] = None,
+    router_id: Annotated[str | None, typer.Option(
+        help="this router's identity in Redis, stable across restarts (default: env TRT_DISAGG_ROUTER_ROUTER_ID, "
+             "else host:port); unique per router")] = None,
+) -> None:
+    try:
+        settings = settings_for(config, redis_url, port, router_id)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    import uvicorn
+
+    from router.app import create_app
+
+    # Streams in flight get a short grace period; `serve` kills the router after 10 s anyway.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                timeout_graceful_shutdown=3)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,63 @@
+"""RequestRecordWriter: the only writer of a request's state, in memory at once and in Redis in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.record_writer import RequestRecordWriter
+from router.records import RecordStore
+from router.states import RequestState
+from trt_disagg.keys import record_key
+
+S = RequestState
+
+
+@pytest.fixture
+async def store(redis):
+    return RecordStore(redis, "router-w", retention_s=30, live_ttl_s=60, handle_ttl_s=5)
+
+
+async def test_queued_writes_land_in_order_and_the_memory_state_leads(store):
+    w = RequestRecordWriter(store, "w1", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    # (1) dispatch: memory says PREFILLING at once, Redis gets create → PREFILL_QUEUED → PREFILLING
+    w.dispatch("disaggregated", prefill_instance="prefill-0")
+    assert w.state is S.PREFILLING
+    # (2) a retry is an event in the same state; the hand-off stores the handle
+    w.dispatch("disaggregated", prefill_instance="prefill-1", prefilled_tokens=3)
+    w.enter_with_handle(S.PREFILL_DONE, b"h", first_token=7)
+    w.enter(S.DECODE_DISPATCHED, decode_instance="decode-0")
+    w.enter(S.DECODE_DISPATCHED)  # no self-edge data: still an allowed attempt, recorded
+    w.enter(S.DECODING)
+    w.enter(S.DECODING)
+    # (3) the end: terminal at once, written after everything queued before it
+    written = w.settle(S.DONE, finish_reason="length", output_tokens=4)
+    assert w.state is S.DONE
+    await written
+    rec = await store.get("w1")
+    states = [e["state"] for e in rec.events]
+    assert states == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILLING", "PREFILL_DONE",
+                      "DECODE_DISPATCHED", "DECODE_DISPATCHED", "DECODING", "DECODING", "DONE"]
+    assert rec.fields["prefill_instance"] == "prefill-1" and rec.fields["finish_reason"] == "length"
+    # (4) once terminal, nothing moves it: a later end or transition is ignored
+    w.enter(S.DECODING)
+    await w.settle(S.FAILED, error="late")
+    assert w.state is S.DONE and (await store.get("w1")).state is S.DONE
+
+
+async def test_a_request_ended_before_any_dispatch_gets_its_record_created_in_the_end_state(store):
+    w = RequestRecordWriter(store, "w2", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    await w.settle(S.FAILED, error="InstanceUnavailable: none")
+    rec = await store.get("w2")
+    assert rec.state is S.FAILED and rec.fields["error"] == "InstanceUnavailable: none"
+    assert [e["state"] for e in rec.events] == ["RECEIVED", "FAILED"]
+
+
+async def test_a_failed_creation_is_retried_by_the_end(store, redis):
+    w = RequestRecordWriter(store, "w3", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    await redis.set(record_key("w3"), "not a hash")  # the creation's HSET fails (WRONGTYPE)
+    w.dispatch("colocated", colocated_instance="c-0")
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await w.flush()
+    await redis.delete(record_key("w3"))
+    await w.settle(S.CANCELLED, error="client disconnected")
+    assert (await store.get("w3")).state is S.CANCELLED
