@@ -23,6 +23,10 @@ only the standard library and `trt_disagg.contract`, so the router can use it wi
     trtd:router_inflight:<rid>       HASH    instance id -> outstanding work router <rid>     the router
                                              sent there (JSON), TTL = publish ttl
     trtd:routers                     ZSET    router ids, score: last publish (unix seconds)   the router
+    trtd:kv_events                   STREAM  KV cache events, field e = JSON                  the instances
+                                             (trt_disagg.kv_events), bounded (MAXLEN ~)
+    trtd:kv_snapshot:<id>            STRING  an instance's reusable blocks as one "stored"    the instance
+                                             event JSON, with the seq it is current to
 
 Instance keys expire with the heartbeat: a crashed instance disappears after its TTL, and readers treat a
 role-set member whose instance key is gone as dead (and prune it). Request records expire after the
@@ -87,3 +91,13 @@ def as_text(v: str | bytes) -> str:
     """A Redis reply as text: clients return bytes unless made with decode_responses, and code here must
     work with either."""
     return v.decode() if isinstance(v, bytes) else v
+
+
+def kv_events_key() -> str:
+    """The deployment's stream of KV cache events (trt_disagg.kv_events)."""
+    return f"{KEY_PREFIX}kv_events"
+
+
+def kv_snapshot_key(instance_id: str) -> str:
+    """An instance's reusable blocks, as of a given event seq (a late router starts from it)."""
+    return f"{KEY_PREFIX}kv_snapshot:{instance_id}"

@@ -31,6 +31,7 @@ ROUTER_ALLOWED = (
     "trt_disagg.kv.release",  # the release op's client
     "trt_disagg.kv.errors",
     "trt_disagg.kv.wire",
+    "trt_disagg.kv_events",  # prefix block hashes and the KV cache events the KV-aware policy reads
 )
 
 
