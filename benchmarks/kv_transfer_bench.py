@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/kv_transfer_bench.py [--reps 10] [--handoff-samples 20]
                      [--engines-dir DIR]   (SmolLM2 engines for the hand-off part; built if missing)
+    sudo .venv/bin/python benchmarks/kv_transfer_bench.py --multihost [--reps 10] [--out FILE.json]
 
 Part 1 moves SmolLM2-135M's KV (30 layers, 3 KV heads x 64, float32, prefill layout TP2) of 512 and 2048
 tokens from a sender process (the prefill instance's KV server, `SocketKVSender`) into this process
 (`ShmKVReceiver` / `TcpKVReceiver`, what a decode instance runs) and compares the throughput with a plain
 in-process copy of the same bytes (`clone()` of every shard: allocation + copy, like the receiver).
 Targets: shm >= 0.5x and TCP >= 0.3x the in-process copy.
+
+With --multihost (root), neither part: the KV of a 512-token SmolLM2 prefill crosses a link shaped to
+1 Gbit/s with 2 ms delay between two network namespaces (`kv_multihost.py`): throughput as a share of the
+shaped rate (target >= 0.8) and the hand-off time vs the simulator's link model (target within 20%).
 
 Part 2 serves SmolLM2 with real tritonserver instances (prefill TP2, decode PP2) and measures, per request,
 the hand-off latency as a client sees it: prefill response received -> first decode token received
@@ -204,7 +209,16 @@ def main() -> None:
     parser.add_argument("--handoff-samples", type=int, default=20, help="0 skips part 2")
     parser.add_argument("--handoff-prompts", type=int, nargs="+", default=[128, 512, 1000])
     parser.add_argument("--engines-dir", type=Path, default=REPO / "engines")
+    parser.add_argument("--multihost", action="store_true",
+                        help="instead: KV across two network namespaces joined by a 1 Gbit/s, 2 ms link (root)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "kv_transfer_multihost.json",
+                        help="--multihost: the JSON results file")
     args = parser.parse_args()
+    if args.multihost:
+        from benchmarks.kv_multihost import run
+
+        run(args.engines_dir, args.reps, args.out)
+        return
     part1(args.reps)
     if args.handoff_samples:
         part2(args.engines_dir, args.handoff_samples, args.handoff_prompts)

@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/plan_bench.py [--out runs/plan_bench] [--num-requests 1000]
 
-Cases (published DistServe A100 fits, ShareGPT lengths, Poisson arrivals, 90% joint attainment):
-  opt-13b  1 x 8 A100-80GB  TTFT 0.25 s / TPOT 0.1 s  (DistServe's chatbot SLO; paper: >= 2.0x per-GPU goodput)
-           colocated baseline on the same engine, and on the published vLLM-engine fits as in the paper
+Cases (published DistServe A100 fits with DistServe's simulator overheads, ShareGPT with DistServe's
+multi-turn preprocessing, token counts estimated (OPT's tokenizer is not available offline), Poisson
+arrivals, 90% joint attainment):
+  opt-13b  1 x 8 A100-80GB  TTFT 0.25 s / TPOT 0.1 s  (DistServe's chatbot SLO; paper: prefill TP2 + decode TP1,
+           >= 2.0x per-GPU goodput over vLLM). Every plan reports each baseline: colocated prefill-first and
+           chunked, on the published vLLM fits (the paper's baseline) and on the same DistServe fits.
   opt-66b  4 x 8 A100-80GB  TTFT 2.5 s / TPOT 0.15 s  (DistServe's chatbot SLO for OPT-66B): planning time
-Writes summary.json, the deployment YAMLs and attainment-vs-rate PNGs under --out.
+Writes summary.json and the deployment YAMLs under --out.
 """
 
 from __future__ import annotations
@@ -17,47 +20,46 @@ import time
 from pathlib import Path
 
 from trt_disagg.config import SLO, dump_deployment, load_deployment
-from trt_disagg.planner import inputs
 from trt_disagg.planner.deployment import placement_to_deployment
-from trt_disagg.planner.goodput import SLOTarget
-from trt_disagg.planner.models import get_model
 from trt_disagg.planner.placement import Placement
+from trt_disagg.planner.report import plan_summary
+from trt_disagg.planner.request import PlanRequest, plan_inputs
 from trt_disagg.planner.search import PlanInputs, PlanResult, plan
 
 
-def run_case(model: str, nodes: int, ttft: float, tpot: float, baseline: str, num_requests: int,
-             out: Path) -> tuple[PlanResult, float]:
-    spec = get_model(model)
-    cluster = inputs.parse_cluster("a100-80g", nodes, 8, None, 200.0)
-    latency = inputs.latency_models(spec, ["a100-80g"], "published", None)
-    base = inputs.baseline_engine_models(spec, ["a100-80g"], baseline, latency)
+def run_case(model: str, nodes: int, ttft: float, tpot: float, num_requests: int,
+             out: Path) -> tuple[PlanInputs, PlanResult, float]:
     start = time.perf_counter()  # the planning time includes loading and tokenising the workload
-    lengths = inputs.plan_lengths("sharegpt", spec, num_requests, 0, None, None)
-    inp = PlanInputs(spec, cluster, lengths, inputs.unit_arrivals("poisson", 0, 1.0), SLOTarget(ttft, tpot, 0.9),
-                     latency, base)
+    inp = plan_inputs(PlanRequest(model=model, ttft_s=ttft, tpot_s=tpot, nodes=nodes, num_requests=num_requests,
+                                  latency_source="published", baseline_engine="vllm"))
     result = plan(inp)
     elapsed = time.perf_counter() - start
     best = (result.cluster or result.best_disagg).placement
     assert isinstance(best, Placement)
-    dep = placement_to_deployment(best, spec, SLO(ttft_s=ttft, tpot_s=tpot), max_input_len=1024, max_seq_len=2048,
+    dep = placement_to_deployment(best, inp.model, SLO(ttft_s=ttft, tpot_s=tpot),
+                                  max_input_len=int(inp.lengths.input_len.max()), max_seq_len=inp.model.max_seq_len,
                                   prefill_max_num_tokens=2048, gpus_per_node={"a100-80g": 8})
-    path = out / f"{model}-{nodes}x8-{baseline}.yaml"
+    path = out / f"{model}-{nodes}x8.yaml"
     path.write_text(dump_deployment(dep))
     load_deployment(path)
-    return result, elapsed
+    return inp, result, elapsed
 
 
-def describe(result: PlanResult) -> dict:
-    def row(c):
-        return {"placement": str(c.placement), "gpus": c.unit_gpus, "goodput_rps": round(c.goodput_rps, 3),
-                "per_gpu_rps": round(c.per_gpu_goodput, 3)}
-
-    chunked = [c for c in result.colocated if c.placement.policy == "chunked"]
-    first = [c for c in result.colocated if c.placement.policy == "prefill-first"]
-    return {"disaggregated": row(result.best_disagg), "colocated_prefill_first": row(first[0]) if first else None,
-            "colocated_chunked": row(chunked[0]) if chunked else None, "ratio_vs_best_colocated": round(result.ratio, 3),
-            "ratio_vs_prefill_first": round(result.best_disagg.per_gpu_goodput / first[0].per_gpu_goodput, 3)
-            if first else None, "simulations": result.num_simulations}
+def print_case(name: str, inp: PlanInputs, result: PlanResult, elapsed: float) -> None:
+    w = inp.workload
+    print(f"{name}: planned in {elapsed:.1f} s ({result.num_simulations} simulations)")
+    if w is not None:
+        print(f"  workload {w.source}: {len(inp.lengths)} requests, mean {inp.lengths.input_len.mean():.0f} in / "
+              f"{inp.lengths.output_len.mean():.0f} out tokens ({w.token_counts} token counts), dropped {w.dropped}")
+    best = result.best_disagg
+    print(f"  best disaggregated unit: {best.placement}  {best.per_gpu_goodput:.3f} req/s/GPU")
+    dep = result.deployment
+    if dep is not None:
+        print(f"  deployment: {dep.deployed.placement}  {dep.per_gpu_goodput:.3f} req/s per cluster GPU, "
+              f"{dep.idle_gpus} idle{' (' + dep.idle_reason + ')' if dep.idle_gpus else ''}")
+    for r in result.baselines:
+        print(f"  vs {r.label}: {r.unit.placement} {r.unit.per_gpu_goodput:.3f} req/s/GPU -> "
+              f"{r.unit_ratio:.2f}x per unit GPU, {r.deployment_ratio:.2f}x per cluster GPU")
 
 
 def main() -> None:
@@ -67,18 +69,13 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name, (model, nodes, ttft, tpot, baseline) in {
-        "opt-13b sharegpt, same engine": ("opt-13b", 1, 0.25, 0.1, "same"),
-        "opt-13b sharegpt, vLLM-engine baseline": ("opt-13b", 1, 0.25, 0.1, "vllm"),
-        "opt-66b sharegpt 4x8 A100": ("opt-66b", 4, 2.5, 0.15, "same"),
+    for name, (model, nodes, ttft, tpot) in {
+        "opt-13b sharegpt 1x8 A100": ("opt-13b", 1, 0.25, 0.1),
+        "opt-66b sharegpt 4x8 A100": ("opt-66b", 4, 2.5, 0.15),
     }.items():
-        result, elapsed = run_case(model, nodes, ttft, tpot, baseline, args.num_requests, args.out)
-        summary[name] = {"planning_time_s": round(elapsed, 2), **describe(result)}
-        print(f"{name}: planned in {elapsed:.1f} s ({result.num_simulations} simulations)")
-        print(f"  best disaggregated: {result.best_disagg.placement}  {result.best_disagg.per_gpu_goodput:.3f} req/s/GPU")
-        print(f"  best colocated:     {result.best_colocated.placement}  "
-              f"{result.best_colocated.per_gpu_goodput:.3f} req/s/GPU")
-        print(f"  per-GPU goodput ratio disaggregated / colocated: {result.ratio:.2f}x (paper, OPT-13B chatbot: >= 2.0x)")
+        inp, result, elapsed = run_case(model, nodes, ttft, tpot, args.num_requests, args.out)
+        summary[name] = {"planning_time_s": round(elapsed, 2), **plan_summary(inp, result)}
+        print_case(name, inp, result, elapsed)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"written {args.out}/summary.json")
 

@@ -8,6 +8,7 @@ the id is a flag (or env TRT_DISAGG_ROUTER_ROUTER_ID) and not part of the YAML.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,26 +18,36 @@ from router.settings import RouterSettings
 from trt_disagg.config import load_deployment
 from trt_disagg.errors import UserError
 
+ADMIN_TOKEN_ENV = "TRT_DISAGG_ROUTER_ADMIN_TOKEN"
+
 
 def settings_for(config: Path, redis_url: str, port: int | None = None,
-                 router_id: str | None = None) -> RouterSettings:
-    """The router settings of deployment `config`, with the command line's overrides."""
+                 router_id: str | None = None, host: str | None = None) -> RouterSettings:
+    """The router settings of deployment `config`, with the command line's overrides (and the admin token
+    from env TRT_DISAGG_ROUTER_ADMIN_TOKEN: every router of a deployment is given the same one)."""
     overrides: dict[str, object] = {} if port is None else {"port": port}
     if router_id:
         overrides["router_id"] = router_id
+    if host:
+        overrides["host"] = host
+    if os.environ.get(ADMIN_TOKEN_ENV):
+        overrides["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
     return RouterSettings.from_deployment(load_deployment(config), redis_url, **overrides)
 
 
 def main(
     config: Annotated[Path, typer.Argument(help="the deployment YAML")],
-    redis_url: Annotated[str, typer.Option(help="Redis/Valkey shared by the deployment")],
+    redis_url: Annotated[str, typer.Option(envvar="REDIS_URL", help="Redis/Valkey shared by the deployment "
+                                           "(redis://:PASSWORD@host:port/0, rediss:// for TLS; env REDIS_URL keeps "
+                                           "the password off the command line)")],
     port: Annotated[int | None, typer.Option(help="default: the deployment's router.port")] = None,
     router_id: Annotated[str | None, typer.Option(
         help="this router's identity in Redis, stable across restarts (default: env TRT_DISAGG_ROUTER_ROUTER_ID, "
              "else host:port); unique per router")] = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on (default: the deployment's router.host)")] = None,
 ) -> None:
     try:
-        settings = settings_for(config, redis_url, port, router_id)
+        settings = settings_for(config, redis_url, port, router_id, host)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -45,10 +56,13 @@ def main(
     import uvicorn
 
     from router.app import create_app
+    from router.serving import DrainingServer
 
-    # Streams in flight get a short grace period; `serve` kills the router after 10 s anyway.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=3)
+    app = create_app(settings)
+    # The drain (router/serving.py) finishes or ends the streams; what uvicorn closes after it is idle.
+    server_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                   timeout_graceful_shutdown=3)
+    DrainingServer(server_config, app).run()
 
 
 if __name__ == "__main__":

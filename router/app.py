@@ -22,12 +22,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from router import kv_routing
 from router.deps import RouterState
 from router.dispatch import Dispatcher, make_policy
 from router.errors import install_handlers
 from router.instance_client import InstanceClient, TritonInstanceClient
 from router.kv_release import KVReleaser, SocketKVReleaser
+from router.limits import RequestBodyLimit
 from router.metrics import RouterMetrics
+from router.openapi import install_openapi
 from router.pipeline import RequestRunner
 from router.records import RecordStore
 from router.request_table import RequestTable
@@ -43,7 +46,7 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
                tokenizer: TextTokenizer | None = None, kv_releaser: KVReleaser | None = None) -> FastAPI:
     """The router for `settings`; `instance_client`/`tokenizer`/`kv_releaser` replace the Triton client, the
     engine's tokenizer and the release of un-pulled KV over the instances' KV endpoints."""
-    policy = make_policy(settings.policy)  # a bad name fails here, not at the first request
+    policy = make_policy(settings.policy, **kv_routing.policy_options(settings))  # a bad name fails here
     if tokenizer is None and settings.engine_dir is None:
         raise UserError("the router needs engine_dir (for the tokenizer) or an explicit tokenizer")
     state = RouterState(settings=settings, metrics=RouterMetrics(), tokenizer=tokenizer)
@@ -54,7 +57,9 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
             assert settings.engine_dir is not None
             state.tokenizer = await asyncio.to_thread(HFTokenizer.from_engine_dir, settings.engine_dir)
         state.client = instance_client or TritonInstanceClient(prefill_timeout_s=settings.prefill_timeout_s)
-        state.redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        # bounded socket waits: a partitioned Redis must fail a command, not hang the refresh loop forever
+        state.redis = aioredis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=2.0,
+                                        socket_timeout=5.0)
         try:
             state.records = RecordStore(state.redis, settings.router_id, retention_s=settings.retention_s,
                                         live_ttl_s=settings.request_timeout_s, handle_ttl_s=settings.handle_ttl_s)
@@ -64,6 +69,7 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
                                           max_queued_prompt_tokens=settings.max_queued_prompt_tokens,
                                           publish_ttl_s=max(3 * settings.refresh_interval_s, 1.0))
             state.metrics.observe_snapshot(await state.dispatcher.refresh())
+            kv_routing.attach(state.dispatcher, state.redis, settings, state.metrics, state.spawn, state.stopping)
             releaser = kv_releaser or SocketKVReleaser(timeout_s=settings.kv_release_timeout_s)
             requests = RequestTable(settings, state.records, state.client, releaser, state.metrics, state.spawn)
             state.runner = RequestRunner(settings, requests, state.dispatcher, state.client, state.metrics)
@@ -81,8 +87,10 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
             await _bounded(state.redis.aclose(), settings.shutdown_timeout_s, "closing the Redis client")
 
     app = FastAPI(title="trt-disagg router", lifespan=lifespan)
+    app.add_middleware(RequestBodyLimit, max_body_bytes=settings.max_body_bytes)
     app.state.router = state
     install_handlers(app)
+    install_openapi(app, settings)
     include_all(app)
     return app
 
@@ -125,7 +133,20 @@ async def _refresh_loop(state: RouterState) -> None:
         await asyncio.sleep(state.settings.refresh_interval_s)
         try:
             state.metrics.observe_snapshot(await state.dispatcher.refresh())
-            if state.runner is not None:
-                await state.runner.requests.reap_overdue()
+            redis_ok = True
         except Exception:
-            log.warning("instance refresh or reaping failed", exc_info=True)
+            redis_ok = False
+            log.warning("instance refresh failed (Redis unreachable?)", exc_info=True)
+        if state.runner is None:
+            continue
+        state.runner.requests.records_available(redis_ok)
+        if not redis_ok:
+            continue
+        for instance_id in state.dispatcher.lost_instances(state.settings.instance_lost_after_s):
+            moved = state.runner.requests.abandon_legs_on(instance_id)
+            if moved:
+                log.warning("instance %s left the registry; moving %d request(s) elsewhere", instance_id, len(moved))
+        try:
+            await state.runner.requests.reap_overdue()
+        except Exception:
+            log.warning("reaping overdue requests failed", exc_info=True)

@@ -12,7 +12,7 @@ refresh and reads the others', so several routers agree without a Redis call on 
 figure is a lower bound of the truth (the instance's is a moment old, a router's misses the others' last
 refresh), so a policy takes the larger of the two.
 
-Policies are chosen by name from `POLICIES` (least_loaded, round_robin); adding one is one class and one
+Policies are chosen by name from `POLICIES` (least_loaded, round_robin, kv_aware: router/kv_routing.py); adding one is one class and one
 line. Conditional disaggregation: `choose_path` sends prompts shorter than the threshold (or every prompt,
 when no prefill+decode pair is up) to a colocated instance.
 """
@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from router.kv_routing import KVAware, KVRouting
 from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, decode_load
 from trt_disagg.keys import ROUTERS_KEY, as_text, drain_key, load_key, router_inflight_key
 from trt_disagg.registry_read import list_instances
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class ServePath(enum.StrEnum):
     DISAGGREGATED = "disaggregated"
     COLOCATED = "colocated"
+    LOCAL = "local"  # kv_aware: a decode/colocated instance holding the prefix prefills the short suffix
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Candidate:
     info: InstanceInfo
     load: InstanceLoad
     outstanding: Outstanding
+    prompt_tokens: int = 0  # kv_aware: the request's prompt (0: the policy was not told)
+    matched_tokens: int = 0  # kv_aware: leading prompt tokens this instance holds in its prefix cache
 
     @property
     def queued_prompt_tokens(self) -> int:
@@ -111,14 +115,17 @@ class RoundRobin:
         return ordered[next(self._counters[role]) % len(ordered)]
 
 
-POLICIES: dict[str, type[DispatchPolicy]] = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
+POLICIES: dict[str, type[DispatchPolicy]] = {"least_loaded": LeastLoaded, "round_robin": RoundRobin,
+                                             "kv_aware": KVAware}
 
 
-def make_policy(name: str) -> DispatchPolicy:
+def make_policy(name: str, **options: float) -> DispatchPolicy:
+    """The policy `name`, built with `options` (its weights: only kv_aware has any)."""
     try:
-        return POLICIES[name]()
+        cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown dispatch policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    return cls(**options) if options else cls()  # type: ignore[call-arg]
 
 
 @dataclass
@@ -149,6 +156,8 @@ class Dispatcher:
         self._max_queued_prompt_tokens = max_queued_prompt_tokens
         self._publish_ttl_ms = max(1, int(publish_ttl_s * 1000))
         self._mine: dict[str, Outstanding] = defaultdict(Outstanding)
+        self.kv: KVRouting | None = None  # the block index (router.kv_routing), set when policy is kv_aware
+        self._last_seen_s: dict[str, float] = {}  # instance id -> monotonic time of the last refresh listing it
         self.snapshot = Snapshot()
 
     # ---- reading and publishing the shared view ----------------------------------------------------
@@ -171,7 +180,21 @@ class Dispatcher:
                                for info, raw, drain in zip(infos, loads, drains, strict=True)]
         others = await self._exchange_outstanding(now)
         self.snapshot = Snapshot(instances, others)
+        seen_s = time.monotonic()
+        for views in instances.values():
+            for v in views:
+                self._last_seen_s[v.info.instance_id] = seen_s
         return self.snapshot
+
+    def lost_instances(self, after_s: float) -> list[str]:
+        """Instances missing from the registry for more than `after_s` since they were last seen, each
+        reported once: their heartbeat expired (crashed, hung, partitioned) or an admin removed them. A
+        Redis restart empties the registry only until the next heartbeats, shorter than `after_s`."""
+        now = time.monotonic()
+        lost = [i for i, seen_s in self._last_seen_s.items() if now - seen_s > after_s]
+        for instance_id in lost:
+            del self._last_seen_s[instance_id]
+        return lost
 
     async def _exchange_outstanding(self, now: float) -> dict[str, Outstanding]:
         mine = {k: json.dumps([v.prompt_tokens, v.sequences]) for k, v in self._mine.items()
@@ -232,9 +255,13 @@ class Dispatcher:
         return [Candidate(v.info, v.load, self.outstanding(v.info.instance_id))
                 for v in self.snapshot.live(role) if v.info.instance_id not in exclude]
 
-    def pick(self, role: Role, exclude: frozenset[str] = frozenset()) -> InstanceInfo | None:
-        """The instance for the next leg of `role`, or None when none is live (and not excluded)."""
+    def pick(self, role: Role, exclude: frozenset[str] = frozenset(),
+             prompt_ids: Sequence[int] = ()) -> InstanceInfo | None:
+        """The instance for the next leg of `role`, or None when none is live (and not excluded).
+        With `prompt_ids` and a block index (`kv`), each candidate carries its prefix overlap."""
         cands = self.candidates(role, exclude)
+        if prompt_ids and self.kv is not None and self.kv.route_by_overlap:
+            cands = self.kv.annotate(cands, prompt_ids)
         if role is Role.PREFILL:
             cands = [c for c in cands if c.queued_prompt_tokens < self._max_queued_prompt_tokens]
         chosen = self.policy.choose(role, cands)

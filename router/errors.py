@@ -93,6 +93,12 @@ class InstanceUnavailable(RouterError):
     code = "instance_unavailable"
 
 
+class ShuttingDown(InstanceUnavailable):
+    """The router is stopping: it admits nothing new, and what it could not finish in time ends with this."""
+
+    code = "shutting_down"
+
+
 class InstanceFailed(RouterError):
     """An instance answered with an error the router could not route around."""
 
@@ -122,7 +128,7 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     parts: list[str] = []
     first_param: str | None = None
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_branch(p)]
         path = ".".join(loc)
         if err.get("type") == "json_invalid":
             parts.append("request body is not valid JSON")
@@ -131,6 +137,16 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
             first_param = path
         parts.append(f"{path}: {err.get('msg', 'invalid value')}" if path else str(err.get("msg", "invalid")))
     return "; ".join(parts) or "invalid request", first_param
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def _is_union_branch(part: object) -> bool:
+    """pydantic names the member of a union a value failed as a location part (`stop.constrained-str`,
+    `prompt.list[int]`): that is the type tried, not a field the client sent, so it stays out of `param`.
+    The API's field names are snake_case and never contain '-' or '['."""
+    return isinstance(part, str) and ("-" in part or "[" in part or part in _TYPE_TAGS)
 
 
 def install_handlers(app: FastAPI) -> None:

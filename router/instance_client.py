@@ -33,6 +33,7 @@ import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from trt_disagg.contract import (
+    GUIDE_PROMPT_LEN_PARAMETER,
     INSTANCE_LOST_KINDS,
     REQUEST_TYPE_PARAMETER,
     ErrorKind,
@@ -96,6 +97,16 @@ def _add_input(req: Any, name: str, datatype: str, array: np.ndarray) -> None:
     req.raw_input_contents.append(array.tobytes())
 
 
+def _add_text_input(req: Any, name: str, text: str) -> None:
+    """A BYTES [1,1] input: Triton's raw encoding is each element's 4-byte little-endian length, then it."""
+    data = text.encode()
+    tensor = req.inputs.add()
+    tensor.name = name
+    tensor.datatype = "BYTES"
+    tensor.shape.extend([1, 1])
+    req.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
+
+
 def build_request(model_name: str, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                   request_type: RequestType, *, streaming: bool, handle: bytes | None = None) -> Any:
     """A ModelInferRequest in the shared tensor contract (contract.TensorName)."""
@@ -117,6 +128,11 @@ def build_request(model_name: str, request_id: str, prompt_ids: list[int], sampl
         _add_input(req, TensorName.RANDOM_SEED, "UINT64", np.asarray([[sampling.seed]], dtype=np.uint64))
     if handle is not None:
         _add_input(req, TensorName.CONTEXT_PHASE_PARAMS, "UINT8", np.frombuffer(handle, dtype=np.uint8))
+    if sampling.guide is not None:
+        _add_text_input(req, TensorName.GUIDE_TYPE, sampling.guide.type.value)
+        _add_text_input(req, TensorName.GUIDE, sampling.guide.text)
+        if sampling.guide.prompt_len is not None:
+            req.parameters[GUIDE_PROMPT_LEN_PARAMETER].int64_param = sampling.guide.prompt_len
     req.parameters[REQUEST_TYPE_PARAMETER].string_param = request_type.value
     if streaming:
         req.parameters[ENABLE_FINAL_PARAM].bool_param = True

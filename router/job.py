@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from router.dispatch import ServePath
-from router.errors import RouterError
 from router.legs import Legs
 from router.record_writer import RequestRecordWriter
 from router.states import RequestState
@@ -55,41 +54,6 @@ class Job:
     def complete(self) -> bool:
         """Every token the request will get has been generated (its budget, or an end token)."""
         return self.finish_reason is not None or self.remaining <= 0
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How a request ends: its terminal state, and what its record and the metrics say about why."""
-
-    state: RequestState  # DONE | FAILED | CANCELLED
-    finish_reason: str | None = None  # DONE: stop | length
-    error: str | None = None  # FAILED / CANCELLED: the record's `error` field
-    error_kind: str | None = None  # the trtd_router_errors{kind} label; None: not an error
-
-    @classmethod
-    def done(cls, finish_reason: str) -> Ending:
-        return cls(RequestState.DONE, finish_reason=finish_reason)
-
-    @classmethod
-    def failed(cls, exc: RouterError) -> Ending:
-        return cls(RequestState.FAILED, error=f"{type(exc).__name__}: {exc.message}", error_kind=exc.code or exc.type)
-
-    @classmethod
-    def internal(cls, exc: BaseException) -> Ending:
-        return cls(RequestState.FAILED, error=f"internal: {type(exc).__name__}", error_kind="internal")
-
-    @classmethod
-    def cancelled(cls, reason: str) -> Ending:
-        return cls(RequestState.CANCELLED, error=reason)
-
-    def fields(self) -> dict[str, str]:
-        """What the terminal transition writes into the record besides the state."""
-        out = {}
-        if self.finish_reason is not None:
-            out["finish_reason"] = self.finish_reason
-        if self.error is not None:
-            out["error"] = self.error
-        return out
 
 
 def with_max(sampling: SamplingParams, max_new_tokens: int) -> SamplingParams:

@@ -3,6 +3,9 @@
     open[role]        the instance of the request's current leg of that role (a call may be open there)
     unpulled          prefill KV offered for the request that no decode leg has pulled yet
     call_id(role)     the request id the next call of that role gives its instance
+    abandon(role, e)  give up the leg now with error `e`: its instance stopped beating, or the router is
+                      stopping. The leg's current wait (`waiting[role]`, the timeout of the call or of the
+                      wait for its next token) fires at once; a leg between waits finds `abandoned` first.
 
 Ownership: from `offer()` the prefill instance holds KV on the request's behalf until a decode leg streams
 from it (`pulled()`). A decode leg lost before its first token gives it back at once (`lost()`), and so
@@ -32,6 +35,8 @@ class Legs:
         self._spawn = spawn
         self.open: dict[Role, InstanceInfo] = {}
         self.unpulled: OfferedKV | None = None
+        self.waiting: dict[Role, asyncio.Timeout] = {}
+        self.abandoned: dict[Role, Exception] = {}
         self._calls: dict[Role, int] = {}
 
     def call_id(self, role: Role) -> str:
@@ -43,6 +48,19 @@ class Legs:
         n = self._calls.get(role, 0)
         self._calls[role] = n + 1
         return self._request_id if n == 0 else f"{self._request_id}-{role.value[0]}{n}"
+
+    def on(self, instance_id: str) -> list[Role]:
+        """The roles whose current leg runs on `instance_id`."""
+        return [role for role, inst in self.open.items() if inst.instance_id == instance_id]
+
+    def abandon(self, role: Role, error: Exception) -> None:
+        self.abandoned[role] = error
+        wait = self.waiting.get(role)
+        if wait is not None:
+            try:
+                wait.reschedule(asyncio.get_running_loop().time())
+            except RuntimeError:  # that wait is over: the leg finds `abandoned` before its next one
+                pass
 
     def offer(self, prefill: InstanceInfo, handle: bytes) -> None:
         """`prefill` now holds the request's KV until a decode leg pulls it."""
@@ -56,6 +74,7 @@ class Legs:
         """The leg of `role` failed; a decode leg lost before its first token leaves its KV on the prefill
         side, which is given back now (the continuation re-prefills)."""
         self.open.pop(role, None)
+        self.abandoned.pop(role, None)
         if role is Role.DECODE:
             await self._release_unpulled()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.dispatch import Snapshot
+from router.kv_index import KVIndex
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
@@ -45,6 +46,28 @@ class RouterMetrics:
                                registry=r)
         self.instance_load = Gauge("trtd_router_instance_load", "Load an instance published",
                                    ["instance", "pool", "field"], registry=r)
+
+        # Prefix reuse (kv_aware): hit rate of a pool = matched / prompt tokens of the requests sent there.
+        self.prefix_prompt_tokens = Counter("trtd_router_prefix_prompt_tokens", "Prompt tokens routed, by the "
+                                            "pool that prefilled them", ["pool"], registry=r)
+        self.prefix_matched_tokens = Counter("trtd_router_prefix_matched_tokens", "Of them, tokens the chosen "
+                                             "instance held in its prefix cache (per the block index)", ["pool"],
+                                             registry=r)
+        self.kv_events = Gauge("trtd_router_kv_events", "KV cache events read, by outcome (applied, stale, gap, "
+                               "malformed, forged, unknown_instance, over_capacity, ...)", ["outcome"], registry=r)
+        self.kv_index_blocks = Gauge("trtd_router_kv_index_blocks", "Prefix blocks the index holds per instance",
+                                     ["instance"], registry=r)
+
+    def observe_prefix(self, pool: str, prompt_tokens: int, matched_tokens: int) -> None:
+        self.prefix_prompt_tokens.labels(pool=pool).inc(prompt_tokens)
+        self.prefix_matched_tokens.labels(pool=pool).inc(matched_tokens)
+
+    def observe_kv_index(self, index: KVIndex) -> None:
+        for outcome, n in index.counts.items():
+            self.kv_events.labels(outcome=outcome).set(n)
+        self.kv_index_blocks.clear()
+        for instance, n in index.num_blocks().items():
+            self.kv_index_blocks.labels(instance=instance).set(n)
 
     def observe_snapshot(self, snap: Snapshot) -> None:
         self.instance_load.clear()

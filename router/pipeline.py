@@ -10,9 +10,11 @@
         stream decode(d, handle) → DECODING at its first token (d pulled the KV); yield tokens #2...
       colocated:
         c = pick(COLOCATED) → PREFILL_QUEUED → PREFILLING → DECODING at the first token; yield tokens
-      a leg lost mid-stream (decode or colocated instance gone): `_continued` runs the path again from the
-        tokens the client has (prompt + generated re-prefilled; its first token is the next one), on
-        another instance, a bounded number of times
+      admission first: a request whose estimated queueing wait exceeds its target gets 429 (admission.py)
+      a leg lost mid-stream (decode or colocated instance gone, hung past leg_inactivity_timeout_s, or out
+        of the registry): `_continued` runs the path again from the tokens the client has (prompt +
+        generated re-prefilled; its first token is the next one), on another instance, a bounded number
+        of times; when no prefill+decode pair can take it any more, a colocated instance continues it
       the end: DONE | FAILED (a RouterError, with its reason) | CANCELLED (the consumer went away), or DONE
         at a stop string (the consumer calls `stop_at_string`); one call, `RequestTable.end`
 
@@ -31,7 +33,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import NoReturn
 
+from router.admission import Admission
 from router.dispatch import Dispatcher, ServePath
+from router.ending import Ending
 from router.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -40,9 +44,10 @@ from router.errors import (
     KVTransferFailed,
     Overloaded,
     RouterError,
+    ShuttingDown,
 )
-from router.instance_client import InstanceClient, InstanceError, PrefillResult
-from router.job import Ending, Job, with_max
+from router.instance_client import InstanceClient, InstanceError, InstanceLost, PrefillResult
+from router.job import Job, with_max
 from router.metrics import RouterMetrics
 from router.request_table import RequestTable
 from router.settings import RouterSettings
@@ -73,6 +78,8 @@ class RequestRunner:
                  client: InstanceClient, metrics: RouterMetrics) -> None:
         self._settings = settings
         self.requests = requests
+        self.admission = Admission(dispatcher, target_s=settings.admission_target_s or settings.request_timeout_s,
+                                   window_s=settings.admission_window_s)
         self._dispatch = dispatcher
         self._client = client
         self._metrics = metrics
@@ -108,13 +115,15 @@ class RequestRunner:
         await self.requests.end(job, Ending.done("stop"))
 
     async def _run(self, job: Job) -> AsyncGenerator[int, None]:
-        path = self._dispatch.choose_path(len(job.prompt_ids))
+        local = self._dispatch.kv.local_target(self._dispatch, job.prompt_ids) if self._dispatch.kv else None
+        path = ServePath.LOCAL if local is not None else self._dispatch.choose_path(len(job.prompt_ids))
         if path is None:
             raise InstanceUnavailable("no prefill+decode pair and no colocated instance is up")
         job.path = path
+        self.admission.check(path, len(job.prompt_ids))
         self._metrics.in_flight.labels(pool=path.value).inc()
         self._queued[path].inc()  # until its first token (_accept) or its end
-        leg = self._colocated if path is ServePath.COLOCATED else self._disaggregated
+        leg = {ServePath.COLOCATED: self._colocated, ServePath.LOCAL: self._local}.get(path, self._disaggregated)
         try:
             async with aclosing(self._continued(job, leg)) as tokens:
                 async for token in tokens:
@@ -127,16 +136,32 @@ class RequestRunner:
     # ---- the two paths --------------------------------------------------------------------------------
 
     async def _disaggregated(self, job: Job, lost_decodes: frozenset[str]) -> AsyncGenerator[int, None]:
-        self._require(Role.DECODE, lost_decodes)  # no decode instance left: fail before prefilling
-        prefilled = await self._prefill(job)  # pick prefill → prefill (first token, handle); retried
+        prefilled = await self._try_prefill(job, lost_decodes)  # pick prefill → prefill (first token, handle)
+        if prefilled is None:  # no prefill+decode pair can take it: a colocated instance does, from here
+            async for token in self._colocated(job, frozenset()):
+                yield token
+            return
         handed_off_s = time.monotonic()
         if self._accept(job, prefilled.first_token):
             yield prefilled.first_token  # TTFT (the consumer may end the request here: a stop string)
         if job.complete:
             return
-        decode = self._pick(Role.DECODE, lost_decodes)  # chosen now: the load changed during the prefill
+        decode = self._pick(Role.DECODE, lost_decodes, job.prompt_ids)  # now: the load changed meanwhile
         async for token in self._decode(job, decode, prefilled.handle, handed_off_s):
             yield token
+
+    async def _try_prefill(self, job: Job, lost_decodes: frozenset[str]) -> PrefillResult | None:
+        """`_prefill`, or None when the request should move to a colocated instance instead: no decode
+        instance is left, or every prefill instance tried failed, while a colocated instance is up."""
+        try:
+            self._require(Role.DECODE, lost_decodes)  # no decode instance left: fail before prefilling
+            return await self._prefill(job)
+        except (InstanceUnavailable, InstanceFailed) as exc:
+            if isinstance(exc, ShuttingDown) or not self._dispatch.candidates(Role.COLOCATED):
+                raise
+            log.warning("%s: %s; continuing on a colocated instance", job.request_id, exc.message)
+            self._metrics.retries.labels(phase="prefill" if job.first_token_s is None else "decode").inc()
+            return None
 
     async def _prefill(self, job: Job) -> PrefillResult:
         """Prefill prompt + tokens so far, on another prefill instance after an error (bounded)."""
@@ -144,24 +169,28 @@ class RequestRunner:
         sampling = with_max(job.sampling, job.remaining)
         tried: list[LegLost] = []
         for _ in range(self._settings.max_prefill_retries + 1):
-            prefill = self._dispatch.pick(Role.PREFILL, frozenset(t.instance.instance_id for t in tried))
+            prefill = self._dispatch.pick(Role.PREFILL, frozenset(t.instance.instance_id for t in tried), context)
             if prefill is None:
                 break
             job.record.dispatch(ServePath.DISAGGREGATED, prefill_instance=prefill.instance_id,
+                                **self._prefix_fields(prefill, context, Role.PREFILL.value),
                                 **({"prefilled_tokens": len(context)} if job.state is not S.RECEIVED else {}))
             started = time.monotonic()
             try:
                 async with self._leg(job, Role.PREFILL, prefill, prompt_tokens=len(context)) as call_id:
-                    async with self._timeout(job):
-                        result = await self._client.prefill(prefill, call_id, context, sampling)
-            except TimeoutError:
-                raise DeadlineExceeded("request deadline passed during prefill") from None
+                    try:
+                        async with self._timeout(job) as wait:
+                            job.legs.waiting[Role.PREFILL] = wait
+                            result = await self._client.prefill(prefill, call_id, context, sampling)
+                    except TimeoutError:
+                        raise self._wait_failed(job, Role.PREFILL, prefill, "during prefill") from None
             except LegLost as lost:
                 self._metrics.retries.labels(phase="prefill").inc()
                 log.warning("prefill of %s failed on %s: %s", job.request_id, prefill.instance_id, lost)
                 tried.append(lost)
                 continue
             self._metrics.prefill_s.observe(time.monotonic() - started)
+            self.admission.prefilled(ServePath.DISAGGREGATED, len(context), time.monotonic() - started)
             job.legs.offer(prefill, result.handle)
             if job.state is S.PREFILLING:  # a re-prefill (continuing a lost decode leg) is not a new phase
                 job.record.enter_with_handle(S.PREFILL_DONE, result.handle, first_token=result.first_token)
@@ -178,7 +207,7 @@ class RequestRunner:
         sampling = with_max(job.sampling, job.remaining + 1)  # counts the first token it continues from
         async with self._leg(job, Role.DECODE, decode, sequences=1) as call_id:
             stream = self._client.decode_stream(decode, call_id, context, job.generated[-1], handle, sampling)
-            async for token in self._deadlined(stream, job):
+            async for token in self._deadlined(stream, job, Role.DECODE, decode):
                 job.legs.pulled()
                 if job.state is S.DECODE_DISPATCHED:
                     self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
@@ -191,15 +220,18 @@ class RequestRunner:
         job.finish_reason = job.finish_reason or "stop"
 
     async def _colocated(self, job: Job, lost: frozenset[str]) -> AsyncGenerator[int, None]:
-        inst = self._pick(Role.COLOCATED, lost)
+        inst = self._pick(Role.COLOCATED, lost, job.prompt_ids)
         job.record.dispatch(ServePath.COLOCATED, colocated_instance=inst.instance_id,
+                            **self._prefix_fields(inst, job.prompt_ids + job.generated, Role.COLOCATED.value),
                             **({"resumed_after_tokens": len(job.generated)} if job.state is not S.RECEIVED else {}))
         context = job.prompt_ids + job.generated
+        started = time.monotonic()
         async with self._leg(job, Role.COLOCATED, inst, prompt_tokens=len(context), sequences=1) as call_id:
             stream = self._client.generate_stream(inst, call_id, context, with_max(job.sampling, job.remaining))
-            async for token in self._deadlined(stream, job):
+            async for token in self._deadlined(stream, job, Role.COLOCATED, inst):
                 if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
                     job.record.enter(S.DECODING)
+                    self.admission.prefilled(ServePath.COLOCATED, len(context), time.monotonic() - started)
                 if self._accept(job, token):
                     yield token
                 if job.complete:
@@ -207,6 +239,46 @@ class RequestRunner:
         if job.state is S.PREFILLING:
             raise InstanceFailed(f"colocated instance {inst.instance_id} ended the stream without a token")
         job.finish_reason = job.finish_reason or "stop"
+
+    async def _local(self, job: Job, lost: frozenset[str]) -> AsyncGenerator[int, None]:
+        """Conditional disaggregation by overlap (kv_aware): the decode or colocated instance that holds all
+        but a short suffix of the prompt prefills that suffix itself, then decodes; no prefill instance and
+        no KV transfer. Without such an instance (it was lost, or its cache moved on) the usual path runs."""
+        context = job.prompt_ids + job.generated
+        match = self._dispatch.kv.local_target(self._dispatch, context, lost) if self._dispatch.kv else None
+        if match is None:
+            usual = self._colocated if self._dispatch.choose_path(len(context)) is ServePath.COLOCATED \
+                else self._disaggregated
+            async for token in usual(job, lost):
+                yield token
+            return
+        inst = match.instance
+        job.record.dispatch(ServePath.LOCAL, local_instance=inst.instance_id,
+                            **self._prefix_fields(inst, context, ServePath.LOCAL.value),
+                            **({"resumed_after_tokens": len(job.generated)} if job.state is not S.RECEIVED else {}))
+        suffix = len(context) - match.matched_tokens
+        async with self._leg(job, match.role, inst, prompt_tokens=suffix, sequences=1) as call_id:
+            stream = self._client.generate_stream(inst, call_id, context, with_max(job.sampling, job.remaining))
+            async for token in self._deadlined(stream, job, match.role, inst):
+                if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
+                    job.record.enter(S.DECODING)
+                if self._accept(job, token):
+                    yield token
+                if job.complete:
+                    return
+        if job.state is S.PREFILLING:
+            raise InstanceFailed(f"instance {inst.instance_id} ended the stream without a token")
+        job.finish_reason = job.finish_reason or "stop"
+
+    def _prefix_fields(self, inst: InstanceInfo, context: list[int], pool: str) -> dict[str, str | int]:
+        """The prompt tokens `inst` holds per the block index: counted per pool (hit rate) and written to the
+        record (GET /v1/requests/{id} shows matched_tokens and matched_instance). Empty without an index."""
+        kv = self._dispatch.kv
+        if kv is None:
+            return {}
+        matched = kv.matched_on(inst, context)
+        self._metrics.observe_prefix(pool, len(context), matched)
+        return {"matched_tokens": matched, "matched_instance": inst.instance_id}
 
     async def _continued(self, job: Job, leg: Leg) -> AsyncGenerator[int, None]:
         """`leg` until the request is complete: a leg lost mid-stream is run again on another instance, from
@@ -236,8 +308,8 @@ class RequestRunner:
     def _accept(self, job: Job, token: int) -> bool:
         """Take one token from an instance; False when it is not for the client (the end token, or past
         the budget). Sets `finish_reason` when the request is complete."""
-        if job.state in TERMINAL:  # ended while this generator waited: only the reaper does that
-            raise DeadlineExceeded("request deadline passed (reaped)")
+        if job.record.ending is not None:  # ended while this generator waited (the reaper, a drain)
+            raise job.record.ending.error_for_generator()
         if job.remaining <= 0:
             return False
         now = time.monotonic()
@@ -264,39 +336,61 @@ class RequestRunner:
         """One instance call: counted as outstanding on `inst`, held in `job.legs`; yields the id the call
         gives the instance. An instance error becomes `LegLost` unless no instance would do better."""
         job.legs.open[role] = inst
+        job.legs.abandoned.pop(role, None)  # a new leg: what abandoned the previous one does not apply
         try:
             with self._dispatch.lease(inst.instance_id, prompt_tokens=prompt_tokens, sequences=sequences):
                 yield job.legs.call_id(role)
         except InstanceError as exc:
             phase = Role.PREFILL if role is Role.PREFILL or job.state is S.PREFILLING else Role.DECODE
             await job.legs.lost(role)
-            if job.state in TERMINAL:
-                raise DeadlineExceeded("request deadline passed (reaped)") from None
+            if job.record.ending is not None:  # ended meanwhile (the reaper, a drain): no retry
+                raise job.record.ending.error_for_generator() from None
             if exc.kind == ErrorKind.BAD_REQUEST:  # any other instance would say the same: a 400
                 raise BadRequest(f"an instance refused the request: {exc}") from None
             raise LegLost(inst, phase, exc) from exc
 
-    async def _deadlined(self, stream: AsyncGenerator[int, None], job: Job) -> AsyncGenerator[int, None]:
-        """`stream` with the request's deadline on every wait for the next token."""
+    async def _deadlined(self, stream: AsyncGenerator[int, None], job: Job, role: Role,
+                         inst: InstanceInfo) -> AsyncGenerator[int, None]:
+        """`stream` with, on every wait for its next token, the request's deadline, the leg's inactivity
+        limit (a hung instance) and its abandonment (an instance that stopped beating, a router stopping)."""
+        inactivity_s = self._settings.leg_inactivity_timeout_s
         async with aclosing(stream):
             while True:
+                error = job.legs.abandoned.get(role)
+                if error is not None:
+                    raise error
+                now = time.monotonic()
                 try:
-                    async with self._timeout(job):
+                    async with self._timeout(job, min(job.deadline_s, now + inactivity_s)) as wait:
+                        job.legs.waiting[role] = wait
                         token = await anext(stream)
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise DeadlineExceeded("request deadline passed while generating") from None
+                    raise self._wait_failed(job, role, inst, "while generating") from None
                 yield token
 
-    def _timeout(self, job: Job) -> asyncio.Timeout:
+    def _wait_failed(self, job: Job, role: Role, inst: InstanceInfo, during: str) -> Exception:
+        """Why a leg's wait timed out: it was abandoned, the request's deadline passed, or the instance went
+        quiet for longer than leg_inactivity_timeout_s (lost: the leg continues elsewhere)."""
+        abandoned = job.legs.abandoned.get(role)
+        if abandoned is not None:
+            return abandoned
+        if time.monotonic() >= job.deadline_s:
+            return DeadlineExceeded(f"request deadline passed {during}")
+        return InstanceLost(inst.instance_id, f"no token for {self._settings.leg_inactivity_timeout_s:g}s "
+                                              "(leg_inactivity_timeout_s)")
+
+    @staticmethod
+    def _timeout(job: Job, until_s: float | None = None) -> asyncio.Timeout:
+        """A timeout at monotonic time `until_s` (default: the request's deadline) on the loop's clock."""
         loop_now = asyncio.get_running_loop().time()
-        return asyncio.timeout_at(loop_now + (job.deadline_s - time.monotonic()))
+        return asyncio.timeout_at(loop_now + ((until_s or job.deadline_s) - time.monotonic()))
 
     # ---- choosing an instance -----------------------------------------------------------------------
 
-    def _pick(self, role: Role, exclude: frozenset[str]) -> InstanceInfo:
-        inst = self._dispatch.pick(role, exclude)
+    def _pick(self, role: Role, exclude: frozenset[str], prompt_ids: list[int] | None = None) -> InstanceInfo:
+        inst = self._dispatch.pick(role, exclude, prompt_ids or ())
         if inst is not None:
             return inst
         self._unavailable(role, exclude)

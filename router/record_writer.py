@@ -3,12 +3,20 @@
     dispatch(path, **instance)   first dispatch: create → PREFILL_QUEUED → PREFILLING (one round trip);
                                  a later one (retry, continuation): an event in the current state
     enter(to, **fields)          a transition; to == state records another attempt of the same phase
-    settle(to, **fields)         the terminal transition; returns a future that completes once it is written
+    settle(ending, **fields)     the terminal transition; returns a future that completes once it is written
     flush()                      wait until every write queued so far is in Redis
 
 Every method changes `state` at once and queues its Redis write behind the earlier ones, so the token path
 never waits for Redis (TTFT does not include a round trip) while the record still walks `states.ALLOWED` in
-the order the request did. A write Redis refuses surfaces at the next `flush` or `settle`. Once terminal,
+the order the request did. A write Redis refuses surfaces at the next `flush` or `settle`.
+
+Redis outages: a write that cannot reach Redis is retried (backing off) for up to `retry_s`, so a request
+that was admitted before an outage streams on and its record catches up, in order, when Redis is back. A
+write still failing after `retry_s` is given up with a warning: the record then misses the request's later
+states (new requests are refused while Redis is unreachable, RequestTable.admit). A Redis that comes back
+empty (restarted without persistence) has lost the record: the writer creates it again from the walk it
+has kept (every transition so far, timestamped when written again), so the record still ends where the
+request did. Once terminal,
 the state never changes again: later calls are ignored, which is what makes ending a request idempotent
 (the reaper and the request's own generator may both try).
 """
@@ -17,9 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
-from router.records import RecordStore, Step
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.ending import Ending
+from router.records import RecordStore, Step, TransitionRefused
 from router.states import ALLOWED, TERMINAL, RequestState
 
 log = logging.getLogger(__name__)
@@ -28,41 +41,47 @@ S = RequestState
 
 
 class RequestRecordWriter:
-    def __init__(self, store: RecordStore, request_id: str, fields: dict[str, str | int | float]) -> None:
+    def __init__(self, store: RecordStore, request_id: str, fields: dict[str, str | int | float], *,
+                 retry_s: float = 0.0) -> None:
         self._store = store
+        self._retry_s = retry_s
         self.request_id = request_id
         self._fields = fields  # written with the record's creation (model, prompt and token counts)
         self.state = S.RECEIVED
+        self.ending: Ending | None = None  # set with the terminal state
         self._stored: RequestState | None = None  # what Redis is known to hold (None: no record yet)
+        self._walk: list[Step] = []  # every transition queued so far, from RECEIVED
         self._tail: asyncio.Future[None] | None = None  # the last queued write
 
     def dispatch(self, path: str, **fields: str | int) -> None:
         """Record that a leg was sent to an instance: the first creates the record, later ones are events."""
-        if self.state is S.RECEIVED:
-            then = [Step(S.PREFILL_QUEUED, {"path": path, **fields}), Step(S.PREFILLING)]
-            self._queue(S.PREFILLING, lambda: self._store.create(self.request_id, then=then, **self._fields))
-        else:
+        if self.state is not S.RECEIVED:
             self.enter(self.state, **fields)
+            return
+        self._walk += [Step(S.PREFILL_QUEUED, {"path": path, **fields}), Step(S.PREFILLING)]
+        walk = list(self._walk)
+        self._queue(S.PREFILLING, lambda: self._store.create(self.request_id, then=walk, **self._fields))
 
     def enter(self, to: RequestState, **fields: str | int) -> None:
-        """Move to `to` (to == state: another attempt of this phase, where ALLOWED has the self-edge)."""
         self.enter_with_handle(to, None, **fields)
 
-    def enter_with_handle(self, to: RequestState, handle: bytes | None, **fields: str | int) -> None:
+    def enter_with_handle(self, to: RequestState, handle: bytes | None, **fields: str | int | float) -> None:
         """`enter`, storing the prefill's context_phase_params with the record (TTL: handle_ttl_s)."""
         if self.state in TERMINAL or (to == self.state and to not in ALLOWED[to]):
             return
+        self._walk.append(Step(to, dict(fields)))
+        walk = list(self._walk)
+        self._queue(to, lambda: self._transition_or_recreate(to, walk, handle, fields))
 
-        async def write() -> None:
-            await self._store.transition(self.request_id, to=to, handle=handle, **fields)
-
-        self._queue(to, write)
-
-    def settle(self, to: RequestState, **fields: str | int) -> asyncio.Future[None]:
+    def settle(self, ending: Ending, **extra: str | int) -> asyncio.Future[None]:
         """The terminal transition, written after every earlier write. A request refused before any
-        dispatch, or whose record could not be created, gets its record created in `to`."""
-        assert to in TERMINAL, to
-        earlier = self._tail
+        dispatch, or whose record could not be created, gets its record created with its whole walk."""
+        if self.state in TERMINAL:  # ended already: that end's write is the one to wait for
+            return self._tail if self._tail is not None else _done()
+        to = ending.state
+        fields: dict[str, str | int | float] = {**ending.fields(), **extra}
+        self._walk.append(Step(to, fields))
+        walk, earlier = list(self._walk), self._tail
 
         async def write() -> None:
             if earlier is not None:
@@ -71,13 +90,12 @@ class RequestRecordWriter:
                 except Exception:
                     log.warning("an earlier record write of %s failed", self.request_id, exc_info=True)
             if self._stored is None:
-                await self._store.create(self.request_id, then=[Step(to, dict(fields))], **self._fields)
+                await self._retried(lambda: self._store.create(self.request_id, then=walk, **self._fields))
             elif self._stored not in TERMINAL:
-                await self._store.try_settle(self.request_id, to=to, **fields)
+                await self._retried(lambda: self._transition_or_recreate(to, walk, None, fields))
             self._stored = to
 
-        if self.state in TERMINAL:  # ended already: that end's write is the one to wait for
-            return self._tail if self._tail is not None else _done()
+        self.ending = ending
         self._set(to)
         self._tail = asyncio.ensure_future(write())
         return self._tail
@@ -87,17 +105,43 @@ class RequestRecordWriter:
         if self._tail is not None:
             await asyncio.shield(self._tail)
 
+    async def _transition_or_recreate(self, to: RequestState, walk: list[Step], handle: bytes | None,
+                                      fields: dict[str, str | int | float]) -> None:
+        try:
+            await self._store.transition(self.request_id, to=to, handle=handle, **fields)
+        except TransitionRefused as exc:
+            if exc.current is not None:
+                if to in TERMINAL and exc.current in TERMINAL:  # settled by another party (an orphan sweep)
+                    return
+                raise
+            log.warning("the record of %s is gone (Redis restarted?); writing it again", self.request_id)
+            await self._store.create(self.request_id, then=walk, **self._fields)
+
     def _queue(self, to: RequestState, write: Callable[[], Awaitable[object]]) -> None:
         earlier = self._tail
 
         async def chained() -> None:
             if earlier is not None:
                 await earlier
-            await write()
+            await self._retried(write)
             self._stored = to
 
         self._set(to)
         self._tail = asyncio.ensure_future(chained())
+
+    async def _retried(self, write: Callable[[], Awaitable[object]]) -> None:
+        """`write`, again after a connection failure (backing off to 1 s) until `retry_s` has passed."""
+        give_up_s = time.monotonic() + self._retry_s
+        pause_s = 0.05
+        while True:
+            try:
+                await write()
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if time.monotonic() + pause_s > give_up_s:
+                    raise
+                await asyncio.sleep(pause_s)  # backing off until Redis answers again
+                pause_s = min(1.0, 2 * pause_s)
 
     def _set(self, to: RequestState) -> None:
         self.state = to

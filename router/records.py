@@ -6,7 +6,8 @@ are written down in `trt_disagg.keys`.
 `transition` runs one Lua script: it reads the state, checks the edge against `states.ALLOWED` (the
 allowed source states are passed in, so the table lives only in Python), writes the state and the fields,
 stamps t_<STATE> the first time, appends the event, stores the handle, and on a terminal state removes
-the id from the active set and sets the retention TTL. Atomic, so two routers (or a router and its own
+the id from the active set, sets the retention TTL and appends a summary to the bounded `trtd:finished`
+stream (what the autoscaler reads as the observed workload). Atomic, so two routers (or a router and its own
 reaper) cannot interleave a read and a write and move a request backwards.
 
 A live record expires after request_timeout + retention even if its router dies and never returns; a
@@ -23,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.states import TERMINAL, RequestState, sources_of
-from trt_disagg.keys import active_key, as_text, events_key, handle_key, record_key
+from trt_disagg.keys import (
+    FINISHED_MAXLEN,
+    active_key,
+    as_text,
+    events_key,
+    finished_key,
+    handle_key,
+    record_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,11 @@ if ARGV[5] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]))
   redis.call('DEL', KEYS[4])
+  local first = redis.call('HGET', KEYS[1], 't_PREFILL_DONE') or redis.call('HGET', KEYS[1], 't_DECODING') or ''
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[9 + 2 * nfields + 1], '*', 's', to,
+             't0', redis.call('HGET', KEYS[1], 't_RECEIVED') or ts, 't1', first, 't2', ts,
+             'p', redis.call('HGET', KEYS[1], 'prompt_tokens') or '0',
+             'o', redis.call('HGET', KEYS[1], 'output_tokens') or '0')
 end
 return {'ok', cur}
 """
@@ -61,6 +75,7 @@ class TransitionRefused(Exception):
 
     def __init__(self, request_id: str, current: str | None, to: RequestState) -> None:
         super().__init__(f"request {request_id}: {current or 'missing'} -> {to} is not allowed")
+        self.current = RequestState(current) if current else None  # None: the record does not exist
         self.to = to
 
 
@@ -142,9 +157,9 @@ class RecordStore:
         args: list[Any] = [to.value, ",".join(s.value for s in sources_of(to)), repr(now), event,
                            str(terminal_ms), str(self._handle_ttl_ms), str(len(fields)),
                            handle if handle is not None else b""]
-        args += flat + [request_id]
+        args += flat + [request_id, str(FINISHED_MAXLEN)]
         keys = [record_key(request_id), events_key(request_id), active_key(self.router_id),
-                handle_key(request_id)]
+                handle_key(request_id), finished_key()]
         return keys, args
 
     def _queue_transition(self, pipe: Any, request_id: str, to: RequestState, handle: bytes | None,

@@ -27,12 +27,24 @@ class RouterSettings(BaseSettings):
                            "env TRT_DISAGG_ROUTER_ROUTER_ID gives a router an identity that survives a new port)")
     served_model_name: str = Field(default="default", description="the `model` clients must name")
     engine_dir: Path | None = Field(default=None, description="an engine directory: its tokenizer/ and limits")
-    policy: str = Field(default="least_loaded", description="dispatch policy: least_loaded | round_robin")
+    policy: str = Field(default="least_loaded", description="dispatch policy: least_loaded | round_robin | "
+                        "kv_aware (prefix overlap against load, fed by the instances' KV events)")
+    kv_overlap_score_weight: float = Field(default=1.0, ge=0, description="kv_aware: weight of the prompt "
+                                           "tokens an instance would still have to prefill")
+    kv_load_weight: float = Field(default=1.0, ge=0, description="kv_aware: weight of an instance's queued "
+                                  "prompt tokens and KV tokens in use")
+    max_local_prefill_length: int = Field(default=0, ge=0, description="kv_aware conditional disaggregation: "
+                                          "a decode/colocated instance holding all but at most this many prompt "
+                                          "tokens prefills them itself (0: never)")
     colocated_threshold_tokens: int = Field(default=0, ge=0, description="conditional disaggregation: "
                                             "prompts shorter than this go to a colocated instance if any")
     max_input_len: int = Field(default=1024, ge=1, description="longest prompt in tokens (engine's limit)")
     max_seq_len: int = Field(default=2048, ge=2, description="prompt + output tokens (engine's limit)")
     max_tokens_default: int = Field(default=16, ge=1)
+    max_body_bytes: int = Field(default=16 << 20, ge=1024, description="largest request body (413 above it, "
+                                "refused before it is read)")
+    max_chars_per_token: int = Field(default=32, ge=1, description="a prompt with more than max_input_len x this "
+                                     "many characters is refused (400) before it is tokenized")
     max_queued_requests: int = Field(default=256, ge=1, description="unfinished requests this router holds "
                                      "before it answers 429")
     max_queued_prompt_tokens: int = Field(default=65536, ge=1, description="a prefill instance with more "
@@ -47,6 +59,23 @@ class RouterSettings(BaseSettings):
     max_prefill_retries: int = Field(default=2, ge=0)
     max_decode_retries: int = Field(default=2, ge=0, description="decode legs lost mid-stream that are "
                                     "continued on another instance")
+    leg_inactivity_timeout_s: float = Field(default=10.0, gt=0, description="a decode or colocated leg with no "
+                                            "token for this long is lost (a hung instance): it continues on "
+                                            "another instance")
+    instance_lost_after_s: float = Field(default=2.0, gt=0, description="an instance missing from the registry "
+                                         "this long (its heartbeat expired) has its legs moved elsewhere; "
+                                         "longer than a heartbeat, so a Redis restart moves nothing")
+    record_retry_s: float = Field(default=60.0, ge=0, description="a record write that cannot reach Redis is "
+                                  "retried this long (the record catches up after a short outage)")
+    record_wait_s: float = Field(default=2.0, gt=0, description="how long the end of a request waits for its "
+                                 "record before the response completes anyway")
+    admission_target_s: float | None = Field(default=None, gt=0, description="refuse (429) a request whose "
+                                             "estimated queueing wait exceeds this; default request_timeout_s "
+                                             "(serve sets the deployment's TTFT SLO with router.admission: ttft)")
+    admission_window_s: float = Field(default=10.0, gt=0, description="the window over which each pool's "
+                                      "prefill rate is measured for admission")
+    drain_timeout_s: float = Field(default=10.0, gt=0, description="on SIGTERM: how long requests in flight may "
+                                   "take to finish before they end with a shutting_down error")
     shutdown_timeout_s: float = Field(default=5.0, gt=0, description="how long each shutdown step (stopping "
                                       "background tasks, closing channels and Redis) may take before it is "
                                       "abandoned with a warning")
@@ -74,10 +103,17 @@ class RouterSettings(BaseSettings):
             "served_model_name": dep.name,
             "policy": dep.router.policy,
             "colocated_threshold_tokens": dep.router.colocated_threshold_tokens,
+            "kv_overlap_score_weight": dep.router.kv_overlap_score_weight,
+            "kv_load_weight": dep.router.kv_load_weight,
+            "max_local_prefill_length": dep.router.max_local_prefill_length,
             "max_queued_requests": dep.router.max_queued_requests,
             "request_timeout_s": dep.router.request_timeout_s,
             "retention_s": dep.router.retention_s,
             "max_prefill_retries": dep.router.max_prefill_retries,
+            # a leg is hung when it misses many decode steps' worth of tokens; never below a few seconds,
+            # which a KV pull or a long prefill ahead of it in a colocated batch can take
+            "leg_inactivity_timeout_s": max(5.0, 50 * dep.slo.tpot_s),
+            "admission_target_s": dep.slo.ttft_s if dep.router.admission == "ttft" else None,
             "max_input_len": min(g.max_input_len for g in groups),
             "max_seq_len": min(g.max_seq_len for g in groups),
             "engine_dir": dep.engine_dir(next(iter(dep.groups()))),

@@ -39,6 +39,16 @@ def tiny_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, in
     return {layout: build_engine(root, TINY, tp=layout[0], pp=layout[1]) for layout in LAYOUTS}
 
 
+GGUF = {"source": "gguf"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
+    """SmolLM2 at every layout, built once per session (the GGUF conversion takes seconds per layout)."""
+    root = tmp_path_factory.mktemp("smollm2-engines")
+    return {layout: build_engine(root, GGUF, tp=layout[0], pp=layout[1], max_tokens=2048) for layout in LAYOUTS}
+
+
 def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list[int]]:
     """Step an engine until it is idle; tokens per request id."""
     out: dict[str, list[int]] = {}

@@ -57,6 +57,10 @@ class KVCacheConfig(_Frozen):
     max_tokens: int | None = Field(default=None, gt=0, description="KV capacity per instance in tokens "
                                    "(CPU: allocated up front; GPU: see free_gpu_memory_fraction)")
     free_gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    enable_block_reuse: bool = Field(default=True, description="keep full KV blocks after their request and "
+                                     "reuse them for prompts with the same prefix (TensorRT-LLM's name)")
+    event_buffer_max_size: int = Field(default=10000, ge=0, description="KV cache events kept in the "
+                                       "deployment's Redis stream (approximate MAXLEN); 0: publish none")
 
 
 class CacheTransceiverConfig(_Frozen):
@@ -86,6 +90,9 @@ class ServerGroup(_Frozen):
     gpu: str | None = Field(default=None, description="GPU type, for the planner (e.g. a100-80g, h100-sxm)")
     urls: list[str] = Field(default_factory=list, description="host:port of each instance, for multi-host; "
                             "empty: ports are assigned on this host")
+    nodes: list[list[str]] = Field(default_factory=list, description="multi-node plans: the node of each "
+                                   "pipeline segment of each instance (instance i, segment k on nodes[i][k]); "
+                                   "`render --k8s` pins them with node affinity; empty: anywhere")
 
     @property
     def tp(self) -> int:
@@ -105,6 +112,10 @@ class ServerGroup(_Frozen):
             raise ValueError(f"max_input_len ({self.max_input_len}) must be < max_seq_len ({self.max_seq_len})")
         if self.urls and len(self.urls) != self.num_instances:
             raise ValueError(f"urls has {len(self.urls)} entries but num_instances is {self.num_instances}")
+        if self.nodes and len(self.nodes) != self.num_instances:
+            raise ValueError(f"nodes has {len(self.nodes)} entries but num_instances is {self.num_instances}")
+        if any(not n or self.world_size % len(n) for n in self.nodes):
+            raise ValueError(f"nodes: each instance's {self.world_size} GPUs must split evenly over its nodes")
         return self
 
 
@@ -117,13 +128,22 @@ class SLO(_Frozen):
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    policy: Literal["least_loaded", "round_robin"] = "least_loaded"
+    policy: Literal["least_loaded", "round_robin", "kv_aware"] = "least_loaded"
+    kv_overlap_score_weight: float = Field(default=1.0, ge=0, description="kv_aware: weight of the prompt "
+                                           "tokens an instance would still prefill (Dynamo's name)")
+    kv_load_weight: float = Field(default=1.0, ge=0, description="kv_aware: weight of an instance's load")
+    max_local_prefill_length: int = Field(default=0, ge=0, description="kv_aware: a decode/colocated instance "
+                                          "holding all but at most this many prompt tokens prefills them itself "
+                                          "(TensorRT-LLM's conditional_disagg_config name; 0: never)")
     colocated_threshold_tokens: int = Field(default=0, ge=0, description="conditional disaggregation: prompts "
                                             "shorter than this go to a colocated instance when one exists")
     max_queued_requests: int = Field(default=256, ge=1)
     request_timeout_s: float = Field(default=300.0, gt=0)
     retention_s: float = Field(default=3600.0, gt=0)
     max_prefill_retries: int = Field(default=2, ge=0)
+    admission: Literal["request_timeout", "ttft"] = Field(
+        default="request_timeout", description="refuse (429) requests whose estimated queueing wait exceeds "
+        "request_timeout_s, or the SLO's ttft_s (then what is admitted meets its TTFT)")
 
 
 class RedisConfig(_Frozen):

@@ -10,8 +10,10 @@ client cannot tell our CPU instances from TensorRT-LLM ones:
              end_id INT32 [1,1], pad_id INT32 [1,1], streaming BOOL [1,1],
              context_phase_params UINT8 [-1] (generation_only requests),
              sampling: temperature FP32, runtime_top_k INT32, runtime_top_p FP32, random_seed UINT64
+             guided decoding: guided_decoding_guide_type BYTES, guided_decoding_guide BYTES
     outputs: output_ids INT32 [1,1,T], sequence_length INT32 [1,1], context_phase_params UINT8 [-1]
     request parameter `request_type`: context_only | generation_only | context_and_generation
+    request parameter `guided_decoding_prompt_len` (ours): where the guided part of input_ids starts
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 
@@ -93,11 +96,17 @@ class TensorName:
     TOP_K = "runtime_top_k"
     TOP_P = "runtime_top_p"
     RANDOM_SEED = "random_seed"
+    GUIDE_TYPE = "guided_decoding_guide_type"  # BYTES [1,1]: a GuideType value
+    GUIDE = "guided_decoding_guide"  # BYTES [1,1]: the JSON schema / regex / EBNF text ("" for json)
     OUTPUT_IDS = "output_ids"
     SEQUENCE_LENGTH = "sequence_length"
 
 
 REQUEST_TYPE_PARAMETER = "request_type"
+# Our extension next to TensorRT-LLM's guided-decoding inputs: how many leading input_ids are the prompt.
+# The grammar constrains what follows, so an instance that is handed prompt + tokens generated elsewhere
+# (a decode leg, or a re-prefill after a lost one) rebuilds the grammar state from those tokens.
+GUIDE_PROMPT_LEN_PARAMETER = "guided_decoding_prompt_len"
 
 # TensorRT-LLM's way to say "ignore end-of-sequence": an end_id that no token matches.
 IGNORE_EOS_END_ID = -1
@@ -251,9 +260,44 @@ class KVLayout:
         return None
 
 
+class GuideType(enum.StrEnum):
+    """TensorRT-LLM's `guided_decoding_guide_type` values (xgrammar compiles each kind)."""
+
+    JSON = "json"  # any JSON value (OpenAI's response_format json_object)
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    EBNF_GRAMMAR = "ebnf_grammar"
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A grammar the generated tokens must follow (structured output, tool calls)."""
+
+    type: GuideType
+    text: str  # the JSON schema / regex / EBNF grammar; "" for GuideType.JSON
+    prompt_len: int | None = None  # tokens of the request's own prompt; None: all of input_ids
+
+
+# Below this a temperature is greedy: logits / 1e-40 overflows to inf and the softmax to NaN, and the
+# distribution it asks for is an argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def sampling_problem(temperature: float, top_p: float, top_k: int) -> str | None:
+    """Why these sampling values cannot be served, or None. Checked by the router, the instance and the
+    engine alike, so a request that skips one boundary is still refused at the next."""
+    if not math.isfinite(temperature) or temperature < 0:
+        return f"temperature must be a finite number >= 0, got {temperature}"
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        return f"top_p must be in (0, 1], got {top_p}"
+    if top_k < 0:
+        return f"top_k must be >= 0, got {top_k}"
+    return None
+
+
 @dataclass
 class SamplingParams:
-    """Per-request decoding controls. temperature 0 (or top_k 1) means greedy."""
+    """Per-request decoding controls. temperature below GREEDY_TEMPERATURE (or top_k 1) means greedy."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -262,10 +306,14 @@ class SamplingParams:
     seed: int | None = None
     end_id: int | None = None
     ignore_eos: bool = False
+    guide: Guide | None = None  # constrained decoding (None: free text)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        return self.temperature <= GREEDY_TEMPERATURE or self.top_k == 1
+
+    def problem(self) -> str | None:
+        return sampling_problem(self.temperature, self.top_p, self.top_k)
 
 
 @dataclass

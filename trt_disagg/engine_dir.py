@@ -50,6 +50,7 @@ class KVCacheSpec:
     dtype: str  # torch dtype name
     tokens_per_block: int
     max_tokens: int  # KV capacity of the instance in tokens (rounded down to whole blocks)
+    enable_block_reuse: bool = True  # kv_cache_config.enable_block_reuse (engine/prefix_cache.py)
 
     @property
     def num_blocks(self) -> int:

@@ -20,7 +20,8 @@ Redis stream per deployment (`trt_disagg.keys.kv_events_key()`), as JSON in fiel
     {"instance": id, "seq": n, "kind": "removed", "blocks": [h, ...]}
     {"instance": id, "seq": n, "kind": "cleared"}                         (the instance (re)started empty)
 
-`seq` counts an instance's events from 1; a reader that sees a gap (events trimmed from the bounded
+`epoch` names one run of an instance (its start time in ms; a restart under the same id starts a higher
+epoch at seq 1, so a reader never mistakes the new run's events for old ones). `seq` counts a run's events from 1; a reader that sees a gap (events trimmed from the bounded
 stream) rebuilds that instance from its snapshot (`kv_snapshot_key(id)`: the same "stored" shape holding
 every cached hash, with the `seq` it is current to).
 """
@@ -72,9 +73,12 @@ class KVEvent:
     parent: int | None = None  # stored: the hash before blocks[0] (None: blocks[0] starts a sequence)
     tokens_per_block: int = 0  # stored only
     extra: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # the instance's run (start time, ms): a higher epoch supersedes every earlier event
 
     def to_json(self) -> str:
         body: dict[str, Any] = {"instance": self.instance_id, "seq": self.seq, "kind": self.kind.value}
+        if self.epoch:
+            body["epoch"] = self.epoch
         if self.kind is KVEventKind.STORED:
             body.update(blocks=list(self.blocks), parent=self.parent, tokens_per_block=self.tokens_per_block)
         elif self.kind is KVEventKind.REMOVED:
@@ -96,9 +100,12 @@ class KVEvent:
             parent = d.get("parent")
             if parent is not None and not (isinstance(parent, int) and 0 <= parent < 1 << 64):
                 raise ValueError("parent must be an unsigned 64-bit int or null")
+            epoch = d.get("epoch", 0)
+            if not isinstance(epoch, int) or epoch < 0:
+                raise ValueError("epoch must be an int >= 0")
             tpb = d.get("tokens_per_block", 0)
             if kind is KVEventKind.STORED and not (isinstance(tpb, int) and tpb > 0):
                 raise ValueError("a stored event needs tokens_per_block > 0")
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed KV event: {exc}") from None
-        return cls(instance, seq, kind, blocks, parent, tpb)
+        return cls(instance, seq, kind, blocks, parent, tpb, epoch=epoch)

@@ -12,9 +12,17 @@ from typing import Any
 from trt_disagg.contract import InstanceInfo, InstanceLoad, Role, decode_info, decode_load
 from trt_disagg.keys import as_text, instance_key, load_key, role_set_key
 
+# KEYS: role set, instance key. ARGV: instance id. Prunes the member only if its instance key is still
+# missing: a heartbeat that re-registered it between our read and this prune must not be undone.
+_PRUNE_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.call('SREM', KEYS[1], ARGV[1]) end
+return 0
+"""
+
 
 async def list_instances(redis: Any, role: Role | str) -> list[InstanceInfo]:
-    """Live instances of `role`, sorted by id; members whose heartbeat expired are pruned."""
+    """Live instances of `role`, sorted by id; members whose heartbeat expired are pruned (an instance that
+    beats again re-adds itself: see triton.registry)."""
     ids = sorted(as_text(m) for m in await redis.smembers(role_set_key(role)))
     if not ids:
         return []
@@ -22,7 +30,7 @@ async def list_instances(redis: Any, role: Role | str) -> list[InstanceInfo]:
     out: list[InstanceInfo] = []
     for instance_id, raw in zip(ids, raws, strict=True):
         if raw is None:
-            await redis.srem(role_set_key(role), instance_id)
+            await redis.eval(_PRUNE_LUA, 2, role_set_key(role), instance_key(instance_id), instance_id)
             continue
         out.append(decode_info(raw))
     return out

@@ -2,8 +2,8 @@
 
 Behind `Authorization: Bearer <admin_token>`. Drain marks live in Redis (`trtd:drain:<id>`), so every
 router sharing the Redis stops dispatching to a drained instance at its next refresh. Remove takes the
-instance out of its role set and deletes its registration; a running instance only comes back when it
-restarts and registers again.
+instance out of its role set, deletes its registration and leaves a removal mark (`trtd:removed:<id>`)
+that its heartbeat respects: a running instance only comes back when it restarts and registers again.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends
 from router.deps import get_dispatcher, get_redis, require_admin
 from router.dispatch import Dispatcher
 from router.errors import NotFound
-from trt_disagg.keys import drain_key, instance_key, load_key, role_set_key
+from trt_disagg.keys import drain_key, instance_key, load_key, removed_key, role_set_key
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)],
                    responses={401: {"description": "missing or wrong bearer token"}})
@@ -65,6 +65,7 @@ async def remove(instance_id: str, dispatcher: Dispatcher = Depends(get_dispatch
                  redis: Any = Depends(get_redis)) -> dict[str, Any]:
     view = await _find(dispatcher, instance_id)
     pipe = redis.pipeline(transaction=True)
+    pipe.set(removed_key(instance_id), "1")  # heartbeats re-register everything else; this they respect
     pipe.srem(role_set_key(view.info.role), instance_id)
     pipe.delete(instance_key(instance_id), load_key(instance_id), drain_key(instance_id))
     await pipe.execute()

@@ -1,4 +1,10 @@
-"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, streaming or not."""
+"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, streaming or not.
+
+Structured output (`response_format`) and tool calls (`tools`, `tool_choice`) become a grammar the
+engines decode under (router/structured.py); a tool-call answer is turned into `tool_calls`
+(router/tools.py). Ids are `chatcmpl-…` (the X-Request-Id header keeps the request's record id). Without
+max_tokens / max_completion_tokens the budget is what max_seq_len leaves after the prompt, as OpenAI's.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from router.errors import BadRequest
+from router.limits import encode_chat
 from router.routes.common import (
     CLIENT_CLOSED_REQUEST,
     ERROR_RESPONSES,
@@ -18,39 +25,67 @@ from router.routes.common import (
     stream_response,
 )
 from router.schemas import ChatRequest
+from router.settings import RouterSettings
 from router.streaming import usage
+from router.structured import called_tools, guide_for, with_tools_message
+from router.tools import answer_message, tool_call_chunks
 
 router = APIRouter()
+
+
+def prompt_messages(req: ChatRequest) -> list[dict[str, str]]:
+    """The messages the chat template renders: `developer` as `system`, the called tools described up front."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    tools = called_tools(req.tools, req.tool_choice)
+    return with_tools_message(messages, tools) if tools else messages
+
+
+def check_shadowed_max_tokens(req: ChatRequest, settings: RouterSettings) -> None:
+    """`max_tokens` is refused over its limit even when `max_completion_tokens` takes its place: the schema
+    states that limit per field, and a value this deployment can never serve is a client's mistake."""
+    limit = settings.max_seq_len - 1
+    if req.max_completion_tokens is not None and req.max_tokens is not None and req.max_tokens > limit:
+        raise BadRequest(f"max_tokens={req.max_tokens} is too large: max_seq_len is {settings.max_seq_len}, so "
+                         f"at most {limit} can ever be generated", param="max_tokens")
 
 
 @router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
 async def create_chat_completion(req: ChatRequest, ctx: RouteCtx, request: Request) -> Response:
     check_model(req.model, ctx.settings)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
-    try:
-        prompt_ids = ctx.tokenizer.chat_prompt_ids(messages)
-    except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
-        raise BadRequest(f"messages cannot be rendered with the chat template: {exc}", param="messages") from None
+    check_shadowed_max_tokens(req, ctx.settings)
+    tools = called_tools(req.tools, req.tool_choice)
+    guide = guide_for(req.response_format, tools)
+    prompt_ids = await encode_chat(ctx.tokenizer, prompt_messages(req), ctx.settings)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     run = await begin(ctx, req, prompt_ids, req.requested_max_tokens, prompt_param="messages",
-                      max_tokens_param=param)
+                      max_tokens_param=param, guide=guide, default_to_room=True)
     job = run.job
+    chat_id = chat_completion_id(job.request_id)
+    names = {t.function.name for t in tools}
 
-    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-        delta = {"content": text} if text else {}
-        return {"id": job.request_id, "object": "chat.completion.chunk", "created": run.created, "model": req.model,
+    def base(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"id": chat_id, "object": "chat.completion.chunk", "created": run.created, "model": req.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+        return base({"content": text} if text else {}, finish)
+
     if req.stream:
-        opening = chunk(None, None)
-        opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return stream_response(job, run.primed, ctx.tokenizer, chunk, req.include_usage, opening)
+        opening = base({"role": "assistant", "content": ""}, None)
+        return stream_response(job, run.primed, ctx.tokenizer, tool_call_chunks(base, names) if tools else chunk,
+                               req.include_usage, opening)
     text = await collect_unless_disconnected(request, run, ctx.tokenizer)
     if text is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    body = {"id": job.request_id, "object": "chat.completion", "created": run.created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": job.finish_reason or "stop", "logprobs": None}],
+    finish = job.finish_reason or "stop"
+    message, finish = answer_message(text, finish, names) if tools else ({"role": "assistant", "content": text},
+                                                                          finish)
+    body = {"id": chat_id, "object": "chat.completion", "created": run.created, "model": req.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage(job)}
     return JSONResponse(body, headers={"X-Request-Id": job.request_id})
+
+
+def chat_completion_id(request_id: str) -> str:
+    """OpenAI's `chatcmpl-` id for the request whose record id is `request_id` (`cmpl-<hex>`)."""
+    return "chatcmpl-" + request_id.removeprefix("cmpl-")

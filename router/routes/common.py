@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from router.schemas import _Sampling
 from router.settings import RouterSettings
 from router.streaming import ChunkFn, Primed, SSEResponse, collect, prime, sse_events
 from router.tokenizer import TextTokenizer
+from trt_disagg.contract import Guide
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request (OpenAI error body)"},
@@ -45,10 +47,13 @@ def check_prompt(prompt_ids: list[int], settings: RouterSettings, tokenizer: Tex
         raise BadRequest(f"{param}: token ids must be < {vocab} (the vocabulary size)", param=param)
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, settings: RouterSettings, param: str) -> int:
+def resolve_max_tokens(requested: int | None, prompt_len: int, settings: RouterSettings, param: str,
+                       default_to_room: bool = False) -> int:
+    """The token budget: as requested (≤ what max_seq_len leaves after the prompt), else max_tokens_default
+    (completions) or all that is left (chat, as OpenAI: "up to the context length")."""
     room = settings.max_seq_len - prompt_len
     if requested is None:
-        return max(1, min(settings.max_tokens_default, room))
+        return max(1, room if default_to_room else min(settings.max_tokens_default, room))
     if requested > room:
         raise BadRequest(f"{param}={requested} is too large: the prompt has {prompt_len} tokens and "
                          f"max_seq_len is {settings.max_seq_len}, so at most {room} can be generated",
@@ -61,10 +66,10 @@ def end_id(settings: RouterSettings, tokenizer: TextTokenizer) -> int | None:
 
 
 async def start(runner: RequestRunner, req: _Sampling, prompt_ids: list[int], max_tokens: int,
-                settings: RouterSettings, tokenizer: TextTokenizer) -> tuple[Job, Primed]:
+                settings: RouterSettings, tokenizer: TextTokenizer, guide: Guide | None = None) -> tuple[Job, Primed]:
     """Admit the request and run it to its first token (errors until then are plain HTTP errors)."""
-    job = runner.requests.admit(prompt_ids, req.sampling(max_tokens, end_id(settings, tokenizer)), req.model,
-                                stop=req.stop_strings)
+    sampling = req.sampling(max_tokens, end_id(settings, tokenizer), guide)
+    job = runner.requests.admit(prompt_ids, sampling, req.model, stop=req.stop_strings)
     return job, await prime(runner.tokens(job), lambda: runner.stop_at_string(job))
 
 
@@ -104,13 +109,18 @@ class Started:
 
 
 async def begin(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], requested_max_tokens: int | None, *,
-                prompt_param: str, max_tokens_param: str) -> Started:
+                prompt_param: str, max_tokens_param: str, guide: Guide | None = None,
+                default_to_room: bool = False) -> Started:
     """The part of a generation route after the prompt is tokenized: limits, admission, first token.
 
-    `prompt_param`/`max_tokens_param` name the request fields that errors point at."""
+    `prompt_param`/`max_tokens_param` name the request fields that errors point at; `guide` constrains the
+    answer (its prompt_len is set here: the grammar starts after this prompt)."""
     check_prompt(prompt_ids, ctx.settings, ctx.tokenizer, prompt_param)
-    max_tokens = resolve_max_tokens(requested_max_tokens, len(prompt_ids), ctx.settings, max_tokens_param)
-    job, primed = await start(ctx.runner, req, prompt_ids, max_tokens, ctx.settings, ctx.tokenizer)
+    max_tokens = resolve_max_tokens(requested_max_tokens, len(prompt_ids), ctx.settings, max_tokens_param,
+                                    default_to_room)
+    if guide is not None:
+        guide = dataclasses.replace(guide, prompt_len=len(prompt_ids))
+    job, primed = await start(ctx.runner, req, prompt_ids, max_tokens, ctx.settings, ctx.tokenizer, guide)
     return Started(job, primed, created_now())
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from router.limits import encode_text
 from router.routes.common import (
     CLIENT_CLOSED_REQUEST,
     ERROR_RESPONSES,
@@ -26,9 +27,9 @@ router = APIRouter()
 async def create_completion(req: CompletionRequest, ctx: RouteCtx, request: Request) -> Response:
     check_model(req.model, ctx.settings)
     if isinstance(req.prompt, str):
-        prompt_ids = ctx.tokenizer.encode(req.prompt)
+        prompt_ids = await encode_text(ctx.tokenizer, req.prompt, ctx.settings, "prompt")
     elif isinstance(req.prompt[0], str):
-        prompt_ids = ctx.tokenizer.encode(str(req.prompt[0]))
+        prompt_ids = await encode_text(ctx.tokenizer, str(req.prompt[0]), ctx.settings, "prompt")
     else:
         prompt_ids = [int(t) for t in req.prompt]
     run = await begin(ctx, req, prompt_ids, req.max_tokens, prompt_param="prompt", max_tokens_param="max_tokens")

@@ -20,7 +20,8 @@ from trt_disagg.triton.render import render_deployment
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT_INPUTS = {TensorName.INPUT_IDS, TensorName.INPUT_LENGTHS, TensorName.REQUEST_OUTPUT_LEN,
                    TensorName.END_ID, TensorName.PAD_ID, TensorName.STREAMING, TensorName.CONTEXT_PHASE_PARAMS,
-                   TensorName.TEMPERATURE, TensorName.TOP_K, TensorName.TOP_P, TensorName.RANDOM_SEED}
+                   TensorName.TEMPERATURE, TensorName.TOP_K, TensorName.TOP_P, TensorName.RANDOM_SEED,
+                   TensorName.GUIDE_TYPE, TensorName.GUIDE}
 CONTRACT_OUTPUTS = {TensorName.OUTPUT_IDS, TensorName.SEQUENCE_LENGTH, TensorName.CONTEXT_PHASE_PARAMS}
 
 
@@ -48,7 +49,11 @@ def test_tensorrtllm_instances_render_valid_configs_with_trtllm_parameters(trtll
         assert p["gpt_model_path"] == f"/engines/llama3-70b/{plan.role.value}"
         assert p["gpt_model_type"] == "inflight_fused_batching"
         assert p["batch_scheduler_policy"] in ("max_utilization", "guaranteed_no_evict")
-        assert p["enable_kv_cache_reuse"] == "false" and p["exclude_input_in_output"] == "true"
+        assert p["enable_kv_cache_reuse"] == "true" and p["exclude_input_in_output"] == "true"  # on by default
+        assert p["event_buffer_max_size"] == "10000"
+        assert p["guided_decoding_backend"] == "xgrammar"  # structured output / tool calls, as on the CPU path
+        assert p["xgrammar_tokenizer_info_path"] == f"/engines/llama3-70b/{plan.role.value}/xgrammar_tokenizer_info.json"
+        assert p["tokenizer_dir"] == f"/engines/llama3-70b/{plan.role.value}/tokenizer"
         assert not (repo / plan.model_name / "1" / "model.py").exists()  # the backend loads the engine
 
 

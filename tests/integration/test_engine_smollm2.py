@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import LAYOUTS, build_engine, run_to_completion
+from tests.conftest import GGUF, LAYOUTS, run_to_completion
 from trt_disagg.config import ModelSource
 from trt_disagg.contract import SamplingParams
 from trt_disagg.engine.llm_engine import LLMEngine
@@ -15,7 +15,6 @@ from trt_disagg.engine_dir import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
-GGUF = {"source": "gguf"}
 NEW_TOKENS = 64
 PROMPTS = [
     "The capital of France is",
@@ -23,13 +22,6 @@ PROMPTS = [
     "Disaggregating prefill and decode onto separate GPUs helps because",
 ]
 MIN_COMPARED = 40  # at least this many tokens per prompt are compared (a prompt may stop early at EOS)
-
-
-@pytest.fixture(scope="module")
-def smollm2_engines(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("smollm2-engines")
-    return {layout: build_engine(root, GGUF, tp=layout[0], pp=layout[1], max_tokens=2048)
-            for layout in LAYOUTS}
 
 
 @pytest.fixture(scope="module")

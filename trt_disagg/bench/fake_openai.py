@@ -11,6 +11,10 @@ It behaves like a router streaming tokens, with delays the caller controls and f
     "multi"            two tokens per chunk (the count comes from `usage`)
     anything else      `max_tokens` tokens, one per chunk, then a usage chunk and [DONE]
 
+and, set on `FakeBehaviour`: every `refuse_every`-th request is refused with HTTP 400 (a prompt the server
+does not take), and `GET /v1/models/{id}` states `max_input_len` / `max_model_len` when they are set.
+`usage.prompt_tokens` counts token ids, or the words of a text prompt.
+
 Runs in a thread on a socket bound (and listening) before the thread starts, so clients never race the
 start-up; stopped with `should_exit` and joined.
 """
@@ -38,6 +42,9 @@ class FakeBehaviour:
     tpot_delay_s: float = 0.0
     serve_models: bool = True  # False: GET /v1/models is 404, only /health answers
     bodies: list[dict[str, Any]] = field(default_factory=list)  # every completion request received
+    refuse_every: int = 0  # > 0: every n-th completion request is refused with 400
+    max_input_len: int | None = None  # stated in the model card when set
+    max_model_len: int | None = None
 
 
 def _chunk(text: str, finish: str | None) -> str:
@@ -55,6 +62,16 @@ def create_app(behaviour: FakeBehaviour) -> FastAPI:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
+    @app.get("/v1/models/{model_id}")
+    async def model_card(model_id: str) -> JSONResponse:
+        if not behaviour.serve_models or model_id != MODEL:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        card: dict[str, Any] = {"id": MODEL, "object": "model"}
+        for key in ("max_input_len", "max_model_len"):
+            if getattr(behaviour, key) is not None:
+                card[key] = getattr(behaviour, key)
+        return JSONResponse(card)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -68,13 +85,17 @@ def create_app(behaviour: FakeBehaviour) -> FastAPI:
         if "fail-http" in text:
             return JSONResponse({"error": {"message": "engine exploded", "type": "server_error",
                                            "param": None, "code": 500}}, status_code=500)
-        return StreamingResponse(_stream(behaviour, text, int(body["max_tokens"])),
+        if behaviour.refuse_every and len(behaviour.bodies) % behaviour.refuse_every == 0:
+            return JSONResponse({"error": {"message": "prompt: too many tokens", "type": "invalid_request_error",
+                                           "param": "prompt", "code": "context_length_exceeded"}}, status_code=400)
+        prompt_tokens = len(prompt) if isinstance(prompt, list) else len(text.split())
+        return StreamingResponse(_stream(behaviour, text, int(body["max_tokens"]), prompt_tokens),
                                  media_type="text/event-stream")
 
     return app
 
 
-async def _stream(behaviour: FakeBehaviour, text: str, max_tokens: int) -> AsyncIterator[str]:
+async def _stream(behaviour: FakeBehaviour, text: str, max_tokens: int, prompt_tokens: int) -> AsyncIterator[str]:
     await asyncio.sleep(behaviour.ttft_delay_s)  # simulated prefill time
     per_chunk = 2 if "multi" in text else 1
     sent = 0
@@ -89,7 +110,7 @@ async def _stream(behaviour: FakeBehaviour, text: str, max_tokens: int) -> Async
             return
         if sent == 2 and "drop" in text:
             return
-    usage = {"prompt_tokens": 1, "completion_tokens": sent, "total_tokens": sent + 1}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sent, "total_tokens": sent + prompt_tokens}
     yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -133,6 +154,8 @@ class FakeServer:
         self.behaviour.tpot_delay_s = 0.0
         self.behaviour.serve_models = True
         self.behaviour.bodies.clear()
+        self.behaviour.refuse_every = 0
+        self.behaviour.max_input_len = self.behaviour.max_model_len = None
 
 
 def main() -> None:

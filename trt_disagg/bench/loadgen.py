@@ -36,6 +36,9 @@ from trt_disagg.workload import WorkloadRequest, make_arrivals
 
 log = logging.getLogger(__name__)
 
+# OpenAI's default, what clients that send no temperature (aiperf among them) are served with; 0 is greedy
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
 RecordCallback = Callable[[RequestRecord], None]
 RunCallback = Callable[[float, int], None]  # (rate_rps, num_requests) when a run starts
 
@@ -86,7 +89,8 @@ async def check_endpoint(url: str, model: str | None = None, timeout_s: float = 
 
 
 async def preflight(url: str, model: str, req: WorkloadRequest, *, timeout_s: float = 120.0,
-                    extra_body: dict[str, Any] | None = None) -> RequestRecord:
+                    extra_body: dict[str, Any] | None = None,
+                    temperature: float = OPENAI_DEFAULT_TEMPERATURE) -> RequestRecord:
     """Send one short request (one output token) the way the runs will; a UserError if it fails.
 
     Catches what `check_endpoint` cannot before a whole run is wasted: a server that rejects the body
@@ -96,14 +100,20 @@ async def preflight(url: str, model: str, req: WorkloadRequest, *, timeout_s: fl
     short = WorkloadRequest(prompt=req.prompt, prompt_ids=req.prompt_ids, input_len=req.input_len, output_len=1)
     rec = RequestRecord(index=-1, input_len=req.input_len, expected_output_len=1, scheduled_s=0.0, sent_s=0.0)
     async with make_client(timeout_s) as client:
-        await send_request(client, url, completion_body(model, short, extra_body), rec, timeout_s)
+        await send_request(client, url, completion_body(model, short, extra_body, temperature=temperature), rec,
+                           timeout_s)
     if not rec.ok:
         raise UserError(f"--url: the first request to {url.rstrip('/')}/v1/completions failed: {rec.error}")
     return rec
 
 
-def completion_body(model: str, req: WorkloadRequest, extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The request for one workload item: token ids when the workload has them, else the text."""
+def completion_body(model: str, req: WorkloadRequest, extra_body: dict[str, Any] | None = None, *,
+                    temperature: float = OPENAI_DEFAULT_TEMPERATURE) -> dict[str, Any]:
+    """The request for one workload item: token ids when the workload has them, else the text.
+
+    The temperature is always sent, so the server's default never decides what was measured; the default is
+    OpenAI's (sampled), what most clients get, and 0 measures greedy decoding.
+    """
     prompt: str | list[int]
     if req.prompt_ids is not None:
         prompt = list(req.prompt_ids)
@@ -117,7 +127,7 @@ def completion_body(model: str, req: WorkloadRequest, extra_body: dict[str, Any]
         "max_tokens": req.output_len,
         "min_tokens": req.output_len,
         "ignore_eos": True,
-        "temperature": 0.0,
+        "temperature": temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -138,6 +148,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
             async with client.stream("POST", f"{url.rstrip('/')}/v1/completions", json=body) as resp:
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode(errors="replace")
+                    rec.http_status = resp.status_code
                     rec.error = f"HTTP {resp.status_code}: {_error_message(text)}"
                     return
                 async for line in resp.aiter_lines():
@@ -160,6 +171,8 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                     usage = chunk.get("usage")
                     if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
                         usage_tokens = int(usage["completion_tokens"])
+                    if isinstance(usage, dict) and usage.get("prompt_tokens") is not None:
+                        rec.server_input_len = int(usage["prompt_tokens"])
     except TimeoutError:
         rec.error = f"timed out after {request_timeout_s:g} s"
     except httpx.HTTPError as exc:
@@ -201,7 +214,8 @@ async def run_at_rate(url: str, model: str, requests: Sequence[WorkloadRequest],
                       slo: SLO, *, rate_rps: float | None = None, arrival: str = "poisson",
                       request_timeout_s: float = 300.0, max_duration_s: float | None = None,
                       on_record: RecordCallback | None = None, client: httpx.AsyncClient | None = None,
-                      extra_body: dict[str, Any] | None = None) -> RunResult:
+                      extra_body: dict[str, Any] | None = None,
+                      temperature: float = OPENAI_DEFAULT_TEMPERATURE) -> RunResult:
     """Send `requests[i]` at `arrivals[i]` seconds after the start; wait for every stream; return the run.
 
     Bounded in count (len(requests)) and in time: no request is sent after `max_duration_s`, and each
@@ -240,7 +254,7 @@ async def run_at_rate(url: str, model: str, requests: Sequence[WorkloadRequest],
             rec = RequestRecord(index=i, input_len=req.input_len, expected_output_len=req.output_len,
                                 scheduled_s=float(t), sent_s=time.perf_counter() - start)
             records.append(rec)
-            task = asyncio.create_task(one(rec, completion_body(model, req, extra_body)))
+            task = asyncio.create_task(one(rec, completion_body(model, req, extra_body, temperature=temperature)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         if tasks:

@@ -43,6 +43,8 @@ class RequestRecord:
     end_s: float | None = None  # seconds after sent when the stream ended, done or failed
     error: str | None = None  # None: completed; else why it failed (HTTP status, error chunk, timeout...)
     request_id: str | None = None  # the server's id (the chunks' `id`): our router's GET /v1/requests/{id}
+    http_status: int | None = None  # the status of a response that was not 200 (None: 200 or no response)
+    server_input_len: int | None = None  # the server's count of the prompt (usage.prompt_tokens)
 
     @property
     def ok(self) -> bool:
@@ -67,6 +69,13 @@ def itl_s(rec: RequestRecord) -> list[float]:
         return []
     t = rec.token_times_s
     return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+
+def is_refused(rec: RequestRecord) -> bool:
+    """The server refused the request as bad (4xx): the benchmark sent something the deployment does not
+    take, so the run measures the workload's mismatch, not the deployment. 429 is not a refusal of the
+    request but of the load (admission control): under load that is a legitimate SLO miss."""
+    return rec.http_status is not None and 400 <= rec.http_status < 500 and rec.http_status != 429
 
 
 def e2e_s(rec: RequestRecord) -> float | None:
@@ -123,6 +132,7 @@ class RunSummary:
     num_sent: int
     num_ok: int
     num_failed: int
+    num_refused: int  # failed with a 4xx other than 429 (is_refused): requests the deployment does not take
     num_attained: int
     num_short: int  # completed with fewer tokens than asked: the server stopped at EOS (ignore_eos not honoured)
     attainment: float
@@ -166,6 +176,7 @@ def summarize(records: Sequence[RequestRecord], slo: SLO, *, rate_rps: float, du
         num_sent=len(records),
         num_ok=len(ok),
         num_failed=len(records) - len(ok),
+        num_refused=sum(is_refused(r) for r in records),
         num_attained=num_attained,
         num_short=sum(r.output_tokens < r.expected_output_len for r in ok),
         attainment=num_attained / len(records) if records else math.nan,

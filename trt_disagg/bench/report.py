@@ -96,7 +96,8 @@ def _percentile_columns(prefix: str, p: Percentiles | None) -> dict[str, float |
 def _summary_row(label: str, s: RunSummary) -> dict[str, float | int | str]:
     row: dict[str, float | int | str] = {
         "series": label, "rate_rps": s.rate_rps, "num_sent": s.num_sent, "num_ok": s.num_ok,
-        "num_failed": s.num_failed, "num_attained": s.num_attained, "num_short": s.num_short,
+        "num_failed": s.num_failed, "num_refused": s.num_refused, "num_attained": s.num_attained,
+        "num_short": s.num_short,
         "attainment": s.attainment,
         "duration_s": s.duration_s, "request_throughput_rps": s.request_throughput_rps,
         "output_throughput_tps": s.output_throughput_tps,
@@ -123,7 +124,8 @@ def _write_requests_csv(series: dict[str, tuple[list[RunResult], GoodputResult |
                     "scheduled_s": rec.scheduled_s, "sent_s": rec.sent_s,
                     "ttft_s": _blank(ttft_s(rec)), "tpot_s": _blank(tpot_s(rec)), "e2e_s": _blank(e2e_s(rec)),
                     "attained": int(attains(rec, run.slo)), "error": rec.error or "",
-                    "request_id": rec.request_id or "",
+                    "request_id": rec.request_id or "", "http_status": rec.http_status or "",
+                    "server_input_len": "" if rec.server_input_len is None else rec.server_input_len,
                 })
     _write_csv(path, rows)
     return path

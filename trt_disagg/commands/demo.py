@@ -1,7 +1,7 @@
 """`trt-disagg demo CONFIG`: build, profile, serve and benchmark, end to end on this machine.
 
     build the engines ─▶ load the workload (the engine's tokenizer) ─▶ profile the engine (1 thread)
-    ─▶ serve the disaggregated deployment ─▶ time a few hand-offs ─▶ benchmark ─▶ stop
+    ─▶ SLOs and rates from the profile ─▶ serve the disaggregated deployment ─▶ time hand-offs ─▶ benchmark
     ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop
     ─▶ predict both (simulator: profile + hand-off costs) ─▶ tables + JSON/CSV/PNG
 
@@ -30,7 +30,13 @@ out = Console(width=120)
 err = Console(stderr=True)
 
 
-def _rates(text: str) -> list[float]:
+def _rates(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    return tuple(_parse_rates(text))
+
+
+def _parse_rates(text: str) -> list[float]:
     try:
         rates = [float(r) for r in text.split(",") if r.strip()]
     except ValueError:
@@ -45,8 +51,15 @@ def demo_cmd(
     workload: Annotated[str, typer.Option(help="sharegpt | humaneval | longbench-synthetic | fixed")] = "fixed",
     input_len: Annotated[int, typer.Option(help="fixed workload: prompt tokens")] = 512,
     output_len: Annotated[int, typer.Option(help="output tokens (fixed; ignore_eos)")] = 16,
-    rates: Annotated[str, typer.Option(help="comma-separated request rates, req/s")] = "0.15,0.3,0.5,0.7,0.9",
-    num_requests: Annotated[int, typer.Option(help="requests per rate")] = 40,
+    rates: Annotated[str | None, typer.Option(help="comma-separated request rates, req/s (default: from the "
+                                                   "profiled prefill capacity)")] = None,
+    num_requests: Annotated[int | None, typer.Option(help="requests per rate (default 20; --full 40)")] = None,
+    full: Annotated[bool, typer.Option("--full", help="the thorough run: full profile grid, five rates of 40 "
+                                                      "requests (default: quick goodput bisection)")] = False,
+    fixed_slo: Annotated[bool, typer.Option("--fixed-slo", help="use the config's SLO instead of deriving it "
+                                                                "from the profile")] = False,
+    tpot_multiple: Annotated[float, typer.Option(help="TPOT SLO = this x profiled decode step")] = 1.6,
+    ttft_multiple: Annotated[float, typer.Option(help="TTFT SLO = this x profiled prefill of the prompt")] = 4.0,
     seed: int = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="results: JSON, CSV, PNG")] = Path("runs/demo"),
     engines_dir: Annotated[Path | None, typer.Option("--engines-dir")] = None,
@@ -55,17 +68,20 @@ def demo_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from trt_disagg.commands.build import build_with_progress
     from trt_disagg.demo.run import DemoOptions, run_demo
+    from trt_disagg.demo.targets import SloRule
 
     started = time.perf_counter()
-    options = DemoOptions(config, workload, input_len, output_len, tuple(_rates(rates)), num_requests, seed, out_dir,
-                          engines_dir)
+    rule = None if fixed_slo else SloRule(tpot_multiple=tpot_multiple, ttft_multiple=ttft_multiple)
+    options = DemoOptions(config, workload, input_len, output_len, _rates(rates), num_requests, seed, out_dir,
+                          engines_dir, full=full, slo_rule=rule)
     progress = _ConsoleProgress()
     try:
         result = run_demo(options, lambda dep, root: build_with_progress(dep, engines_root=root), progress)
     finally:
         progress.stop_status()
     _print_result(result, options)
-    out.print(f"demo finished in {time.perf_counter() - started:.0f} s; nothing left running")
+    out.print(f"demo finished in {time.perf_counter() - started:.0f} s ({'full' if full else 'quick'}); "
+              "nothing left running")
 
 
 class _ConsoleProgress:
@@ -79,10 +95,14 @@ class _ConsoleProgress:
         err.rule(f"{number}/{total} {title}")
 
     def profiling(self, done: int, total: int) -> None:
+        if not err.is_terminal:  # a log or a pipe: a plain line every tenth of the grid, no spinner
+            if done == total or done % max(1, total // 10) == 0:
+                err.print(f"  profiling {done}/{total} grid rounds")
+            return
         if self._status is None:
             self._status = err.status("profiling")
             self._status.start()
-        self._status.update(f"profiling {done}/{total}")
+        self._status.update(f"profiling {done}/{total} grid rounds")
 
     def note(self, text: str) -> None:
         self.stop_status()
@@ -95,21 +115,53 @@ class _ConsoleProgress:
 
 
 def _print_result(result: DemoResult, options: DemoOptions) -> None:
+    from trt_disagg.demo.handoff import handoff_table, p50
     from trt_disagg.demo.report import goodput_table, prediction_table
     from trt_disagg.demo.served_steps import step_ratio_table
 
     slo = result.slo
+    out.print(result.slo_rule)
     out.print(goodput_table(result.outcomes, slo.attainment, f"TTFT <= {slo.ttft_s:g} s and TPOT <= {slo.tpot_s:g} s"))
     out.print(prediction_table(result.outcomes))
+    if result.handoffs:
+        h = result.handoffs
+        beyond = [s.beyond_first_step_s for s in h if s.phases]
+        out.print(handoff_table(h, f"KV hand-off, {len(h)} warm probes sent alone (p50 per phase)"))
+        out.print(f"hand-off p50 {p50([s.total_s for s in h]) * 1e3:.0f} ms; beyond its first decode step "
+                  f"{p50(beyond) * 1e3:.0f} ms (profiled decode step at batch 1: {result.decode_step_s * 1e3:.0f} ms)")
     for note in result.handoff_notes:
         out.print(note)
     out.print(step_ratio_table(result.served_steps))
+    out.print(_verdict(result))
     requests = result.requests
     out.print(f"workload: {options.workload}, {len(requests)} requests per rate, "
               f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
-              f"output {options.output_len} tokens; rates {list(result.rates)} req/s (Poisson)")
+              f"output {options.output_len} tokens; rates run {[round(r, 3) for r in result.rates]} req/s "
+              f"(Poisson); prefill capacity {result.capacity_rps:.3g} req/s per core")
     for p in result.paths:
         out.print(f"  wrote {p}")
+
+
+def _verdict(result: DemoResult) -> str:
+    """The one line that says what the tables mean, busy machine and missing baseline included."""
+    busy = result.busy
+    lines = []
+    if busy is not None and busy.use_served_times:
+        when = "while serving" if busy.is_busy else "while profiling (served steps ran faster)"
+        lines.append(f"the machine was busy {when}: {busy.describe()}; the prediction used the served step "
+                     "times (the profiled latency model scaled per phase)")
+    labels = [o.variant.label for o in result.outcomes]
+    goodputs = [result.goodputs[label].goodput_rps for label in labels]
+    if max(goodputs) == 0:
+        lines.append("no result: neither deployment reached the attainment target at any rate run"
+                     + (" on this busy machine" if busy is not None and busy.use_served_times else "")
+                     + "; rerun on a quiet machine, or with lower --rates")
+    elif result.ratio is None:
+        lines.append(f"{labels[0]} reached {goodputs[0]:.3g} req/s; {labels[-1]} reached the target at no rate "
+                     "run (its goodput is below the lowest rate): the ratio is > the table's numbers allow")
+    else:
+        lines.append(f"per-core goodput ratio {labels[0]} / {labels[-1]}: {result.ratio:.2f}x")
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,7 @@ from rich.table import Table
 from trt_disagg.errors import UserError
 
 if TYPE_CHECKING:
+    from trt_disagg.config import Deployment
     from trt_disagg.planner.placement import Candidate
     from trt_disagg.planner.search import PlanInputs, PlanResult
     from trt_disagg.sim import ColocatedPolicy
@@ -53,7 +54,12 @@ def plan_cmd(
     nodes: int = Opt(1, help="nodes of --gpu"),
     gpus_per_node: int = Opt(8),
     pool: list[str] = Opt(None, help="mixed clusters: GPU:NODESxGPUS[@COST], repeatable (replaces --gpu/--nodes)"),
-    workload: str = Opt("sharegpt", help="sharegpt, humaneval, longbench-synthetic, fixed"),
+    workload: str = Opt("sharegpt", help="sharegpt (DistServe's multi-turn preprocessing), sharegpt-first-turn, "
+                        "humaneval, longbench-synthetic, fixed"),
+    lengths_file: Path = Opt(None, help="CSV/JSON of input_len,output_len[,arrival_s] per request, instead of "
+                             "--workload (all rows are used; arrival times, when given, replace --arrival)"),
+    long_prompts: str = Opt("drop", help="requests over the context or --max-input-len/--max-output-len: drop "
+                            "or truncate (the plan reports how many)"),
     input_len: int = Opt(None, help="fixed workload: prompt tokens"),
     output_len: int = Opt(None, help="output tokens (fixed workload; overrides the data set's otherwise)"),
     num_requests: int = Opt(1000, help="distinct requests sampled from the workload"),
@@ -65,9 +71,11 @@ def plan_cmd(
     latency_source: str = Opt("auto", help="auto, published, roofline"),
     coefficients: list[str] = Opt(None, help="latency-model JSON from `trt-disagg profile` instead (repeatable: "
                                   "one per TP degree)"),
-    baseline_engine: str = Opt("same", help="colocated baseline engine: same, or vllm (published vLLM fits)"),
-    max_input_len: int = Opt(None, help="default: half the model's context"),
-    max_output_len: int = Opt(None, help="default: the rest of the context"),
+    baseline_engine: str = Opt("auto", help="headline colocated baseline's engine fits: auto (published vLLM fits "
+                               "where they exist, as the paper; else same), same, vllm. All are reported"),
+    max_pp: int = Opt(8, help="most pipeline stages searched per instance"),
+    max_input_len: int = Opt(None, help="prompt token limit (default: only the model's context limits it)"),
+    max_output_len: int = Opt(None, help="output token limit (default: only the model's context limits it)"),
     prefill_max_num_tokens: int = Opt(2048, help="prefill batch token budget"),
     model_path: str = Opt(None, help="checkpoint path written into the deployment (default /models/<name>)"),
     output: Path = Opt(None, "--output", "-o", help="write the deployment YAML here"),
@@ -78,6 +86,7 @@ def plan_cmd(
     from trt_disagg.config import SLO, dump_deployment, load_deployment
     from trt_disagg.planner.deployment import placement_to_deployment
     from trt_disagg.planner.placement import Placement
+    from trt_disagg.planner.report import plan_summary
     from trt_disagg.planner.request import PlanRequest, plan_inputs
     from trt_disagg.planner.search import plan
 
@@ -87,37 +96,33 @@ def plan_cmd(
         input_len=input_len, output_len=output_len, num_requests=num_requests, arrival=arrival, cv=cv, seed=seed,
         affinity=affinity, latency_source=latency_source, coefficients=tuple(coefficients or ()),
         baseline_engine=baseline_engine, max_input_len=max_input_len, max_output_len=max_output_len,
-        prefill_max_num_tokens=prefill_max_num_tokens))
+        prefill_max_num_tokens=prefill_max_num_tokens, lengths_file=str(lengths_file) if lengths_file else None,
+        long_prompts=long_prompts, max_pp=max_pp))
     result = plan(inp)
     best = result.cluster or result.best_disagg
     assert isinstance(best.placement, Placement)  # disaggregated candidates hold a Placement
     max_seq = inp.model.max_seq_len
-    max_in = max_input_len if max_input_len is not None else max_seq // 2
+    max_in = max_input_len if max_input_len is not None else int(inp.lengths.input_len.max())
     dep = placement_to_deployment(best.placement, inp.model, SLO(ttft_s=ttft, tpot_s=tpot, attainment=attainment),
                                   max_input_len=max_in, max_seq_len=max_seq,
                                   prefill_max_num_tokens=prefill_max_num_tokens,
                                   gpus_per_node={p.gpu.name: p.gpus_per_node for p in inp.cluster.pools},
                                   model_path=model_path)
+    dep = _with_nodes(dep, inp)
+    summary = plan_summary(inp, result)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(dump_deployment(dep))
         load_deployment(output)  # what we wrote must load back unchanged
+        output.with_suffix(".plan.json").write_text(json.dumps(summary, indent=2))  # the plan behind it
     if plot is not None:
         _plot_plan(inp, result, plot)
-    summary = _plan_summary(inp, result)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     _print_plan(summary)
     if output is not None:
-        out.print(f"deployment written to {output}")
-
-
-def _candidate_row(cand: Candidate) -> dict:
-    return {"placement": str(cand.placement), "unit_gpus": cand.unit_gpus, "goodput_rps": round(cand.goodput_rps, 4),
-            "per_gpu_goodput_rps": round(cand.per_gpu_goodput, 4),
-            "per_cost_goodput_rps": round(cand.per_cost_goodput, 4),
-            "replicas": cand.placement.replicas}
+        out.print(f"deployment written to {output} (the plan behind it: {output.with_suffix('.plan.json')})")
 
 
 def _best_colocated(result: PlanResult, policy: ColocatedPolicy) -> list[Candidate]:
@@ -127,53 +132,69 @@ def _best_colocated(result: PlanResult, policy: ColocatedPolicy) -> list[Candida
     return [c for c in result.colocated if isinstance(c.placement, ColocatedPlacement) and c.placement.policy == policy]
 
 
-def _plan_summary(inp: PlanInputs, result: PlanResult) -> dict:
-    from trt_disagg.sim import ColocatedPolicy
-
-    chunked = _best_colocated(result, ColocatedPolicy.CHUNKED)
-    prefill_first = _best_colocated(result, ColocatedPolicy.PREFILL_FIRST)
-    return {
-        "model": inp.model.name,
-        "cluster": [f"{p.gpu.name}:{p.nodes}x{p.gpus_per_node}@{p.cost:g}" for p in inp.cluster.pools],
-        "slo": {"ttft_s": inp.slo.ttft_s, "tpot_s": inp.slo.tpot_s, "attainment": inp.slo.attainment},
-        "latency": {g: lm.source for g, lm in inp.latency.items()},
-        "baseline_latency": {g: lm.source for g, lm in inp.baseline_latency.items()},
-        "workload": {"num_requests": len(inp.lengths), "mean_input_len": float(np.mean(inp.lengths.input_len)),
-                     "mean_output_len": float(np.mean(inp.lengths.output_len))},
-        "affinity": inp.affinity,
-        "best_disaggregated": _candidate_row(result.best_disagg),
-        "whole_cluster": _candidate_row(result.cluster) if result.cluster is not None else None,
-        "best_colocated": _candidate_row(result.best_colocated),
-        "best_colocated_prefill_first": _candidate_row(prefill_first[0]) if prefill_first else None,
-        "best_colocated_chunked": _candidate_row(chunked[0]) if chunked else None,
-        "ratio_per_cost": round(result.ratio, 4),
-        "disaggregated_candidates": [_candidate_row(c) for c in result.disagg],
-        "phase_goodput_rps": {k: round(v, 4) for k, v in result.phase_goodput.items()},
-        "elapsed_s": round(result.elapsed_s, 3),
-        "num_simulations": result.num_simulations,
-    }
-
-
 def _print_plan(summary: dict) -> None:
-    table = Table(title=f"{summary['model']} on {', '.join(summary['cluster'])} — SLO TTFT {summary['slo']['ttft_s']}s "
-                        f"TPOT {summary['slo']['tpot_s']}s at {summary['slo']['attainment']:.0%}")
-    weighted = any(not c.endswith("@1") for c in summary["cluster"])
-    for col in ("", "configuration (one unit)", "GPUs", "goodput req/s", "per-GPU req/s",
-                *(("per-cost req/s",) if weighted else ()), "vs best colocated"):
+    slo = summary["slo"]
+    title = (f"{summary['model']} on {', '.join(summary['cluster'])} — SLO TTFT {slo['ttft_s']}s TPOT {slo['tpot_s']}s "
+             f"at {slo['attainment']:.0%}")
+    units = Table(title=f"{title}\none unit each (DistServe's per-GPU goodput)")
+    for col in ("", "configuration (one unit)", "engine fits", "GPUs", "goodput req/s", "per-GPU req/s",
+                "disaggregated is"):
+        units.add_column(col)
+    best = summary["best_disaggregated"]
+    fits = ", ".join(sorted(set(summary["latency"].values())))
+    units.add_row("disaggregated", escape(best["placement"]), fits, str(best["unit_gpus"]),
+                  f"{best['goodput_rps']:.2f}", f"{best['per_gpu_goodput_rps']:.3f}", "")
+    for b in summary["baselines"]:
+        u = b["unit"]
+        units.add_row(f"colocated {b['policy']}", escape(u["placement"]), b["engine"], str(u["unit_gpus"]),
+                      f"{u['goodput_rps']:.2f}", f"{u['per_gpu_goodput_rps']:.3f}", f"{b['unit_ratio']:.2f}x")
+    out.print(units)
+    _print_deployment(summary)
+    _print_notes(summary)
+
+
+def _with_nodes(dep: Deployment, inp: PlanInputs) -> Deployment:
+    """On a multi-node cluster, the node of each instance (trt_disagg/node_placement.py)."""
+    from trt_disagg.node_placement import NodePool, with_node_placement
+
+    pools = [NodePool(p.gpu.name, p.nodes, p.gpus_per_node) for p in inp.cluster.pools]
+    return with_node_placement(dep, pools, inp.affinity)
+
+
+def _print_deployment(summary: dict) -> None:
+    dep = summary["deployment"]
+    if dep is None:
+        return
+    table = Table(title="whole cluster (goodput per GPU of the cluster, idle GPUs counted)")
+    for col in ("", "deployment", "engine fits", "GPUs used / cluster", "goodput req/s", "per cluster GPU",
+                "disaggregated is"):
         table.add_column(col)
-    base = summary["best_colocated"]["per_cost_goodput_rps"]
-    rows = [("disaggregated", summary["best_disaggregated"]), ("colocated", summary["best_colocated_prefill_first"]),
-            ("chunked prefill", summary["best_colocated_chunked"]), ("deployed (cluster)", summary["whole_cluster"])]
-    for label, row in rows:
-        if row is None:
-            continue
-        ratio = row["per_cost_goodput_rps"] / base if base else float("inf")
-        table.add_row(label, escape(row["placement"]), str(row["unit_gpus"]), f"{row['goodput_rps']:.2f}",
-                      f"{row['per_gpu_goodput_rps']:.3f}",
-                      *((f"{row['per_cost_goodput_rps']:.3f}",) if weighted else ()), f"{ratio:.2f}x")
+    fits = ", ".join(sorted(set(summary["latency"].values())))
+    table.add_row("disaggregated", escape(dep["placement"]), fits, f"{dep['gpus_used']}/{dep['cluster_gpus']}",
+                  f"{dep['goodput_rps']:.2f}", f"{dep['per_gpu_goodput_rps']:.3f}", "")
+    for b in summary["baselines"]:
+        d = b["deployment"]
+        table.add_row(f"colocated {b['policy']}", escape(d["placement"]), b["engine"],
+                      f"{d['gpus_used']}/{d['cluster_gpus']}", f"{d['goodput_rps']:.2f}",
+                      f"{d['per_gpu_goodput_rps']:.3f}", f"{b['deployment_ratio']:.2f}x")
     out.print(table)
-    out.print(f"latency model: {summary['latency']}; {summary['num_simulations']} simulations in "
-              f"{summary['elapsed_s']:.1f}s")
+    if dep["idle_gpus"]:
+        out.print(f"idle: {dep['idle_gpus']} of {dep['cluster_gpus']} GPUs — {escape(dep['idle_reason'] or '')}")
+
+
+def _print_notes(summary: dict) -> None:
+    top = summary["headline"]
+    if top is not None:
+        out.print(f"headline: {top['unit_ratio']:.2f}x vs {escape(top['baseline'])} per GPU of a unit "
+                  f"({top['deployment_ratio']:.2f}x per GPU of the whole cluster)")
+    w = summary["workload"]
+    dropped = ", ".join(f"{n} {reason}" for reason, n in (w.get("dropped") or {}).items()) or "none"
+    out.print(f"workload: {escape(str(w.get('source', '')))}, {w['num_requests']} requests, mean {w['mean_input_len']:.0f} "
+              f"in / {w['mean_output_len']:.0f} out tokens; token counts: {escape(w['token_counts'])}; "
+              f"long prompts {w.get('long_prompts')}: dropped {dropped}, truncated {w.get('truncated', 0)} "
+              f"(of {w.get('examined')} examined)")
+    out.print(f"latency model: {summary['latency']}; engine overheads {summary['engine_overheads']}; "
+              f"PP <= {summary['max_pp']}; {summary['num_simulations']} simulations in {summary['elapsed_s']:.1f}s")
 
 
 def _plot_plan(inp: PlanInputs, result: PlanResult, path: Path) -> None:
@@ -190,9 +211,10 @@ def _plot_plan(inp: PlanInputs, result: PlanResult, path: Path) -> None:
     duration = min_duration_for(inp.slo, float(np.mean(inp.lengths.output_len)))
     for cand in picks:
         rates = per_gpu_rates * cand.unit_gpus
-        att = attainment_curve(spec_for(inp, cand.placement), inp.lengths, inp.unit_arrivals, inp.slo, rates,
-                               duration)
-        curves[str(cand.placement)] = (per_gpu_rates, att)
+        att = attainment_curve(spec_for(inp, cand.placement, cand.engine), inp.lengths, inp.unit_arrivals, inp.slo,
+                               rates, duration)
+        label = str(cand.placement) + (f" ({cand.engine} fits)" if cand.engine else "")
+        curves[label] = (per_gpu_rates, att)
     plot_attainment(curves, inp.slo.attainment, path, f"{inp.model.name}: attainment vs rate")
 
 

@@ -1,8 +1,10 @@
 """`trt-disagg render CONFIG -o DIR` and `trt-disagg serve CONFIG [--instance ROLE:N]`.
 
 serve starts Redis, every instance (a tritonserver each) and the router, prints the endpoints, and on
-Ctrl-C / SIGTERM stops everything (see trt_disagg/triton/cluster.py). It also stops everything, with the
-reason, when an instance dies on its own.
+Ctrl-C / SIGTERM stops everything (see trt_disagg/triton/cluster.py). In between it supervises
+(trt_disagg/triton/supervise.py): a process that dies (an instance, the router, the embedded Redis) is
+restarted with back-off and the restart logged with its reason; the deployment stops, with exit code 1
+and the reason, only when a role has no instance left (or Redis or the router keeps failing).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +25,9 @@ from rich.table import Table
 from trt_disagg.config import load_deployment
 from trt_disagg.contract import Role
 from trt_disagg.errors import UserError
+
+if TYPE_CHECKING:
+    from trt_disagg.triton.cluster import Endpoint
 
 out = Console()
 err = Console(stderr=True)
@@ -44,10 +50,18 @@ def render_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="directory for the model repositories")],
     engines_root: Annotated[Path | None, typer.Option("--engines-dir", help="engines directory (default: the config's)")] = None,
     decoupled: Annotated[bool, typer.Option(help="decoupled (streaming) decode/colocated models")] = True,
+    k8s: Annotated[bool, typer.Option("--k8s", help="write Kubernetes manifests instead (kubectl apply -f DIR)")] = False,
+    image: Annotated[str | None, typer.Option(help="--k8s: container image with trt-disagg")] = None,
+    engines_claim: Annotated[str | None, typer.Option(help="--k8s: PVC holding the built engines "
+                                                      "(default <name>-engines)")] = None,
 ) -> None:
-    """Write one Triton model repository per instance (engine paths filled in)."""
+    """Write one Triton model repository per instance (engine paths filled in), or with --k8s the manifests."""
     from trt_disagg.triton.render import render_deployment
 
+    if k8s:
+        from trt_disagg.commands.render_k8s import render_k8s_files
+
+        return render_k8s_files(config, output, image, engines_claim)
     dep = load_deployment(config)
     table = Table("instance", "backend", "model", "engine", "repository")
     for plan, repo in render_deployment(dep, output, engines_root, decoupled=decoupled):
@@ -56,7 +70,11 @@ def render_cmd(
 
 
 class _Stop(Exception):
-    """Raised in the main thread by SIGTERM/SIGINT so that `finally` stops everything."""
+    """Raised in the main thread by SIGTERM/SIGINT during start-up so that `finally` stops everything."""
+
+
+EXIT_DEPLOYMENT_FAILED = 1
+SUPERVISE_EVERY_S = 0.5
 
 
 def serve_cmd(
@@ -69,8 +87,9 @@ def serve_cmd(
     run_dir: Annotated[Path | None, typer.Option(help="keep repositories and logs here (default: a temp dir, "
                                                  "removed on stop)")] = None,
 ) -> None:
-    """Start Redis, every instance and the router; stop them all on Ctrl-C or SIGTERM."""
+    """Start Redis, every instance and the router; restart what fails; stop them all on Ctrl-C or SIGTERM."""
     from trt_disagg.triton.cluster import LocalCluster
+    from trt_disagg.triton.supervise import DeploymentFailed, Supervisor
 
     logging.basicConfig(level=logging.WARNING)
     dep = load_deployment(config)
@@ -79,10 +98,14 @@ def serve_cmd(
                            start_router=router and only is None, ready_timeout_s=ready_timeout_s,
                            run_dir=run_dir)
     stop = threading.Event()
+    started = threading.Event()  # from then on a signal only sets `stop`: no restart is cut in half
+    got: list[str] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        got.append(signal.Signals(signum).name)
         stop.set()
-        raise _Stop(signal.Signals(signum).name)
+        if not started.is_set():
+            raise _Stop(got[-1])
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
@@ -90,12 +113,16 @@ def serve_cmd(
         with err.status(f"starting {dep.name}: Redis, {len(cluster.plans())} instance(s)..."):
             cluster.start()
         _print_endpoints(cluster, time.monotonic() - t0)
-        while not stop.wait(1.0):
-            dead = cluster.dead_instances()
-            if dead:
-                raise UserError(f"instance(s) {', '.join(dead)} exited; stopping the deployment")
+        supervisor = Supervisor(cluster)
+        started.set()
+        while not stop.wait(SUPERVISE_EVERY_S):
+            supervisor.tick()
+        err.print(f"{got[-1]}: stopping {dep.name}...")
     except _Stop as why:
         err.print(f"{why}: stopping {dep.name}...")
+    except DeploymentFailed as exc:
+        err.print(f"[red]deployment failed:[/red] {exc}; stopping {dep.name}")
+        raise typer.Exit(EXIT_DEPLOYMENT_FAILED) from None
     finally:
         t1 = time.monotonic()
         for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not interrupt the clean-up
@@ -108,16 +135,35 @@ def serve_cmd(
 
 def _print_endpoints(cluster: object, startup_s: float) -> None:
     from trt_disagg.triton.cluster import LocalCluster
+    from trt_disagg.triton.redis_server import redacted_url
 
     assert isinstance(cluster, LocalCluster)
-    table = Table("instance", "model", "gRPC", "HTTP", "KV port", "log")
-    for e in cluster.endpoints():
-        table.add_row(e.instance_id, e.model_name, e.grpc_url, e.http_url, str(e.kv_port), str(e.log_path))
-    out.print(table)
-    out.print(f"Redis: {cluster.redis_url}")
-    if cluster.router_url:
-        out.print(f"Router: {cluster.router_url}  (OpenAI API: {cluster.router_url}/v1)")
-    out.print(f"ready in {startup_s:.1f}s; Ctrl-C stops everything")
+    print_endpoints(out, cluster.endpoints(), redacted_url(str(cluster.redis_url)), cluster.router_url, startup_s)
+
+
+def print_endpoints(console: Console, endpoints: Sequence[Endpoint], redis_url: str, router_url: str | None,
+                    startup_s: float) -> None:
+    """The endpoints, as a table on a terminal, else as plain `key=value` lines.
+
+    Output that is piped or logged is read by scripts and by people after the fact: a table fitted to a
+    terminal width that does not exist would cut ports and log paths short, so there every value is printed
+    whole, one instance per line, with no wrapping.
+    """
+    if console.is_terminal:
+        table = Table("instance", "model", "gRPC", "HTTP", "KV port", "log")
+        for e in endpoints:
+            table.add_row(e.instance_id, e.model_name, e.grpc_url, e.http_url, str(e.kv_port), str(e.log_path))
+        console.print(table)
+        lines = []
+    else:
+        lines = [f"instance {e.instance_id} model={e.model_name} grpc={e.grpc_url} http={e.http_url} "
+                 f"kv_port={e.kv_port} log={e.log_path}" for e in endpoints]
+    lines.append(f"Redis: {redis_url}")
+    if router_url:
+        lines.append(f"Router: {router_url}  (OpenAI API: {router_url}/v1)")
+    lines.append(f"ready in {startup_s:.1f}s; Ctrl-C stops everything")
+    for line in lines:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,6 +33,9 @@ from trt_disagg.workload import WorkloadRequest, make_arrivals
 # What `trt-disagg profile` measures for the demo: the lengths and batches the workload produces.
 DEMO_GRID = ProfileGrid(batch_sizes=(1, 2, 3, 4, 6, 8), prompt_lens=(64, 256, 512), repeats=2, warmup=1,
                         decode_steps=4)
+# The quick default's grid: the same lengths, fewer batches, no separate warm-up round (the fastest of two
+# repeats already drops a cold first round): ~1/3 of DEMO_GRID's prefill tokens.
+QUICK_GRID = ProfileGrid(batch_sizes=(1, 2, 4, 8), prompt_lens=(64, 256, 512), repeats=2, warmup=0, decode_steps=4)
 # KV hand-off between two processes on this host (DESIGN.md: /dev/shm ~6 GiB/s, sockets ~3-4 GiB/s).
 LOCAL_KV_LINK_BYTES_PER_S = 3 * 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -53,15 +56,15 @@ class EngineProfile:
 
 
 def profile(engine_dir: Path, model_name: str, threads: int, out_dir: Path,
-            progress: Callable[[int, int], None] | None = None) -> EngineProfile:
+            progress: Callable[[int, int], None] | None = None, grid: ProfileGrid = DEMO_GRID) -> EngineProfile:
     """Profile one engine as it is served (`threads` torch threads per rank) and write profile.{csv,json}."""
     from trt_disagg.engine.llm_engine import LLMEngine
 
     with LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads) as engine:
-        data = profile_engine(engine, DEMO_GRID, progress)
+        data = profile_engine(engine, grid, progress)
         fit = fit_profile(data, engine.config.tp, model_name, "cpu", f"profile:{engine_dir}")
-        import_s = profile_kv_import(engine, DEMO_GRID.prompt_lens)
-    write_profile(out_dir, data, fit, DEMO_GRID, str(engine_dir))
+        import_s = profile_kv_import(engine, grid.prompt_lens)
+    write_profile(out_dir, data, fit, grid, str(engine_dir))
     return EngineProfile(fit, import_s)
 
 
@@ -70,6 +73,8 @@ def profile_kv_import(engine: Any, prompt_lens: Sequence[int], repeats: int = 3)
 
     Each round prefills a prompt context-only, exports its KV and imports it back as a new decode request,
     exactly what a decode instance does with a pull; the fastest of `repeats` per length, fitted through 0.
+    The import names fresh random tokens of the same length: the prompt itself would be found in this
+    engine's prefix cache and not written at all (only the time is wanted; the engine is not served after).
     """
     rng = np.random.default_rng(0)
     vocab = int(engine.config.shape.vocab_size)
@@ -82,7 +87,8 @@ def profile_kv_import(engine: Any, prompt_lens: Sequence[int], repeats: int = 3)
             first = [e for e in _run_until_idle(engine) if e.request_id == src][0].token_id
             kv = engine.export_kv(src)
             engine.release_kv(src)
-            engine.add_decode_request(dst, prompt, first, kv, SamplingParams(max_new_tokens=2, ignore_eos=True))
+            fresh = rng.integers(100, vocab, size=n).tolist()
+            engine.add_decode_request(dst, fresh, first, kv, SamplingParams(max_new_tokens=2, ignore_eos=True))
             engine.step()
             stats = engine.last_step
             engine.abort(dst)

@@ -37,17 +37,25 @@ def goodput_table(outcomes: list[VariantOutcome], target: float, slo_text: str) 
 
 
 def prediction_table(outcomes: list[VariantOutcome]) -> Table:
+    """One row per rate any variant ran (a goodput search runs different rates per variant): measured and
+    predicted attainment, their difference, and how many requests the measurement rests on."""
     table = Table(title="SLO attainment: measured vs predicted (simulator on the profiled latency model)")
     table.add_column("rate req/s", justify="right")
     for o in outcomes:
-        for what in ("measured", "predicted", "diff pp"):
+        for what in ("n", "measured", "predicted", "diff pp"):
             table.add_column(f"{o.variant.label} {what}", justify="right")
-    for i, run in enumerate(outcomes[0].runs):
-        row = [f"{run.rate_rps:.3g}"]
+    rates = sorted({r.rate_rps for o in outcomes for r in o.runs})
+    for rate in rates:
+        row = [f"{rate:.3g}"]
         for o in outcomes:
-            measured = o.runs[i].summary().attainment
-            predicted = o.predicted[i]
-            row += [f"{measured:.0%}", f"{predicted:.0%}", f"{(predicted - measured) * 100:+.0f}"]
+            at = [i for i, r in enumerate(o.runs) if r.rate_rps == rate]
+            if not at:
+                row += ["-", "-", "-", "-"]
+                continue
+            run, predicted = o.runs[at[0]], o.predicted[at[0]]
+            measured = run.summary().attainment
+            row += [str(len(run.records)), f"{measured:.0%}", f"{predicted:.0%}",
+                    f"{(predicted - measured) * 100:+.0f}"]
         table.add_row(*row)
     return table
 
@@ -60,9 +68,11 @@ def plot_predicted_vs_measured(outcomes: list[VariantOutcome], target: float, pa
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for o, color in zip(outcomes, ("tab:blue", "tab:orange", "tab:green"), strict=False):
-        rates = [r.rate_rps for r in o.runs]
-        ax.plot(rates, [r.summary().attainment for r in o.runs], "o-", color=color, label=f"{o.variant.label} measured")
-        ax.plot(rates, o.predicted, "x--", color=color, label=f"{o.variant.label} predicted")
+        order = sorted(range(len(o.runs)), key=lambda i: o.runs[i].rate_rps)  # a search runs out of order
+        rates = [o.runs[i].rate_rps for i in order]
+        ax.plot(rates, [o.runs[i].summary().attainment for i in order], "o-", color=color,
+                label=f"{o.variant.label} measured")
+        ax.plot(rates, [o.predicted[i] for i in order], "x--", color=color, label=f"{o.variant.label} predicted")
     ax.axhline(target, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment")

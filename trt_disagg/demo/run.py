@@ -1,9 +1,15 @@
 """`run_demo`: disaggregated vs colocated on this machine, end to end, as one call that returns its results.
 
     build the engines ─▶ load the workload (the engine's tokenizer) ─▶ profile the engine (1 thread)
-    ─▶ serve the disaggregated deployment ─▶ time a few hand-offs ─▶ benchmark ─▶ stop
+    ─▶ SLOs and rates from the profile (targets.py) ─▶ serve the disaggregated deployment
+    ─▶ time hand-offs phase by phase (warm) ─▶ benchmark ─▶ stop
     ─▶ serve + benchmark the colocated baseline on the same cores ─▶ stop
-    ─▶ predict both (simulator: profile + hand-off costs) ─▶ JSON/CSV/PNG
+    ─▶ served steps vs profile: busy? ─▶ predict both (simulator: profile, or served step times when busy,
+       + hand-off costs) ─▶ JSON/CSV/PNG
+
+Quick (default): a short profile grid, 20 requests per rate, and per variant a goodput bisection from half
+the measured prefill capacity that stops once the crossing is bracketed. Full: the thorough grid and five
+rates over the capacity at 40 requests each.
 
 The CLI (`trt-disagg demo`) parses flags, calls `run_demo` and prints its `DemoResult`. Building takes a
 `build` callable and progress goes to a `DemoProgress`, so this module neither prints nor depends on the
@@ -18,12 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from trt_disagg.bench.goodput import GoodputResult
+from trt_disagg.bench.goodput import GoodputResult, SearchSpec
+from trt_disagg.bench.metrics import RunResult
 from trt_disagg.bench.report import write_report
 from trt_disagg.config import SLO, Deployment, load_deployment
 from trt_disagg.contract import Role
+from trt_disagg.demo.handoff import HandoffSample
 from trt_disagg.demo.measure import Measured, measure
 from trt_disagg.demo.predict import (
+    DEMO_GRID,
+    QUICK_GRID,
     EngineProfile,
     HandoffCosts,
     handoff_latency_s,
@@ -33,9 +43,20 @@ from trt_disagg.demo.predict import (
 )
 from trt_disagg.demo.report import VariantOutcome, plot_predicted_vs_measured
 from trt_disagg.demo.served_steps import StepRatios, step_ratios
+from trt_disagg.demo.targets import (
+    FULL_FRACTIONS,
+    QUICK_MIN_FRACTION,
+    QUICK_START_FRACTION,
+    Busy,
+    SloRule,
+    busy_from,
+    prefill_capacity_rps,
+    scaled_model,
+)
 from trt_disagg.demo.variants import Variant, split_variants
 from trt_disagg.engine_dir import EngineConfig, load_tokenizer
 from trt_disagg.errors import UserError
+from trt_disagg.planner.latency_model import LatencyModel, PhaseCoefficients
 from trt_disagg.sim import DisaggSpec
 from trt_disagg.workload import WorkloadRequest, load_workload
 
@@ -50,11 +71,18 @@ class DemoOptions:
     workload: str = "fixed"
     input_len: int = 512  # the fixed workload's prompt tokens
     output_len: int = 16  # output tokens (ignore_eos)
-    rates: tuple[float, ...] = (0.15, 0.3, 0.5, 0.7, 0.9)  # req/s, ascending
-    num_requests: int = 40  # per rate
+    rates: tuple[float, ...] | None = None  # req/s, ascending; None: from the measured prefill capacity
+    num_requests: int | None = None  # per rate; None: 20 quick, 40 full
     seed: int = 0
     out_dir: Path = Path("runs/demo")
     engines_dir: Path | None = None  # default: the deployment's engines_dir
+    full: bool = False  # the thorough run: full profile grid, five rates
+    slo_rule: SloRule | None = SloRule()  # None: the deployment's fixed SLO
+    busy_threshold: float = 1.3  # served / profiled step time above which the machine counts as busy
+
+    @property
+    def requests_per_rate(self) -> int:
+        return self.num_requests if self.num_requests is not None else (40 if self.full else 20)
 
 
 class DemoProgress(Protocol):
@@ -74,20 +102,26 @@ class DemoResult:
     handoff_notes: list[str]  # per disaggregated variant: the measured hand-offs and the fitted fixed part
     served_steps: list[StepRatios]  # served step times over the profiled ones
     requests: list[WorkloadRequest]
-    rates: tuple[float, ...]
+    rates: tuple[float, ...]  # every rate run, either variant
     paths: list[Path]  # every file written under out_dir
+    slo_rule: str = ""  # how the SLO was made (from the profile, or the config's fixed one)
+    capacity_rps: float = 0.0  # one prefill core's prompts per second, profiled
+    handoffs: list[HandoffSample] | None = None  # the disaggregated variant's timed hand-offs (warm)
+    decode_step_s: float = 0.0  # profiled batch-1 decode step at the probes' context (next to the hand-off)
+    busy: Busy | None = None  # served vs profiled step times; is_busy: the prediction used the served ones
 
     @property
-    def ratio(self) -> float:
-        """Per-core goodput of the disaggregated deployment over the colocated baseline (inf: baseline 0)."""
+    def ratio(self) -> float | None:
+        """Per-core goodput of the disaggregated deployment over the colocated baseline; None when the
+        baseline's goodput is 0 (no ratio exists: the table says so instead of "inf")."""
         base = self.goodputs[self.outcomes[-1].variant.label].per_core_goodput_rps
         first = self.goodputs[self.outcomes[0].variant.label].per_core_goodput_rps
-        return first / base if base > 0 else float("inf")
+        return first / base if base > 0 else None
 
 
 def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> DemoResult:
     """Build, profile, serve and benchmark both variants, predict them, and write the report files."""
-    if options.num_requests < 1:
+    if options.requests_per_rate < 1:
         raise UserError("--num-requests must be >= 1")
     dep = load_deployment(options.config)
     variants = split_variants(dep)
@@ -101,42 +135,85 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     requests = _load_requests(options, engine_dirs[Role.COLOCATED], engine_cfgs[Role.COLOCATED])
 
     progress.step(2, NUM_STEPS, "profile the engine (one thread, as served)")
-    prof = _profile(dep, engine_dirs[Role.COLOCATED], options.out_dir, progress)
+    prof = _profile(dep, engine_dirs[Role.COLOCATED], options, progress)
+    coeffs = prof.fit.latency_model.for_tp(1)
+    mean_input = sum(r.input_len for r in requests) / len(requests)
+    capacity = prefill_capacity_rps(coeffs, mean_input)
+    plan = _rate_plan(options, capacity, dep.slo.attainment)
+    max_rate = max(plan) if isinstance(plan, tuple) else capacity * max(FULL_FRACTIONS)
+    slo, rule = (options.slo_rule.derive(coeffs, mean_input, options.output_len, max_rate, dep.slo.attainment)
+                 if options.slo_rule is not None else (dep.slo, f"fixed SLOs from {options.config}"))
+    progress.note(f"  {rule}")
+    progress.note(f"  prefill capacity {capacity:.3g} req/s per core (prompt {mean_input:.0f} tokens); rates: "
+                  + (", ".join(f"{r:.3g}" for r in plan) if isinstance(plan, tuple) else
+                     f"goodput bisection from {plan.start_rps:.3g} req/s, at most {plan.max_runs} rates")
+                  + f", {options.requests_per_rate} requests each")
 
-    measured = {}
+    measured, served = {}, []
     for step, variant in enumerate(variants, start=3):
         progress.step(step, NUM_STEPS, f"serve and benchmark: {variant.label} ({variant.describe()})")
-        measured[variant.label] = measure(variant, requests, list(options.rates), dep.slo, engines_root=engines_root,
-                                          run_dir=options.out_dir / variant.label, seed=options.seed)
-
-    outcomes, handoff_notes, served = [], [], []
-    for variant in variants:
-        outcome, note = _predict(variant, measured[variant.label], engine_cfgs, prof, requests, options, dep.slo)
-        outcomes.append(outcome)
-        handoff_notes += [note] if note else []
-        coeffs = prof.fit.latency_model.for_tp(1)
+        measured[variant.label] = measure(
+            variant, requests, plan, slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
+            seed=options.seed, after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
         served += [r for path in measured[variant.label].iteration_logs for r in step_ratios(path, coeffs)]
 
-    progress.step(NUM_STEPS, NUM_STEPS, "report")
-    target = dep.slo.attainment
-    goodputs = {o.variant.label: o.goodput(target) for o in outcomes}
+    progress.step(NUM_STEPS, NUM_STEPS, "predict and report")
+    busy = busy_from(served, options.busy_threshold)
+    model = prof.fit.latency_model
+    if busy.use_served_times:
+        model = scaled_model(model, 1, busy)
+        progress.note(f"  {_load_changed(busy)}: {busy.describe()}; predicting with the served step times")
+    outcomes, handoff_notes = [], []
+    for variant in variants:
+        outcome, note = _predict(variant, measured[variant.label], engine_cfgs, prof, model, requests, slo, options)
+        outcomes.append(outcome)
+        handoff_notes += [note] if note else []
+    goodputs = {o.variant.label: o.goodput(slo.attainment) for o in outcomes}
     paths = write_report(goodputs, options.out_dir)
-    paths.append(plot_predicted_vs_measured(outcomes, target, options.out_dir / "predicted_vs_measured.png"))
-    return DemoResult(outcomes, dep.slo, goodputs, handoff_notes, served, requests, options.rates, paths)
+    paths.append(plot_predicted_vs_measured(outcomes, slo.attainment, options.out_dir / "predicted_vs_measured.png"))
+    rates = tuple(sorted({r.rate_rps for m in measured.values() for r in m.runs}))
+    disagg = measured[variants[0].label]
+    probe_ctx = disagg.handoff_input_lens[0] if disagg.handoff_input_lens else int(mean_input)
+    return DemoResult(outcomes, slo, goodputs, handoff_notes, served, requests, rates, paths, rule, capacity,
+                      disagg.handoffs, coeffs.decode_step_s(1, probe_ctx + 1), busy)
+
+
+def _load_changed(busy: Busy) -> str:
+    return "the machine was busy while serving" if busy.is_busy else "the machine was busy while profiling"
+
+
+def _rate_plan(options: DemoOptions, capacity_rps: float, target: float) -> tuple[float, ...] | SearchSpec:
+    """Explicit rates; the full run's five fractions of the capacity; or the quick goodput bisection."""
+    if options.rates is not None:
+        return options.rates
+    if options.full:
+        return tuple(round(f * capacity_rps, 3) for f in FULL_FRACTIONS)
+    return SearchSpec(target=target, start_rps=round(QUICK_START_FRACTION * capacity_rps, 3), growth=1.6,
+                      rel_tol=0.35, max_runs=3, min_rps=QUICK_MIN_FRACTION * capacity_rps)
+
+
+def _watch(run: RunResult, logs: list[Path], coeffs: PhaseCoefficients, options: DemoOptions,
+           progress: DemoProgress) -> None:
+    """After each rate: its attainment, how many requests it rests on, and the served/profiled step times."""
+    s = run.summary()
+    busy = busy_from([r for path in logs for r in step_ratios(path, coeffs)], options.busy_threshold)
+    progress.note(f"  {run.rate_rps:.3g} req/s: attainment {s.attainment:.0%} of {len(run.records)} requests; "
+                  f"{busy.describe()}" + (" [busy]" if busy.is_busy else ""))
 
 
 def _load_requests(options: DemoOptions, engine_dir: Path, cfg: EngineConfig) -> list[WorkloadRequest]:
     """The workload, tokenised by the served engine's tokenizer and cut to what its engine accepts."""
-    return load_workload(options.workload, num_requests=options.num_requests, seed=options.seed,
+    return load_workload(options.workload, num_requests=options.requests_per_rate, seed=options.seed,
                          tokenizer=load_tokenizer(engine_dir), max_input_len=cfg.limits.max_input_len,
                          max_output_len=options.output_len,
                          input_len=options.input_len if options.workload == "fixed" else None,
                          output_len=options.output_len)
 
 
-def _profile(dep: Deployment, engine_dir: Path, out_dir: Path, progress: DemoProgress) -> EngineProfile:
+def _profile(dep: Deployment, engine_dir: Path, options: DemoOptions, progress: DemoProgress) -> EngineProfile:
     threads = dep.groups()[Role.COLOCATED].threads_per_instance
-    prof = profile(engine_dir, dep.name, threads, out_dir / "profile", progress.profiling)
+    prof = profile(engine_dir, dep.name, threads, options.out_dir / "profile", progress.profiling,
+                   DEMO_GRID if options.full else QUICK_GRID)
     for phase, rep in prof.fit.reports.items():
         progress.note(f"  fit {phase}: max rel err {rep.max_rel_error:.1%}, mean {rep.mean_rel_error:.1%}")
     progress.note(f"  KV import: {prof.import_s_per_token * 1e6:.1f} us/token")
@@ -144,20 +221,22 @@ def _profile(dep: Deployment, engine_dir: Path, out_dir: Path, progress: DemoPro
 
 
 def _predict(variant: Variant, m: Measured, engine_cfgs: dict[Role, EngineConfig], prof: EngineProfile,
-             requests: list[WorkloadRequest], options: DemoOptions, slo: SLO) -> tuple[VariantOutcome, str | None]:
-    """The variant's simulated attainment at every rate; for a disaggregated variant the hand-off costs are
-    fitted to the measured hand-offs first (returned as a note for the report)."""
+             model: LatencyModel, requests: list[WorkloadRequest], slo: SLO,
+             options: DemoOptions) -> tuple[VariantOutcome, str | None]:
+    """The variant's simulated attainment at every rate it ran; for a disaggregated variant the hand-off
+    costs are fitted to the measured hand-offs first (returned as a note for the report)."""
     costs = HandoffCosts(prof.import_s_per_token)
     note = None
     if m.handoffs_s:
-        decode_step_s = prof.fit.latency_model.for_tp(1).decode_step_s
-        bare = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
+        decode_step_s = model.for_tp(1).decode_step_s
+        bare = sim_spec(variant, engine_cfgs, model, costs)
         assert isinstance(bare, DisaggSpec)  # only a disaggregated variant hands off
         costs = HandoffCosts(prof.import_s_per_token,
                              handoff_latency_s(m.handoffs_s, m.handoff_input_lens, bare, decode_step_s))
-        note = (f"{variant.label}: hand-off (prefill done -> first decode token, alone) "
+        note = (f"{variant.label}: hand-off (prefill done -> first decode token, alone, warm) "
                 f"{', '.join(f'{h * 1e3:.0f}' for h in m.handoffs_s)} ms -> fixed part "
                 f"{costs.handoff_s * 1e3:.0f} ms; KV import {prof.import_s_per_token * 1e6:.1f} us/token")
-    spec = sim_spec(variant, engine_cfgs, prof.fit.latency_model, costs)
-    predicted = predict_attainment(spec, requests, list(options.rates), slo.ttft_s, slo.tpot_s, seed=options.seed)
+    spec = sim_spec(variant, engine_cfgs, model, costs)
+    rates = [r.rate_rps for r in m.runs]
+    predicted = predict_attainment(spec, requests, rates, slo.ttft_s, slo.tpot_s, seed=options.seed)
     return VariantOutcome(variant, m.runs, predicted), note

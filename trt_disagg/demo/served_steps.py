@@ -45,7 +45,7 @@ def _profiled_s(row: dict, model: PhaseCoefficients) -> float:
 
 def step_ratios(path: Path, model: PhaseCoefficients) -> list[StepRatios]:
     """Per phase: served / profiled step time (p50, p90) over every step in the log."""
-    rows = read_iteration_log(path)
+    rows = [r for r in read_iteration_log(path) if r["kind"] in ("prefill", "decode")]  # not "handoff" lines
     if not rows:
         return []
     span = max(r["t"] + r["duration_s"] for r in rows) - min(r["t"] for r in rows)

@@ -5,6 +5,11 @@
                                                               └ context_only: KV copied out, blocks freed,
                                                                 the copy HELD until release_kv()
 
+Block reuse (`kv_cache_config.enable_block_reuse`, prefix_cache.py): finished requests leave their full
+blocks cached; a new prompt reuses its longest cached prefix and prefills only the rest. Prompt blocks are
+registered after their prefill step, imported blocks once written, generated blocks when their request
+ends; `drain_kv_changes` hands the changes to the instance, which publishes them as KV events.
+
 `step()` is meant to be driven by one loop thread (the Triton model's); the `add_*`, `abort`, `export_kv`
 and `release_kv` methods may be called from other threads: they validate at once (so a bad request fails
 in its caller) and hand the work to the loop through the inbox under a lock.
@@ -28,14 +33,16 @@ import torch
 
 from trt_disagg.contract import InstanceLoad, RequestType, SamplingParams
 from trt_disagg.engine.block_pool import BlockPool, slot_indices
+from trt_disagg.engine.grammar import GrammarError, Grammars, apply_masks
 from trt_disagg.engine.kv_layout import convert
+from trt_disagg.engine.prefix_cache import BlockAccounting, CacheChange, PrefixCache
 from trt_disagg.engine.runner import ModelRunner, make_runner
-from trt_disagg.engine.sampling import make_generator, sample_token
+from trt_disagg.engine.sampling import make_generator, sample_batch
 from trt_disagg.engine.scheduler import Scheduler, StepKind
 from trt_disagg.engine.sequence import SeqState, Sequence
 from trt_disagg.engine.step_input import StepInput
 from trt_disagg.engine.types import FinishReason, StepStats, TokenEvent
-from trt_disagg.engine_dir import EngineConfig
+from trt_disagg.engine_dir import EngineConfig, load_tokenizer
 from trt_disagg.exported_kv import ExportedKV
 
 log = logging.getLogger(__name__)
@@ -49,15 +56,20 @@ LogitsHook = Callable[[list[str], torch.Tensor], None]
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, runner: ModelRunner) -> None:
+    def __init__(self, cfg: EngineConfig, runner: ModelRunner, block_reuse: bool | None = None,
+                 grammars: Grammars | None = None) -> None:
         self.config = cfg
+        self._grammars = grammars  # None: guided requests are refused
         # Called with (request ids, last-position logits [B, vocab]) after every forward pass: for
         # observability and for tests that compare logits with a reference implementation.
         self.logits_hook: LogitsHook | None = None
         self.last_step: StepStats | None = None  # this step's stats; None when it ran no forward pass
         self._runner = runner
         self._pool = BlockPool(cfg.kv_cache.num_blocks, cfg.kv_cache.tokens_per_block)
-        self._scheduler = Scheduler(cfg.limits, self._pool)
+        # The salt is the model's fingerprint: every layout of one model (TP/PP) names a block the same way.
+        self._cache = PrefixCache(self._pool, cfg.fingerprint.encode(),
+                                  cfg.kv_cache.enable_block_reuse if block_reuse is None else block_reuse)
+        self._scheduler = Scheduler(cfg.limits, self._cache)
         self._held: dict[str, ExportedKV] = {}  # prefilled KV waiting for export_kv / release_kv
         self._held_lock = threading.Lock()  # never held across a step: pulls must not wait for one
         self._prefilled: list[Sequence] = []  # finished prefills of this step, staged at its end
@@ -66,11 +78,12 @@ class LLMEngine:
         self._closed = False
 
     @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, threads_per_rank: int | None = None) -> LLMEngine:
+    def from_engine_dir(cls, engine_dir: str | Path, threads_per_rank: int | None = None,
+                        block_reuse: bool | None = None) -> LLMEngine:
         path = Path(engine_dir)
         cfg = EngineConfig.load(path)
         runner = make_runner(cfg, path, threads_per_rank or cfg.threads_per_rank)
-        return cls(cfg, runner)
+        return cls(cfg, runner, block_reuse, Grammars(lambda: load_tokenizer(path), cfg.shape.vocab_size))
 
     # -- properties -----------------------------------------------------------------------------------------
 
@@ -80,7 +93,36 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self._pool.num_free_blocks
+        """Blocks a new request can get: free ones and cached ones nobody holds (evicted on demand)."""
+        return self._cache.num_available_blocks
+
+    @property
+    def block_reuse(self) -> bool:
+        return self._cache.enabled
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self._pool.tokens_per_block
+
+    def block_accounting(self) -> BlockAccounting:
+        with self._lock:
+            return self._cache.accounting()
+
+    def prefix_stats(self) -> tuple[int, int]:
+        """(prompt tokens looked up in the cache, of them matched) since start."""
+        with self._lock:
+            return self._cache.num_queried_tokens, self._cache.num_matched_tokens
+
+    def drain_kv_changes(self) -> list[CacheChange]:
+        """Changes of the reusable block set since the last call, in order (the instance publishes them)."""
+        with self._lock:
+            return self._cache.drain_changes()
+
+    def cached_block_hashes(self) -> tuple[list[int], list[CacheChange]]:
+        """Every reusable block hash now, and the changes not drained before it (publish those first, then
+        the snapshot is current): taken together, under the lock, so no change falls between them."""
+        with self._lock:
+            return self._cache.cached_hashes(), self._cache.drain_changes()
 
     @property
     def num_total_blocks(self) -> int:
@@ -91,7 +133,7 @@ class LLMEngine:
             return InstanceLoad(
                 queued_prompt_tokens=sum(len(s.prompt_ids) for s in self._scheduler.waiting),
                 running_sequences=len(self._scheduler.running) + len(self._scheduler.importing),
-                free_kv_blocks=self._pool.num_free_blocks,
+                free_kv_blocks=self._cache.num_available_blocks,
                 total_kv_blocks=self._pool.num_total_blocks,
                 pending_kv_handoffs=self.num_held(),
             )
@@ -116,8 +158,9 @@ class LLMEngine:
                                    f"exceeds max_seq_len {lim.max_seq_len}")
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise EngineInputError(f"token ids must be in [0, {vocab})")
-        if sampling.temperature < 0 or sampling.top_k < 0 or not 0.0 < sampling.top_p <= 1.0:
-            raise EngineInputError("sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        problem = sampling.problem()
+        if problem is not None:
+            raise EngineInputError(problem)
         if request_id in self._live or self._is_held(request_id):
             raise EngineInputError(f"request id {request_id!r} is already in use")
 
@@ -135,6 +178,7 @@ class LLMEngine:
         with self._lock:
             self._validate(request_id, prompt_ids, sampling)
             seq = self._new_sequence(request_id, prompt_ids, sampling, request_type)
+            self._start_guide(seq)
             self._live[request_id] = seq
             self._scheduler.waiting.append(seq)
 
@@ -152,11 +196,28 @@ class LLMEngine:
                 raise EngineInputError("nothing to decode: the first token already ends this request")
             seq = self._new_sequence(request_id, prompt_ids, sampling, RequestType.GENERATION_ONLY)
             seq.output_ids = [first_token]
+            self._start_guide(seq)
             seq.num_cached = len(prompt_ids)
             seq.pending_kv = kv
             seq.state = SeqState.IMPORTING
             self._live[request_id] = seq
             self._scheduler.importing.append(seq)
+
+    def _start_guide(self, seq: Sequence) -> None:
+        """A guided request's matcher, having replayed what was generated before it came here (a decode
+        leg's first token; a re-prefill's tokens after the original prompt)."""
+        guide = seq.sampling.guide
+        if guide is None:
+            return
+        if self._grammars is None:
+            raise EngineInputError("this engine serves no guided decoding (built without a tokenizer)")
+        prompt_len = len(seq.prompt_ids) if guide.prompt_len is None else guide.prompt_len
+        if not 0 < prompt_len <= len(seq.prompt_ids):
+            raise EngineInputError(f"guide prompt_len {prompt_len} is outside the {len(seq.prompt_ids)} input tokens")
+        try:
+            seq.guided = self._grammars.new_state(guide, self._end_id(seq.sampling), seq.all_ids[prompt_len:])
+        except GrammarError as exc:
+            raise EngineInputError(str(exc)) from None
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is and free its blocks. Idempotent."""
@@ -218,21 +279,33 @@ class LLMEngine:
             logits = self._runner.forward(step)
             if self.logits_hook is not None:
                 self.logits_hook([seq.request_id for seq in scheduled.seqs], logits)
-            events = [self._advance(seq, logits[i]) for i, seq in enumerate(scheduled.seqs)]
+            events = self._sample(scheduled.seqs, logits)
+            if scheduled.kind is StepKind.PREFILL:  # a running prompt's blocks are reusable from now on
+                for seq in scheduled.seqs:
+                    if seq.state is SeqState.RUNNING:
+                        self._cache.register(seq.block_table, seq.block_hashes, seq.all_ids[:seq.num_cached])
             self._stage_prefilled()
             self.last_step = StepStats(scheduled.kind.value, len(scheduled.seqs), len(step.token_ids),
-                                       sum(step.context_lens), time.perf_counter() - started, imported, import_s)
+                                       sum(step.context_lens), time.perf_counter() - started, imported, import_s,
+                                       reused_tokens=sum(s.num_matched_tokens for s in scheduled.seqs)
+                                       if scheduled.kind is StepKind.PREFILL else 0)
             return events
 
     def _write_imported_kv(self, seq: Sequence) -> int:
-        """Write a pulled prompt's KV into the blocks admission gave it; returns its token count."""
+        """Write a pulled prompt's KV into the blocks admission gave it, past the prefix it found cached
+        here, and register its blocks for reuse; returns the token count written."""
         kv = seq.pending_kv
         assert isinstance(kv, ExportedKV)
-        shards = convert(kv, self.config.kv_layout())
-        slots = slot_indices(seq.block_table, kv.num_tokens, self._pool.tokens_per_block)
-        self._runner.write_kv(slots, shards)
+        skip = seq.num_matched_tokens
+        if skip < kv.num_tokens:
+            shards = convert(kv, self.config.kv_layout())
+            if skip:  # shards are [layers, 2, tokens, kv_heads, head_dim]
+                shards = {rank: t[:, :, skip:] for rank, t in shards.items()}
+            slots = slot_indices(seq.block_table, kv.num_tokens, self._pool.tokens_per_block)[skip:]
+            self._runner.write_kv(slots, shards)
         seq.pending_kv = None
-        return kv.num_tokens
+        self._cache.register(seq.block_table, seq.block_hashes, seq.prompt_ids)
+        return kv.num_tokens - skip
 
     def _step_input(self, kind: StepKind, seqs: list[Sequence]) -> StepInput:
         token_ids: list[int] = []
@@ -245,19 +318,46 @@ class LLMEngine:
                          context_lens=[s.num_cached + q for s, q in zip(seqs, query_lens, strict=True)],
                          block_tables=[s.block_table for s in seqs])
 
+    def _end_id(self, sampling: SamplingParams) -> int | None:
+        return sampling.end_id if sampling.end_id is not None else self.config.shape.eos_token_id
+
     def _is_end(self, token: int, sampling: SamplingParams) -> bool:
-        end_id = sampling.end_id if sampling.end_id is not None else self.config.shape.eos_token_id
+        end_id = self._end_id(sampling)
         return not sampling.ignore_eos and end_id is not None and token == end_id
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """The batch's tokens in a few tensor operations (sampling.py); a sequence whose grammar or
+        sampling fails ends alone (FAILED), the others go on."""
+        logits = logits.float()
+        failed = apply_masks(logits, [s.guided for s in seqs])
+        out = sample_batch(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        failed.update(out.errors)
+        events = []
+        for i, seq in enumerate(seqs):
+            token = out.tokens[i]
+            if token is not None and i not in failed and seq.guided is not None and not seq.guided.accept(token):
+                failed[i] = f"sampled token {token} does not follow the grammar"
+            if token is None or i in failed:
+                events.append(self._fail(seq, failed.get(i, "sampling failed")))
+            else:
+                events.append(self._advance(seq, token))
+        return events
+
+    def _fail(self, seq: Sequence, error: str) -> TokenEvent:
+        log.warning("request %s failed in sampling: %s", seq.request_id, error)
+        self._scheduler.remove(seq)
+        self._live.pop(seq.request_id, None)
+        self._finish(seq)
+        return TokenEvent(seq.request_id, None, FinishReason.FAILED, error=error)
+
+    def _advance(self, seq: Sequence, token: int) -> TokenEvent:
         seq.num_cached = seq.num_tokens
-        token = sample_token(logits, seq.sampling, seq.generator)
         seq.output_ids.append(token)
         reason: FinishReason | None = None
         if seq.request_type is RequestType.CONTEXT_ONLY:
             reason = FinishReason.PREFILL_DONE
-        elif self._is_end(token, seq.sampling):
-            reason = FinishReason.STOP
+        elif self._is_end(token, seq.sampling) or (seq.guided is not None and seq.guided.terminated):
+            reason = FinishReason.STOP  # end_id, or the grammar is complete (it allows nothing more)
         elif len(seq.output_ids) >= seq.sampling.max_new_tokens or seq.num_tokens >= self.config.limits.max_seq_len:
             reason = FinishReason.LENGTH
         if reason is None:
@@ -275,10 +375,17 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence) -> None:
         if seq.block_table:
-            self._pool.free(seq.block_table)
+            if seq.pending_kv is None:  # else its imported KV was never written: only the matched part is valid
+                self._cache.register(seq.block_table, seq.block_hashes, seq.all_ids[:seq.num_cached])
+            self._cache.release(seq.block_table)
             seq.block_table = []
         seq.state = SeqState.FINISHED
         seq.pending_kv = None
+
+    def failure(self) -> str | None:
+        """Why this engine cannot serve (a rank process died), None while it can. Lock-free and cheap: the
+        instance polls it from a watch thread, also while a step is blocked on that very rank."""
+        return self._runner.failure()
 
     def shutdown(self) -> None:
         with self._lock:

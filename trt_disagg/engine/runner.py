@@ -8,7 +8,14 @@
 
 Ranks load their own weight shard from the engine directory: no weights cross a pipe. Commands are typed
 dataclasses, not strings. Every rank answers every command; the driver raises `RankFailure` on an error
-reply or a dead rank. `shutdown()` stops and joins every rank (then kills what did not stop).
+reply or a dead rank (any rank: a survivor may be blocked in a collective with the dead one), and
+`failure()` says, without a command, whether every rank is still alive (the instance's health watch).
+`shutdown()` stops and joins every rank (then kills what did not stop).
+
+The ranks rendezvous through a FileStore in a private temp dir, not torch's TCP store: the TCP store's
+server listens on every interface whatever address `init_method` names, and nothing here should be
+reachable from outside the host. Gloo's own sockets bind the loopback interface (GLOO_SOCKET_IFNAME=lo).
+The store is needed only until every rank has built its groups, so the dir is removed once they are ready.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
+import shutil
+import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,7 @@ from trt_disagg.engine_dir import EngineConfig, rank_file
 log = logging.getLogger(__name__)
 
 RANK_START_TIMEOUT_S = 300.0
+RANK_STOP_TIMEOUT_S = 1.5  # all ranks together; a rank still alive then is killed (instances stop in < 3 s)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 
 
@@ -46,6 +57,7 @@ class ModelRunner(Protocol):
     def forward(self, step: StepInput) -> torch.Tensor: ...  # logits [num_seqs, vocab]
     def read_kv(self, slots: list[int]) -> dict[int, torch.Tensor]: ...  # rank -> its KV slice
     def write_kv(self, slots: list[int], shards: dict[int, torch.Tensor]) -> None: ...
+    def failure(self) -> str | None: ...  # why the ranks cannot serve (one died), None while they can
     def shutdown(self) -> None: ...
 
 
@@ -87,6 +99,9 @@ class LocalRunner:
 
     def write_kv(self, slots: list[int], shards: dict[int, torch.Tensor]) -> None:
         self.model.write_kv(slots, shards[0])
+
+    def failure(self) -> str | None:
+        return None  # the model runs in this process: if it is gone, so is whoever would ask
 
     def shutdown(self) -> None:
         return None
@@ -131,20 +146,15 @@ class Failed:
     error: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(engine_dir: str, rank: int, port: int, conn, threads: int) -> None:
+def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int) -> None:
     """Entry point of one rank process."""
     torch.set_num_threads(threads)
     cfg = EngineConfig.load(engine_dir)
     tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=cfg.world_size, timeout=COLLECTIVE_TIMEOUT)
+        store = dist.FileStore(store_path, cfg.world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=cfg.world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
         # Every rank creates every stage's TP group, in the same order (a torch.distributed rule).
         groups = [dist.new_group([rank_of(t, s, cfg.tp) for t in range(cfg.tp)]) for s in range(cfg.pp)]
         tp_group = groups[pp_rank]
@@ -185,6 +195,12 @@ def _rank_main(engine_dir: str, rank: int, port: int, conn, threads: int) -> Non
         except Exception:
             conn.send(Failed(rank, traceback.format_exc()))
     dist.destroy_process_group()
+    conn.close()
+    # Everything is released; skip the interpreter's teardown, which takes about a second with torch loaded
+    # and would put that second into every instance stop (multiprocessing ends forked children this way too).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class DistributedRunner:
@@ -193,13 +209,15 @@ class DistributedRunner:
     def __init__(self, cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> None:
         self.cfg = cfg
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        self._rdzv_dir: Path | None = Path(tempfile.mkdtemp(prefix="trtd-rdzv-"))
+        store_path = str(self._rdzv_dir / "store")
         self._conns = []
         self._procs = []
         try:
             for rank in range(cfg.world_size):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, port, child, threads_per_rank),
+                proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, store_path, child,
+                                                            threads_per_rank),
                                    name=f"trt-disagg-rank{rank}", daemon=True)
                 proc.start()
                 child.close()
@@ -212,16 +230,28 @@ class DistributedRunner:
         except BaseException:
             self.shutdown()
             raise
+        self._remove_rendezvous()
         self._last_rank = rank_of(0, cfg.pp - 1, cfg.tp)
 
+    def _remove_rendezvous(self) -> None:
+        rdzv, self._rdzv_dir = self._rdzv_dir, None
+        if rdzv is not None:
+            shutil.rmtree(rdzv, ignore_errors=True)
+
+    def failure(self) -> str | None:
+        """None while every rank process is alive; else which died (cheap: no command is sent)."""
+        dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self._procs) if not p.is_alive()]
+        return f"rank process died: {', '.join(dead)}" if dead else None
+
     def _recv(self, rank: int, timeout_s: float | None = None):
-        conn, proc = self._conns[rank], self._procs[rank]
+        conn = self._conns[rank]
         # Poll in slices so a rank that died is noticed instead of waiting forever.
         waited = 0.0
         while not conn.poll(1.0):
             waited += 1.0
-            if not proc.is_alive():
-                raise RankFailure(f"rank {rank} died (exit code {proc.exitcode})")
+            failure = self.failure()  # any rank: the one we wait for may be blocked on a dead peer
+            if failure is not None:
+                raise RankFailure(failure)
             if timeout_s is not None and waited >= timeout_s:
                 raise RankFailure(f"rank {rank} did not answer within {timeout_s:.0f} s")
         reply = conn.recv()
@@ -253,8 +283,9 @@ class DistributedRunner:
                 conn.send(StopCmd())
             except (OSError, BrokenPipeError):
                 pass
+        deadline = time.monotonic() + RANK_STOP_TIMEOUT_S
         for proc in self._procs:
-            proc.join(timeout=10)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("rank process %s did not stop; killing it", proc.pid)
                 proc.kill()
@@ -262,6 +293,7 @@ class DistributedRunner:
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
+        self._remove_rendezvous()
 
 
 def make_runner(cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> ModelRunner:

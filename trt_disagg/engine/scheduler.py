@@ -11,6 +11,9 @@ Policy (the same for every role; a role only changes which requests arrive):
     that disaggregation removes).
 - admission reserves blocks for the request's whole life (prompt + max_new_tokens), TensorRT-LLM's
   GUARANTEED_NO_EVICT capacity policy: nothing is ever preempted, and "full" means "wait".
+- block reuse (prefix_cache.py): admission first takes the cached blocks of the prompt's longest cached
+  prefix, so a prefill computes (and the token budget counts) only the unmatched suffix; an imported
+  prompt writes only the blocks not cached here. Cached blocks nobody holds count as free space.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from trt_disagg.engine.block_pool import BlockPool
+from trt_disagg.engine.prefix_cache import PrefixCache
 from trt_disagg.engine.sequence import SeqState, Sequence
 from trt_disagg.engine_dir import EngineLimits
 
@@ -36,19 +40,45 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, limits: EngineLimits, pool: BlockPool) -> None:
+    def __init__(self, limits: EngineLimits, pool: BlockPool | PrefixCache) -> None:
         self.limits = limits
-        self.pool = pool
+        # A bare pool is a cache that never reuses (what tests of the policy alone pass).
+        self.cache = pool if isinstance(pool, PrefixCache) else PrefixCache(pool, b"", enabled=False)
+        self.pool = self.cache.pool
         self.waiting: deque[Sequence] = deque()
         self.importing: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
+    def _prompt_hashes(self, seq: Sequence) -> list[int]:
+        if not self.cache.enabled:
+            return []
+        if not seq.block_hashes:  # computed once per sequence (admission may be tried many times)
+            seq.block_hashes = self.cache.hashes(seq.prompt_ids)
+        return seq.block_hashes
+
+    def _max_matched_blocks(self, seq: Sequence) -> int:
+        # A prefill must compute at least the last prompt token (its logits give the first token); an
+        # imported prompt has all its KV already, so every full block may come from the cache.
+        n = len(seq.prompt_ids) if seq.state is SeqState.IMPORTING else len(seq.prompt_ids) - 1
+        return n // self.pool.tokens_per_block
+
     def _try_reserve(self, seq: Sequence) -> bool:
-        blocks = self.pool.try_allocate(self.pool.blocks_for_tokens(seq.max_total_tokens(self.limits.max_seq_len)))
-        if blocks is None:
+        hashes = self._prompt_hashes(seq)
+        res = self.cache.try_reserve(hashes, self.pool.blocks_for_tokens(seq.max_total_tokens(self.limits.max_seq_len)),
+                                     self._max_matched_blocks(seq))
+        if res is None:
             return False
-        seq.block_table = blocks
+        seq.block_table = res.block_table
+        seq.block_hashes = res.matched_hashes  # the chain registration extends
+        seq.num_matched_tokens = res.num_matched_tokens
+        if seq.state is SeqState.WAITING:
+            seq.num_cached = res.num_matched_tokens
         return True
+
+    def num_prefill_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens a prefill of `seq` would compute if admitted now (the suffix past its cached prefix)."""
+        matched = self.cache.match(self._prompt_hashes(seq)[:self._max_matched_blocks(seq)])
+        return len(seq.prompt_ids) - len(matched) * self.pool.tokens_per_block
 
     def admit_imports(self) -> list[Sequence]:
         """generation_only sequences that got their blocks now (FCFS); the engine writes their KV."""
@@ -67,7 +97,7 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.limits.max_batch_size:
             seq = self.waiting[0]
-            n = len(seq.prompt_ids)
+            n = self.num_prefill_tokens(seq)
             if batch and tokens + n > self.limits.max_num_tokens:
                 break
             if not self._try_reserve(seq):

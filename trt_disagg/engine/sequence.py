@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trt_disagg.contract import RequestType, SamplingParams
+from trt_disagg.engine.grammar import GuidedState
 
 
 class SeqState(enum.Enum):
@@ -31,6 +32,12 @@ class Sequence:
     state: SeqState = SeqState.WAITING
     # generation_only: the exported KV until it is written into this engine's cache.
     pending_kv: object | None = None
+    # guided requests: the grammar matcher (engine.grammar.GuidedState), fed every generated token.
+    guided: GuidedState | None = None
+    # Block reuse: the hash chain of this sequence's full blocks registered or matched so far, and how many
+    # prompt tokens came from the cache (their KV was neither computed nor imported here).
+    block_hashes: list[int] = field(default_factory=list)
+    num_matched_tokens: int = 0
 
     @property
     def all_ids(self) -> list[int]:

@@ -15,6 +15,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_new_tokens reached
     PREFILL_DONE = "prefill_done"  # context_only: first token generated, KV kept for hand-off
     ABORTED = "aborted"
+    FAILED = "failed"  # this sequence alone could not go on (its sampling or grammar failed); see `error`
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class StepStats:
     duration_s: float  # the whole step: imports, forward, sampling, staging prefilled KV
     imported_tokens: int = 0  # pulled KV written into the pool before the forward pass
     import_s: float = 0.0  # ... and how long that took (part of duration_s)
+    reused_tokens: int = 0  # prefill: prompt tokens taken from the prefix cache instead of computed
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class TokenEvent:
     """One generated token of one request, as returned by `LLMEngine.step()`."""
 
     request_id: str
-    token_id: int
+    token_id: int | None  # None only when finish_reason is FAILED: no token was produced
     finish_reason: FinishReason | None  # None while the request goes on
+    error: str | None = None  # why it FAILED
 
     @property
     def finished(self) -> bool:

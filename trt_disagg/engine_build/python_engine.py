@@ -45,7 +45,8 @@ def kv_cache_spec(group: ServerGroup, where: str) -> KVCacheSpec:
     if max_tokens < group.max_seq_len:
         raise UserError(f"{where}.kv_cache_config.max_tokens: {wanted} tokens ({max_tokens} in whole blocks of "
                         f"{kv.tokens_per_block}) cannot hold one sequence of max_seq_len {group.max_seq_len}")
-    return KVCacheSpec(dtype=kv.dtype, tokens_per_block=kv.tokens_per_block, max_tokens=max_tokens)
+    return KVCacheSpec(dtype=kv.dtype, tokens_per_block=kv.tokens_per_block, max_tokens=max_tokens,
+                       enable_block_reuse=kv.enable_block_reuse)
 
 
 def engine_config(role: Role, group: ServerGroup, shape: ModelShape, *, dtype: str, fingerprint: str,

@@ -52,8 +52,9 @@ class SocketKVSender:
                  host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None,
                  handle_ttl_s: float = 60.0, max_pending_tokens: int | None = None,
                  ack_timeout_s: float = 30.0, reap_interval_s: float = 0.5,
-                 shm_prefix: str | None = None) -> None:
+                 shm_prefix: str | None = None, prewarm_tokens: int = 0) -> None:
         self._source = source
+        self._prewarm_tokens = prewarm_tokens  # a shm segment this many tokens' KV large is faulted in at start
         self._secret = secret
         self.instance_id = instance_id
         self.layout = layout
@@ -83,6 +84,7 @@ class SocketKVSender:
             allow_reuse_address = True
 
         self._server = Server(self._bind, Handler)
+        self._segments.prewarm(self._prewarm_tokens * _kv_bytes_per_token(self.layout))
         for target, name in ((self._serve_forever, "kv-server"), (self._reap_loop, "kv-reaper")):
             t = threading.Thread(target=target, name=f"{name}-{self.instance_id}", daemon=True)
             t.start()
@@ -219,16 +221,20 @@ class SocketKVSender:
             if req["op"] == "release":
                 return self._serve_release(sock, blob)
             handle = decode_handle(blob, self._secret)
-        except InvalidHandleError as exc:  # expired, forged, or another instance's
+        except InvalidHandleError as exc:  # expired, forged, or another instance's (or deployment's)
+            log.warning("refused a KV request from %s: %s", _peer(sock), exc)
             return _send_error(sock, wire_kind_of(exc), str(exc))
         except (ValueError, KeyError, OSError) as exc:
+            log.warning("refused a malformed KV request from %s: %s", _peer(sock), exc)
             return _send_error(sock, WireErrorKind.INTERNAL, f"bad KV request: {exc}")
         why = self._claim(handle)
-        if why is not None:
+        if why is not None:  # a replayed handle lands here: its KV was pulled (and freed) already
+            log.warning("refused a KV pull from %s: %s", _peer(sock), why)
             return _send_error(sock, WireErrorKind.NOT_FOUND, why)
         try:
+            started = time.perf_counter()
             kv = self._source.export_kv(handle.request_id)
-            acked = self._stream(sock, kv, str(req.get("mode", "tcp")))
+            acked = self._stream(sock, kv, str(req.get("mode", "tcp")), time.perf_counter() - started)
         except Exception as exc:
             log.warning("KV pull of %s failed: %s", handle.request_id, exc)
             self._unclaim(handle.request_id)  # before the error goes out: a retry must find it PENDING
@@ -250,8 +256,12 @@ class SocketKVSender:
         """Forged or foreign handles fall through to `_serve`'s FORGED error."""
         wire.send_header(sock, {"op": "released", "held": self.release_handle(blob)})
 
-    def _stream(self, sock: socket.socket, kv: ExportedKV, mode: str) -> bool:
-        """Send meta, the bytes (inline or via a shm segment) and "end"; True when the receiver ACKed."""
+    def _stream(self, sock: socket.socket, kv: ExportedKV, mode: str, export_s: float) -> bool:
+        """Send meta, the bytes (inline or via a shm segment) and "end"; True when the receiver ACKed.
+
+        "end" carries this side's phase times (export, staging the bytes) so that the decode instance can
+        log a hand-off's phases on both sides in one line."""
+        started = time.perf_counter()
         ranks = sorted(kv.shards)
         shards = [kv.shards[r].contiguous() for r in ranks]
         wire.send_header(sock, {
@@ -264,15 +274,32 @@ class SocketKVSender:
             seg = self._segments.acquire(sum(t.numel() * t.element_size() for t in shards))
             try:
                 shm.stream_to_segment(sock, seg, shards)
-                wire.send_header(sock, {"op": "end"})
+                wire.send_header(sock, _end(export_s, time.perf_counter() - started))
                 return wire.recv_header(sock).get("op") == "ack"
             finally:
                 self._segments.release(seg)
         for t in shards:
             for layer in range(t.shape[0]):  # layer by layer: the receiver can start on layer 0 early
                 sock.sendall(wire.byte_view(t[layer]))
-        wire.send_header(sock, {"op": "end"})
+        wire.send_header(sock, _end(export_s, time.perf_counter() - started))
         return wire.recv_header(sock).get("op") == "ack"
+
+
+def _kv_bytes_per_token(layout: KVLayout) -> int:
+    """K and V of every layer and head for one token, in the layout's dtype (all ranks together)."""
+    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * wire.dtype_of(layout.dtype).itemsize
+
+
+def _end(export_s: float, stage_s: float) -> dict:
+    return {"op": "end", "export_s": round(export_s, 6), "stage_s": round(stage_s, 6)}
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "a disconnected peer"
+    return f"{host}:{port}"
 
 
 def _send_error(sock: socket.socket, kind: WireErrorKind, message: str) -> None:

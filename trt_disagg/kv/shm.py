@@ -69,6 +69,14 @@ class Segment:
         finally:
             del buf  # release the export of shm.buf, else close() fails
 
+    def zero(self) -> None:
+        """Write every byte (faults every page in)."""
+        buf = np.frombuffer(self._buf(), dtype=np.uint8)
+        try:
+            buf[:] = 0
+        finally:
+            del buf
+
     def close(self) -> None:
         self._shm.close()
         try:
@@ -101,6 +109,16 @@ class SegmentPool:
                 self._idle.remove(seg)
                 return seg
         return Segment.create(nbytes, self.prefix)
+
+    def prewarm(self, nbytes: int) -> None:
+        """Create one idle segment of `nbytes` and touch every page now, at start-up: a segment's first
+        write pays a page fault and a zeroed page per 4 KiB (on a VM whose memory the host backs lazily,
+        measured 173 ms for 22.5 MiB), which would otherwise land on the first hand-offs."""
+        if nbytes <= 0:
+            return
+        seg = Segment.create(nbytes, self.prefix)
+        seg.zero()
+        self.release(seg)
 
     def release(self, seg: Segment) -> None:
         with self._lock:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,8 +26,21 @@ log = logging.getLogger(__name__)
 SOCKET_BUFFER_BYTES = 4 << 20
 
 
+@dataclass(frozen=True)
+class FetchTiming:
+    """Where one pull's time went, both sides (seconds): what a hand-off's phase log is made of."""
+
+    connect_s: float  # TCP connect to the prefill instance's KV server
+    meta_s: float  # handle sent -> layout received: the source verified the handle and exported the KV
+    data_s: float  # the bytes: staged by the source (shm) or sent inline, copied into fresh tensors here
+    release_s: float  # ACK -> "released": the source freed its blocks
+    source_export_s: float  # reported by the source: its engine's export_kv
+    source_stage_s: float  # reported by the source: writing the bytes (shm segment or socket)
+    total_s: float
+
+
 class TcpKVReceiver:
-    """KVReceiver that moves the bytes inline on the socket."""
+    """KVReceiver that moves the bytes inline on the socket. `last_timing` is the latest fetch's phases."""
 
     mode = "tcp"
 
@@ -33,10 +48,12 @@ class TcpKVReceiver:
         self._secret = secret
         self._connect_timeout_s = connect_timeout_s
         self._io_timeout_s = io_timeout_s
+        self.last_timing: FetchTiming | None = None
 
     def fetch(self, handle: KVHandle) -> ExportedKV:
         where = f"prefill instance {handle.source_instance} at {handle.kv_url}"
         host, port = parse_kv_url(handle.kv_url)
+        t0 = time.perf_counter()
         try:
             sock = socket.create_connection((host, port), timeout=self._connect_timeout_s)
         except OSError as exc:
@@ -47,16 +64,22 @@ class TcpKVReceiver:
             sock.settimeout(self._io_timeout_s)
             wire.send_header(sock, {"op": "fetch", "mode": self.mode,
                                     "handle": encode_handle(handle, self._secret).hex()})
+            t1 = time.perf_counter()
             meta = self._expect(sock, "meta")
+            t2 = time.perf_counter()
             shards = {int(s["rank"]): torch.empty(tuple(s["shape"]), dtype=wire.dtype_of(s["dtype"]))
                       for s in meta["shards"]}
             self._receive_shards(sock, [shards[r] for r in sorted(shards)])
-            self._expect(sock, "end")
+            end = self._expect(sock, "end")
+            t3 = time.perf_counter()
             wire.send_header(sock, {"op": "ack"})
             try:
                 self._expect(sock, "released")
             except (OSError, ValueError) as exc:  # we hold the bytes; the source frees on its own expiry
                 log.warning("no release confirmation from %s for %s: %s", where, handle.request_id, exc)
+            t4 = time.perf_counter()
+            self.last_timing = FetchTiming(t1 - t0, t2 - t1, t3 - t2, t4 - t3, float(end.get("export_s", 0.0)),
+                                           float(end.get("stage_s", 0.0)), t4 - t0)
             return ExportedKV(layout=KVLayout.from_dict(meta["layout"]), num_tokens=int(meta["num_tokens"]),
                               shards=shards)
         except KVTransferError:

@@ -18,6 +18,9 @@ A router that gives a request up before a decode instance pulled its KV (cancel,
                                                              (or when a pull in flight ends); false: nothing
                                                              to do (already pulled, released or expired)
 
+A TCP pull therefore costs PULL_ROUND_TRIPS round trips on top of its bytes (connect, fetch -> meta, the
+last bytes -> ack, ack -> released): what a link model adds per hand-off (the simulator's `handoff_s`).
+
 Never pickle: the peer is on the network. Tensors travel as raw little-endian bytes of a known shape/dtype.
 torch is imported only where tensors are touched, so the router can speak the release op without it.
 """
@@ -32,6 +35,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from trt_disagg.kv.errors import KVTransferError
+
+PULL_ROUND_TRIPS = 4
 
 if TYPE_CHECKING:
     import torch

@@ -9,9 +9,24 @@ Coefficients are per (model, GPU, TP degree) and come from one of three sources:
   roofline   peak FLOP/s, HBM bandwidth and link bandwidth of a GPU and the model's shape (`roofline.py`)
   profile    a `trt-disagg profile` run on a real engine, least-squares fitted (`fit.py`)
 
-Pipeline parallelism (`InstanceTiming`): each of the pp stages holds 1/pp of the layers, so a stage takes
-1/pp of the TP time; a request crosses pp-1 stage boundaries, each a hop of its activations over the link.
-A PP instance therefore has the TP latency (plus hops) and pp times the throughput.
+What a real engine adds to the kernels' time (`EngineOverheads`, set per latency source):
+  per iteration   a fixed cost + a cost per context token in the batch (scheduling, input preparation,
+                  launches, sampling). The published fits are used with DistServe's own simulator terms
+                  (2 ms + 1e-4 ms per token every iteration, 1 ms x pp on each prefill stage); a profiled
+                  engine's fit already holds its overheads, so a profile adds none.
+  per stage       prefill: each of the pp stages pays pp x prefill_stage_s (DistServe's simulator: deeper
+                  pipelines synchronise more ranks per batch, so the cost grows with pp); decode: every stage
+                  a micro-batch step crosses pays decode_stage_s.
+
+Pipeline parallelism (`InstanceTiming`): each of the pp stages holds 1/pp of the layers.
+  prefill  a batch's kernels take 1/pp of the TP time per stage; the first stage also pays the iteration
+           overhead (the scheduler prepares the batch before it starts) and every stage its stage cost, so
+               stage_s   = kernels / pp + iteration overhead + pp * prefill_stage_s       (next batch enters)
+               latency_s = kernels + iteration overhead + pp^2 * prefill_stage_s + (pp - 1) hops
+  decode   up to pp micro-batches are in flight (the simulator runs one lane per micro-batch); each step of
+           a micro-batch crosses every stage: the full TP kernel time + the iteration overhead + pp stage
+           costs + (pp - 1) hops. Fewer running sequences than stages leave lanes empty: those are the
+           pipeline's bubbles, so PP adds decode throughput only when there are >= pp micro-batches to run.
 """
 
 from __future__ import annotations
@@ -38,6 +53,25 @@ class Coefficients:
 
     def __call__(self, x1: float, x2: float) -> float:
         return self.a + self.b * x1 + self.c * x2
+
+
+@dataclass(frozen=True)
+class EngineOverheads:
+    """Costs of a real engine besides its kernels (seconds); zero for a profiled engine, whose fit holds them."""
+
+    iteration_s: float = 0.0  # every iteration (prefill batch or decode step of one micro-batch)
+    per_token_s: float = 0.0  # per context token in the batch (prefill: prompt tokens; decode: tokens in context)
+    prefill_stage_s: float = 0.0  # x pp on each of the pp stages a prefill batch crosses (pp = 1: once)
+    decode_stage_s: float = 0.0  # per pipeline stage a decode micro-batch step crosses
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+NO_OVERHEADS = EngineOverheads()
+# DistServe's simulator (simdistserve) with its published A100 fits: every iteration 2 ms + 1e-4 ms per context
+# token, prefill 1 ms x pp on each of its pp stages (its `pp_const`), decode no stage cost.
+DISTSERVE_OVERHEADS = EngineOverheads(iteration_s=2e-3, per_token_s=1e-7, prefill_stage_s=1e-3)
 
 
 @dataclass(frozen=True)
@@ -76,6 +110,7 @@ class LatencyModel:
     gpu: str
     source: str  # published:<engine> | roofline | profile:<file>
     by_tp: dict[int, PhaseCoefficients] = field(default_factory=dict)
+    overheads: EngineOverheads = NO_OVERHEADS
 
     def tps(self) -> list[int]:
         return sorted(self.by_tp)
@@ -88,7 +123,8 @@ class LatencyModel:
 
     def to_json(self) -> str:
         return json.dumps({"model": self.model, "gpu": self.gpu, "source": self.source,
-                           "by_tp": {str(tp): c.to_dict() for tp, c in self.by_tp.items()}}, indent=2)
+                           "by_tp": {str(tp): c.to_dict() for tp, c in self.by_tp.items()},
+                           "overheads": self.overheads.to_dict()}, indent=2)
 
     @classmethod
     def from_json(cls, path: str | Path) -> LatencyModel:
@@ -101,8 +137,9 @@ class LatencyModel:
         d = d.get("latency_model", d)
         try:
             by_tp = {int(tp): PhaseCoefficients.from_dict(c) for tp, c in d["by_tp"].items()}
-            return cls(d["model"], d["gpu"], d.get("source", f"profile:{p.name}"), by_tp)
-        except (KeyError, AttributeError, ValueError) as exc:
+            overheads = EngineOverheads(**d.get("overheads", {}))
+            return cls(d["model"], d["gpu"], d.get("source", f"profile:{p.name}"), by_tp, overheads)
+        except (KeyError, AttributeError, ValueError, TypeError) as exc:
             raise UserError(f"--coefficients: {p} lacks field {exc}") from None
 
 
@@ -130,13 +167,14 @@ def published_latency_model(model: str, gpu: str, engine: str = "distserve") -> 
         return None
     by_tp = {tp: PhaseCoefficients(s["prefill"], s["decode_small"], s["decode_large"], thresholds[tp])
              for tp, s in sets.items()}
-    return LatencyModel(model, gpu, f"published:{engine}", by_tp)
+    return LatencyModel(model, gpu, f"published:{engine}", by_tp, DISTSERVE_OVERHEADS)
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeTerms:
     """`InstanceTiming.decode_step_s` flattened: one attribute per number, no method calls, because the
-    simulator evaluates it once per decode step of every lane.
+    simulator evaluates it once per decode step of every lane. The engine overheads are folded in (the fixed
+    ones into `a_*`, the per-token one into `b_*`).
 
         step_s = a + b * sum_ctx + c * batch   (small set when batch <= threshold, large set above)
                  + hop_fixed_s + hop_per_seq_s * batch
@@ -162,6 +200,7 @@ class InstanceTiming:
     hidden_size: int
     link_bytes_per_s: float
     dtype_bytes: int = 2
+    overheads: EngineOverheads = NO_OVERHEADS
 
     def _hops_s(self, tokens: float) -> float:
         if self.pp == 1:
@@ -169,18 +208,28 @@ class InstanceTiming:
         per_hop = HOP_LATENCY_S + tokens * self.hidden_size * self.dtype_bytes / self.link_bytes_per_s
         return (self.pp - 1) * per_hop
 
+    def iteration_overhead_s(self, context_tokens: float) -> float:
+        """What the engine adds to one iteration over `context_tokens` tokens, besides kernels and stages."""
+        return self.overheads.iteration_s + self.overheads.per_token_s * context_tokens
+
     def prefill_s(self, sum_len: float, sum_len_sq: float) -> tuple[float, float]:
         """(stage time: when the next batch may enter, latency: when this batch's first tokens exist)."""
-        t = self.coeffs.prefill_s(sum_len, sum_len_sq)
-        return t / self.pp, t + self._hops_s(sum_len)
+        kernels = self.coeffs.prefill_s(sum_len, sum_len_sq)
+        first = self.iteration_overhead_s(sum_len)
+        stage_cost = self.pp * self.overheads.prefill_stage_s
+        return (kernels / self.pp + first + stage_cost,
+                kernels + first + self.pp * stage_cost + self._hops_s(sum_len))
 
     def decode_terms(self) -> DecodeTerms:
         """The decode step time as flat numbers, for the simulator's hot loop."""
-        s, lg = self.coeffs.decode_small, self.coeffs.decode_large
-        return DecodeTerms(self.coeffs.decode_threshold, s.a, s.b, s.c, lg.a, lg.b, lg.c,
+        s, lg, ovh = self.coeffs.decode_small, self.coeffs.decode_large, self.overheads
+        fixed = ovh.iteration_s + self.pp * ovh.decode_stage_s
+        return DecodeTerms(self.coeffs.decode_threshold, s.a + fixed, s.b + ovh.per_token_s, s.c,
+                           lg.a + fixed, lg.b + ovh.per_token_s, lg.c,
                            hop_fixed_s=(self.pp - 1) * HOP_LATENCY_S,
                            hop_per_seq_s=(self.pp - 1) * self.hidden_size * self.dtype_bytes / self.link_bytes_per_s)
 
     def decode_step_s(self, batch: int, sum_ctx: float) -> float:
         """One decode step of a micro-batch through all stages (a PP instance runs pp micro-batches at once)."""
-        return self.coeffs.decode_step_s(batch, sum_ctx) + self._hops_s(batch)
+        return (self.coeffs.decode_step_s(batch, sum_ctx) + self.iteration_overhead_s(sum_ctx)
+                + self.pp * self.overheads.decode_stage_s + self._hops_s(batch))

@@ -50,6 +50,10 @@ class Cluster:
     def num_gpus(self) -> int:
         return sum(p.num_gpus for p in self.pools)
 
+    @property
+    def cost(self) -> float:
+        return sum(p.num_gpus * p.cost for p in self.pools)
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -104,6 +108,7 @@ class Candidate:
     goodput_rps: float
     unit_gpus: int
     unit_cost: float
+    engine: str | None = None  # colocated: which engine's fits it was simulated with (a key of ENGINE_LABELS)
 
     @property
     def per_gpu_goodput(self) -> float:
@@ -112,3 +117,30 @@ class Candidate:
     @property
     def per_cost_goodput(self) -> float:
         return self.goodput_rps / self.unit_cost
+
+
+@dataclass(frozen=True)
+class DeploymentGoodput:
+    """A whole deployment on the cluster: goodput of all its instances together, per GPU of the cluster.
+
+    Idle GPUs count: they are paid for, so per-GPU goodput divides by every GPU of the cluster, not only by
+    those the deployment uses (`idle_reason` says why any are left).
+    """
+
+    deployed: Candidate  # the deployment's placement (all instances) and its simulated goodput
+    cluster_gpus: int
+    cluster_cost: float
+    idle_gpus: int
+    idle_reason: str  # empty when no GPU is idle
+
+    @property
+    def goodput_rps(self) -> float:
+        return self.deployed.goodput_rps
+
+    @property
+    def per_gpu_goodput(self) -> float:
+        return self.deployed.goodput_rps / self.cluster_gpus
+
+    @property
+    def per_cost_goodput(self) -> float:
+        return self.deployed.goodput_rps / self.cluster_cost

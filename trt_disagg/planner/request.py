@@ -44,10 +44,15 @@ class PlanRequest:
     affinity: str = "high"  # high: fast cross-node links (Alg. 1); low: NVLink only (Alg. 2)
     latency_source: str = "auto"
     coefficients: tuple[str, ...] = ()  # latency-model JSON files (one per TP degree) instead of latency_source
-    baseline_engine: str = "same"  # the colocated baseline's engine: same, or a published one (vllm)
-    max_input_len: int | None = None  # default: half the model's context
-    max_output_len: int | None = None  # default: the rest of the context
+    # The headline colocated baseline's engine: auto (the published vLLM fits where they exist, as the paper
+    # compares; else the same engine), same, or vllm. Both are reported when both exist.
+    baseline_engine: str = "auto"
+    max_input_len: int | None = None  # default: only the context limits the prompt
+    max_output_len: int | None = None  # default: only the context limits the output
     prefill_max_num_tokens: int = 2048
+    lengths_file: str | None = None  # CSV/JSON of prompt/output lengths (and arrival times) instead of workload
+    long_prompts: str = "drop"  # over-limit requests: drop or truncate
+    max_pp: int = 8  # pipeline stages searched at most
 
 
 def check_slo(ttft_s: float, tpot_s: float, attainment: float) -> None:
@@ -69,14 +74,22 @@ def plan_inputs(request: PlanRequest) -> PlanInputs:
         raise UserError(f"--num-requests must be >= {MIN_NUM_REQUESTS}, got {r.num_requests}")
     if r.prefill_max_num_tokens < 1:
         raise UserError("--prefill-max-num-tokens must be >= 1")
+    if r.max_pp < 1:
+        raise UserError(f"--max-pp must be >= 1, got {r.max_pp}")
     spec = get_model(r.model)
     cluster = inputs.parse_cluster(r.gpu, r.nodes, r.gpus_per_node, list(r.pools), r.network_gbps)
     gpus = [p.gpu.name for p in cluster.pools]
     check_fits(spec, cluster)
     latency = inputs.latency_models(spec, gpus, r.latency_source, list(r.coefficients))
-    baseline = inputs.baseline_engine_models(spec, gpus, r.baseline_engine, latency)
-    lengths = inputs.plan_lengths(r.workload, spec, r.num_requests, r.seed, r.max_input_len, r.max_output_len,
-                                  r.input_len, r.output_len)
-    arrivals = inputs.unit_arrivals(r.arrival, r.seed, r.cv, max(inputs.MAX_SIM_REQUESTS, r.num_requests))
-    return PlanInputs(spec, cluster, lengths, arrivals, SLOTarget(r.ttft_s, r.tpot_s, r.attainment), latency,
-                      baseline, cast(Affinity, r.affinity), r.prefill_max_num_tokens)
+    baselines = inputs.baseline_engines(spec, gpus, r.baseline_engine, latency)
+    loaded = inputs.plan_workload(r.workload, spec, r.num_requests, r.seed, r.max_input_len, r.max_output_len,
+                                  r.input_len, r.output_len, r.lengths_file, r.long_prompts)
+    num_arrivals = max(inputs.MAX_SIM_REQUESTS, len(loaded.requests))
+    if loaded.arrival_s is not None:
+        arrivals = inputs.trace_unit_arrivals(loaded.arrival_s, num_arrivals)
+    else:
+        arrivals = inputs.unit_arrivals(r.arrival, r.seed, r.cv, num_arrivals)
+    return PlanInputs(spec, cluster, inputs.sim_lengths(loaded), arrivals,
+                      SLOTarget(r.ttft_s, r.tpot_s, r.attainment), latency, baselines.latency,
+                      cast(Affinity, r.affinity), r.prefill_max_num_tokens, baseline_engine=baselines.engine,
+                      other_baseline_latency=baselines.others, max_pp=r.max_pp, workload=loaded.report)

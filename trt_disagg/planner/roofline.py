@@ -18,13 +18,24 @@ the published 18.1 ms, 0.10 ms/token and 19.9 ms, 6.3e-4 ms/token: the right siz
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from trt_disagg.planner.hardware import GPUSpec
-from trt_disagg.planner.latency_model import NO_THRESHOLD, Coefficients, LatencyModel, PhaseCoefficients
+from trt_disagg.planner.latency_model import (
+    DISTSERVE_OVERHEADS,
+    NO_THRESHOLD,
+    Coefficients,
+    LatencyModel,
+    PhaseCoefficients,
+)
 from trt_disagg.planner.models import ModelSpec
 
 COMPUTE_EFFICIENCY = 0.6
 BANDWIDTH_EFFICIENCY = 0.8
 LAUNCH_OVERHEAD_S = 2e-3
+# The engine's other costs as DistServe's simulator counts them; the fixed per-iteration one is already in `a`
+# (LAUNCH_OVERHEAD_S), so it is not added twice.
+ROOFLINE_OVERHEADS = replace(DISTSERVE_OVERHEADS, iteration_s=0.0)
 ALLREDUCE_LATENCY_S = 8e-6
 DEFAULT_TPS = (1, 2, 4, 8)
 
@@ -53,4 +64,4 @@ def roofline_coefficients(model: ModelSpec, gpu: GPUSpec, tp: int) -> PhaseCoeff
 
 def roofline_latency_model(model: ModelSpec, gpu: GPUSpec, tps: tuple[int, ...] = DEFAULT_TPS) -> LatencyModel:
     by_tp = {tp: roofline_coefficients(model, gpu, tp) for tp in tps if model.shape.num_heads % tp == 0}
-    return LatencyModel(model.name, gpu.name, "roofline", by_tp)
+    return LatencyModel(model.name, gpu.name, "roofline", by_tp, ROOFLINE_OVERHEADS)

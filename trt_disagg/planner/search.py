@@ -5,14 +5,17 @@ high node-affinity (fast cross-node links) — DistServe Alg. 1:
        alone and of ONE decode instance on TPOT alone (simulated, `phases=`).
     2. Every prefill config x decode config x instance ratio n:m (not fixed 1:1) is scored by
        min(n * prefill goodput, m * decode goodput) / cost, within each pool's GPUs.
-    3. The best few units are simulated end to end on the joint SLO; the best one wins and is replicated
-       to fill the cluster.
+    3. The best few units are simulated end to end on the joint SLO; the best one wins and is grown to
+       fill the cluster (`fill.py`: whole units, then the bottleneck phase, then the other phase), which is
+       simulated whole; what stays idle is counted against it and explained.
 low node-affinity (NVLink only inside a node) — DistServe Alg. 2:
     the pipeline spans `s` nodes; on every node, each of the n prefill and m decode instances has one
     segment of tp x pp_intra GPUs, so the KV moves stage by stage over NVLink. Enumerate s, the segments and
     n:m that fit a node; score and verify as above.
-Colocated baseline: every TP config within a node (PP only up to `colocated_max_pp`), one instance,
-end-to-end simulated with the same workload and SLO.
+Colocated baselines (`baselines.py`): every TP config within a node (PP only up to `colocated_max_pp`), one
+instance, end-to-end simulated with the same workload and SLO, for each policy and each engine's fits (the
+same engine as disaggregated, and the published vLLM fits where they exist: the paper's baseline).
+PP is searched up to `max_pp` stages (1, 2, 4, 8).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import numpy as np
 
 from trt_disagg.contract import Role
 from trt_disagg.errors import UserError
+from trt_disagg.planner.baselines import BaselineRatio, baseline_ratios, headline
+from trt_disagg.planner.fill import fits, grow_unit, replicas_that_fit
 from trt_disagg.planner.goodput import SLOTarget, goodput_search, min_duration_for
 from trt_disagg.planner.latency_model import InstanceTiming, LatencyModel
 from trt_disagg.planner.memory import kv_capacity_tokens
@@ -36,12 +41,14 @@ from trt_disagg.planner.placement import (
     Candidate,
     Cluster,
     ColocatedPlacement,
+    DeploymentGoodput,
     ParallelConfig,
     Placement,
     Pool,
 )
 from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
 from trt_disagg.sim.loop import Phases
+from trt_disagg.workload import WorkloadReport
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ class PlanInputs:
     # simulations of high rates run this many requests at most (see goodput.workload_at)
     slo: SLOTarget
     latency: dict[str, LatencyModel]  # GPU name -> model for disaggregated instances
-    baseline_latency: dict[str, LatencyModel]  # GPU name -> model for the colocated baseline
+    baseline_latency: dict[str, LatencyModel]  # GPU name -> model for the headline colocated baseline
     affinity: Affinity = "high"
     prefill_max_num_tokens: int = 2048
     top_k: int = 3
@@ -73,6 +80,14 @@ class PlanInputs:
     # Fixed KV capacity per instance by role, e.g. from a deployment's kv_cache_config.max_tokens (CPU engines
     # allocate it up front); otherwise memory.py computes it.
     kv_capacity_by_role: dict[Role, int] = field(default_factory=dict)
+    baseline_engine: str = "same"  # what baseline_latency is: a key of baselines.ENGINE_LABELS
+    # Further engines the colocated baselines are also simulated with: engine -> GPU name -> model.
+    other_baseline_latency: dict[str, dict[str, LatencyModel]] = field(default_factory=dict)
+    max_pp: int = PP_CHOICES[-1]  # pipeline stages searched at most, for either phase
+    workload: WorkloadReport | None = None  # how the lengths were made (for the plan's report)
+
+    def colocated_engines(self) -> dict[str, dict[str, LatencyModel]]:
+        return {self.baseline_engine: self.baseline_latency, **self.other_baseline_latency}
 
 
 @dataclass
@@ -85,10 +100,13 @@ class PlanResult:
     elapsed_s: float = 0.0
     num_simulations: int = 0
     cluster: Candidate | None = None  # the best unit grown to fill the cluster (what the deployment gets)
+    deployment: DeploymentGoodput | None = None  # that, per GPU of the whole cluster (idle ones counted)
+    baselines: list[BaselineRatio] = field(default_factory=list)  # one per (policy, engine)
 
     @property
     def ratio(self) -> float:
-        """Per-cost (per-GPU with unit costs) goodput of the best disaggregated over the best colocated."""
+        """Per-cost (per-GPU with unit costs) goodput of the best disaggregated unit over `best_colocated` (the
+        headline baseline: prefill-first on the plan's baseline engine)."""
         base = self.best_colocated.per_cost_goodput
         return self.best_disagg.per_cost_goodput / base if base > 0 else math.inf
 
@@ -115,9 +133,10 @@ class _Searcher:
         self.mean_out = float(np.mean(inp.lengths.output_len))
 
     # ---- instance specs -------------------------------------------------------------------------------
-    def instance_spec(self, cfg: ParallelConfig, pool: Pool, role: Role, baseline: bool = False,
+    def instance_spec(self, cfg: ParallelConfig, pool: Pool, role: Role, engine: str | None = None,
                       cross_node_pp: bool | None = None) -> InstanceSpec | None:
-        models = self.inp.baseline_latency if baseline else self.inp.latency
+        """engine None: the disaggregated instances' fits; else a colocated baseline engine's."""
+        models = self.inp.latency if engine is None else self.inp.colocated_engines()[engine]
         lm = models.get(cfg.gpu)
         if lm is None or cfg.tp not in lm.by_tp:
             return None
@@ -128,19 +147,19 @@ class _Searcher:
         spans_nodes = cfg.num_gpus > pool.gpus_per_node if cross_node_pp is None else cross_node_pp
         link = self.inp.cluster.network_bytes_per_s if spans_nodes else pool.gpu.nvlink_bytes_per_s
         timing = InstanceTiming(lm.for_tp(cfg.tp), cfg.pp, self.inp.model.shape.hidden_size, link,
-                                self.inp.model.dtype_bytes)
+                                self.inp.model.dtype_bytes, lm.overheads)
         max_batch = PREFILL_MAX_BATCH if role == Role.PREFILL else DECODE_MAX_BATCH * cfg.pp
         return InstanceSpec(timing, capacity, max_batch, self.inp.prefill_max_num_tokens)
 
     def configs(self, pool: Pool, max_gpus: int | None = None) -> Iterator[ParallelConfig]:
         limit = pool.num_gpus if max_gpus is None else max_gpus
-        tps = sorted({tp for lm in (self.inp.latency.get(pool.gpu.name), self.inp.baseline_latency.get(
-            pool.gpu.name)) if lm is not None for tp in lm.tps()})
+        models = [self.inp.latency, *self.inp.colocated_engines().values()]
+        tps = sorted({tp for m in models if (lm := m.get(pool.gpu.name)) is not None for tp in lm.tps()})
         for tp in tps:
             if tp > pool.gpus_per_node:  # TP across nodes is never worth it
                 continue
             for pp in PP_CHOICES:
-                if tp * pp <= limit and kv_capacity_tokens(self.inp.model, pool.gpu, tp, pp) is not None:
+                if pp <= self.inp.max_pp and tp * pp <= limit and kv_capacity_tokens(self.inp.model, pool.gpu, tp, pp) is not None:
                     yield ParallelConfig(pool.gpu.name, tp, pp)
 
     # ---- goodput of things ------------------------------------------------------------------------------
@@ -184,7 +203,7 @@ class _Searcher:
                     continue
                 for n in range(1, MAX_INSTANCES_PER_PHASE + 1):
                     for m in range(1, MAX_INSTANCES_PER_PHASE + 1):
-                        if math.gcd(n, m) != 1 or not _fits(ppool, dpool, n * pc.num_gpus, m * dc.num_gpus):
+                        if math.gcd(n, m) != 1 or not fits(ppool, dpool, n * pc.num_gpus, m * dc.num_gpus):
                             continue
                         cost = n * pc.num_gpus * ppool.cost + m * dc.num_gpus * dpool.cost
                         scored.append(_Unit(min(n * gp_p, m * gp_d) / cost, Placement(pc, dc, n, m), ppool,
@@ -202,10 +221,13 @@ class _Searcher:
         seg_shapes = sorted({(c.tp, c.pp) for c in segments} | {(tp, pp) for tp in {c.tp for c in segments}
                                                                for pp in PP_CHOICES
                                                                if tp * pp <= pool.gpus_per_node})
+        seg_shapes = [(tp, pp) for tp, pp in seg_shapes if pp <= self.inp.max_pp]
         scored = []
         for span in range(1, pool.nodes + 1):
             for tp_p, ppi_p in seg_shapes:
                 for tp_d, ppi_d in seg_shapes:
+                    if max(ppi_p, ppi_d) * span > self.inp.max_pp:
+                        continue
                     pc = ParallelConfig(pool.gpu.name, tp_p, ppi_p * span)
                     dc = ParallelConfig(pool.gpu.name, tp_d, ppi_d * span)
                     if any(self.instance_spec(c, pool, r, cross_node_pp=span > 1) is None
@@ -236,54 +258,45 @@ class _Searcher:
         cost = (placement.num_prefill * placement.prefill.num_gpus * unit.prefill_pool.cost
                 + placement.num_decode * placement.decode.num_gpus * unit.decode_pool.cost)
         rate = self._goodput(spec, self.inp.slo, max(0.05, unit.estimate * cost))
-        replicas = _replicas(placement, unit.prefill_pool, unit.decode_pool)
+        replicas = replicas_that_fit(placement, unit.prefill_pool, unit.decode_pool)
         placed = Placement(placement.prefill, placement.decode, placement.num_prefill, placement.num_decode, replicas)
         return Candidate(placed, rate, placement.unit_gpus, cost)
 
-    def fill_cluster(self, best: Candidate) -> Candidate:
-        """Grow the best unit's n:m to the cluster: replicas first, then one instance at a time of whichever
-        phase is the bottleneck while it fits (DistServe sizes n and m from the traffic the same way)."""
+    def fill_cluster(self, best: Candidate) -> DeploymentGoodput:
+        """The best unit grown to the cluster (`fill.grow_unit`), simulated whole, per GPU of the cluster."""
         unit = best.placement
         assert isinstance(unit, Placement)
         pools = {p.gpu.name: p for p in self.inp.cluster.pools}
         ppool, dpool = pools[unit.prefill.gpu], pools[unit.decode.gpu]
-        gp_p = self.phase_cache.get((Role.PREFILL, unit.prefill, None))
-        gp_d = self.phase_cache.get((Role.DECODE, unit.decode, None))
-        n, m = unit.num_prefill * unit.replicas, unit.num_decode * unit.replicas
-        if gp_p is not None and gp_d is not None:  # Alg. 2 units are replicated whole: segments share nodes
-            g_p, g_d = unit.prefill.num_gpus, unit.decode.num_gpus
-            while True:
-                add_prefill = n * gp_p <= m * gp_d
-                if add_prefill and _fits(ppool, dpool, (n + 1) * g_p, m * g_d):
-                    n += 1
-                elif not add_prefill and _fits(ppool, dpool, n * g_p, (m + 1) * g_d):
-                    m += 1
-                else:
-                    break
+        growth = grow_unit(unit, self.inp.cluster, ppool, dpool,
+                           self.phase_cache.get((Role.PREFILL, unit.prefill, None)),
+                           self.phase_cache.get((Role.DECODE, unit.decode, None)))
+        n, m = growth.num_prefill, growth.num_decode
         grown = Placement(unit.prefill, unit.decode, n, m)
-        if (n, m) == (unit.num_prefill, unit.num_decode):
-            return Candidate(grown, best.goodput_rps, best.unit_gpus, best.unit_cost)
         cost = n * unit.prefill.num_gpus * ppool.cost + m * unit.decode.num_gpus * dpool.cost
-        link = ppool.gpu.nvlink_bytes_per_s if self.inp.affinity == "low" else self.inp.cluster.network_bytes_per_s
-        p_spec = self.instance_spec(unit.prefill, ppool, Role.PREFILL)
-        d_spec = self.instance_spec(unit.decode, dpool, Role.DECODE)
-        assert p_spec is not None and d_spec is not None
-        spec = DisaggSpec(p_spec, d_spec, n, m, self.inp.model.kv_bytes_per_token, link)
-        rate = self._goodput(spec, self.inp.slo, best.goodput_rps * n / max(1, unit.num_prefill))
-        return Candidate(grown, rate, grown.unit_gpus, cost)
+        if (n, m) == (unit.num_prefill, unit.num_decode):
+            deployed = Candidate(grown, best.goodput_rps, best.unit_gpus, best.unit_cost)
+        else:
+            spec = spec_for(self.inp, grown)
+            rate = self._goodput(spec, self.inp.slo, best.goodput_rps * n / max(1, unit.num_prefill))
+            deployed = Candidate(grown, rate, grown.unit_gpus, cost)
+        cluster = self.inp.cluster
+        return DeploymentGoodput(deployed, cluster.num_gpus, cluster.cost, growth.idle_gpus, growth.idle_reason)
 
     def colocated(self) -> list[Candidate]:
+        """Every colocated config within a node, for each policy and each baseline engine, best first."""
         out = []
-        for pool in self.inp.cluster.pools:
-            for cfg in self.configs(pool, pool.gpus_per_node):
-                spec = self.instance_spec(cfg, pool, Role.COLOCATED, baseline=True)
-                if spec is None or cfg.pp > self.inp.colocated_max_pp:
-                    continue
-                for policy in self.inp.colocated_policies:
-                    rate = self._goodput(ColocatedSpec(spec, 1, policy), self.inp.slo, self._guess(spec))
-                    replicas = max(1, pool.num_gpus // cfg.num_gpus)
-                    out.append(Candidate(ColocatedPlacement(cfg, policy, replicas), rate, cfg.num_gpus,
-                                         cfg.num_gpus * pool.cost))
+        for engine in self.inp.colocated_engines():
+            for pool in self.inp.cluster.pools:
+                for cfg in self.configs(pool, pool.gpus_per_node):
+                    spec = self.instance_spec(cfg, pool, Role.COLOCATED, engine=engine)
+                    if spec is None or cfg.pp > self.inp.colocated_max_pp:
+                        continue
+                    for policy in self.inp.colocated_policies:
+                        rate = self._goodput(ColocatedSpec(spec, 1, policy), self.inp.slo, self._guess(spec))
+                        replicas = max(1, pool.num_gpus // cfg.num_gpus)
+                        out.append(Candidate(ColocatedPlacement(cfg, policy, replicas), rate, cfg.num_gpus,
+                                             cfg.num_gpus * pool.cost, engine))
         out.sort(key=lambda c: -c.per_cost_goodput)
         return out
 
@@ -301,24 +314,12 @@ def check_fits(model: ModelSpec, cluster: Cluster) -> None:
                     f"for its KV cache (weights {model.weight_bytes / 1e9:.0f} GB)")
 
 
-def _fits(ppool: Pool, dpool: Pool, prefill_gpus: int, decode_gpus: int) -> bool:
-    if ppool is dpool:
-        return prefill_gpus + decode_gpus <= ppool.num_gpus
-    return prefill_gpus <= ppool.num_gpus and decode_gpus <= dpool.num_gpus
-
-
-def _replicas(placement: Placement, ppool: Pool, dpool: Pool) -> int:
-    p_gpus = placement.num_prefill * placement.prefill.num_gpus
-    d_gpus = placement.num_decode * placement.decode.num_gpus
-    if ppool is dpool:
-        return max(1, ppool.num_gpus // (p_gpus + d_gpus))
-    return max(1, min(ppool.num_gpus // p_gpus, dpool.num_gpus // d_gpus))
-
-
 def plan(inp: PlanInputs, fill: bool = True) -> PlanResult:
-    """Search placements; the best disaggregated unit and the best colocated config, both simulated; with
-    `fill`, also the best unit grown to the whole cluster (simulated too)."""
+    """Search placements; the best disaggregated unit and the colocated baselines, all simulated; with
+    `fill`, also the best unit grown to the whole cluster (simulated too) and every baseline's ratio."""
     started = time.perf_counter()
+    if inp.max_pp < 1:
+        raise UserError(f"--max-pp must be >= 1, got {inp.max_pp}")
     check_fits(inp.model, inp.cluster)
     searcher = _Searcher(inp)
     units = searcher.high_affinity_units() if inp.affinity == "high" else searcher.low_affinity_units()
@@ -337,19 +338,31 @@ def plan(inp: PlanInputs, fill: bool = True) -> PlanResult:
     colocated = searcher.colocated()
     if not colocated:
         raise UserError("no colocated configuration fits on one node of this cluster")
-    cluster = searcher.fill_cluster(verified[0]) if fill else None
+    deployment = searcher.fill_cluster(verified[0]) if fill else None
+    ratios = baseline_ratios(verified[0], deployment or _unit_deployment(verified[0], inp), colocated, inp.cluster)
+    top = headline(ratios, inp.baseline_engine)
     phase = {f"{role} {cfg}": rate for (role, cfg, _), rate in searcher.phase_cache.items()}
-    return PlanResult(verified[0], colocated[0], verified, colocated, phase,
-                      time.perf_counter() - started, searcher.num_simulations, cluster)
+    return PlanResult(verified[0], top.unit if top is not None else colocated[0], verified, colocated, phase,
+                      time.perf_counter() - started, searcher.num_simulations,
+                      deployment.deployed if deployment else None, deployment, ratios)
 
 
-def spec_for(inp: PlanInputs, placement: Placement | ColocatedPlacement) -> DisaggSpec | ColocatedSpec:
-    """The simulator spec of one unit of a placement (for curves and `simulate`)."""
+def _unit_deployment(unit: Candidate, inp: PlanInputs) -> DeploymentGoodput:
+    """Without filling: the unit alone on the cluster (everything else idle)."""
+    idle = inp.cluster.num_gpus - unit.unit_gpus
+    return DeploymentGoodput(unit, inp.cluster.num_gpus, inp.cluster.cost, idle,
+                             "the cluster was not filled (plan(fill=False))" if idle else "")
+
+
+def spec_for(inp: PlanInputs, placement: Placement | ColocatedPlacement,
+             engine: str | None = None) -> DisaggSpec | ColocatedSpec:
+    """The simulator spec of one unit of a placement (for curves and `simulate`); `engine`: a colocated
+    baseline's engine (default: the plan's baseline engine)."""
     searcher = _Searcher(inp)
     pools = {p.gpu.name: p for p in inp.cluster.pools}
     if isinstance(placement, ColocatedPlacement):
         cfg = placement.config
-        spec = searcher.instance_spec(cfg, _pool(pools, cfg), Role.COLOCATED, baseline=True)
+        spec = searcher.instance_spec(cfg, _pool(pools, cfg), Role.COLOCATED, engine=engine or inp.baseline_engine)
         if spec is None:
             raise UserError(f"colocated {cfg}: does not fit or has no latency coefficients")
         return ColocatedSpec(spec, 1, placement.policy)

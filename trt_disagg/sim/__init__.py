@@ -3,7 +3,16 @@ simulate → place → plan)."""
 
 from trt_disagg.sim.loop import simulate
 from trt_disagg.sim.result import SimResult
-from trt_disagg.sim.spec import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload
+from trt_disagg.sim.spec import (
+    ColocatedPolicy,
+    ColocatedSpec,
+    ConversationLinks,
+    DisaggSpec,
+    InstanceSpec,
+    PrefixReuse,
+    Routing,
+    SimWorkload,
+)
 
-__all__ = ["ColocatedPolicy", "ColocatedSpec", "DisaggSpec", "InstanceSpec", "SimResult", "SimWorkload",
-           "simulate"]
+__all__ = ["ColocatedPolicy", "ColocatedSpec", "ConversationLinks", "DisaggSpec", "InstanceSpec", "PrefixReuse",
+           "Routing", "SimResult", "SimWorkload", "simulate"]

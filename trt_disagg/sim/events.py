@@ -85,5 +85,9 @@ class EventQueue:
     def pop(self) -> Event:
         return heapq.heappop(self._heap)[3]
 
+    def peek_time(self) -> float:
+        """Time of the next event (the queue must not be empty)."""
+        return self._heap[0][0]
+
     def __len__(self) -> int:
         return len(self._heap)

@@ -3,7 +3,8 @@
     PrefillInstance   FCFS batches under a token budget; event-driven (its completions feed the decode side)
     DecodeLane        continuous batching within a KV budget: a sequence joins at the next step start and
                       leaves after output_len - 1 steps. A PP instance is pp lanes (micro-batches), each
-                      with 1/pp of the KV and a step time of the full TP latency plus the stage hops.
+                      with 1/pp of the KV and a step time of the full TP latency plus the engine overheads,
+                      stage costs and hops; with fewer sequences than lanes, the empty lanes are its bubbles.
     ColocatedLane     vLLM-style: a waiting prompt that fits the KV runs (as a prefill batch) before the next
                       decode step, stalling every running sequence: the interference DistServe removes.
     ChunkedLane       Sarathi-style chunked prefill: each iteration carries every running sequence's decode
@@ -251,8 +252,10 @@ class ChunkedLane(ColocatedLane):
         super()._emit_first_tokens(batch)
 
     def advance(self, t: float) -> None:
-        prefill = self.spec.timing.coeffs.prefill
-        hop_per = self.terms.hop_per_seq_s
+        timing = self.spec.timing
+        prefill = timing.coeffs.prefill
+        per_chunk_token_s = self.terms.hop_per_seq_s + timing.overheads.per_token_s
+        alone_s = prefill.a + timing.overheads.iteration_s  # an iteration without decode tokens pays these itself
         while self.clock < t:
             self._admit_prompts()
             if self.batch == 0 and not self.prefilling:
@@ -273,12 +276,12 @@ class ChunkedLane(ColocatedLane):
                 if done + x == self.input_len[i]:
                     completed.append(i)
             # The chunks ride along the decode step (one launch): their linear and attention terms add to it.
-            extra_s = prefill.b * chunk_tokens + prefill.c * attn + hop_per * chunk_tokens
+            extra_s = prefill.b * chunk_tokens + prefill.c * attn + per_chunk_token_s * chunk_tokens
             if self.batch:
                 self.clock += extra_s
                 self.decode_step()  # stamps finishes at the end of the whole iteration
             else:
-                self.clock += prefill.a + extra_s
+                self.clock += alone_s + extra_s
             if completed:
                 self.prefilling = [p for p in self.prefilling if p.prefilled_tokens < self.input_len[p.request]]
                 self._emit_first_tokens(completed)

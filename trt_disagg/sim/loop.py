@@ -19,17 +19,29 @@ from typing import Literal
 import numpy as np
 
 from trt_disagg.contract import Role
+from trt_disagg.sim import conversation_loop
 from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, StageFree
 from trt_disagg.sim.instances import COLOCATED_LANES, DecodeLane, PrefillInstance, Recorder
 from trt_disagg.sim.result import SimResult
-from trt_disagg.sim.spec import ColocatedSpec, DisaggSpec, SimWorkload
+from trt_disagg.sim.spec import ColocatedSpec, DisaggSpec, PrefixReuse, SimWorkload
 
 # Which side to simulate: both (end to end), or only Role.PREFILL / Role.DECODE.
 Phases = Literal["both", Role.PREFILL, Role.DECODE]
 
 
-def simulate(spec: DisaggSpec | ColocatedSpec, workload: SimWorkload, phases: Phases = "both") -> SimResult:
-    """Per-request first-token and finish times of `workload` served by `spec`."""
+def simulate(spec: DisaggSpec | ColocatedSpec, workload: SimWorkload, phases: Phases = "both",
+             reuse: PrefixReuse | None = None) -> SimResult:
+    """Per-request first-token and finish times of `workload` served by `spec`.
+
+    `reuse` (block reuse on the instances) or a workload with closed-loop conversation turns runs the
+    conversation loop (`conversation_loop.py`); anything else runs this module's loop, unchanged."""
+    links = workload.conversations
+    if (reuse is not None and reuse.enabled) or (links is not None and links.closed_loop):
+        if phases != "both":
+            raise ValueError("prefix reuse and closed-loop conversations are simulated end to end only")
+        if isinstance(spec, ColocatedSpec):
+            return conversation_loop.run_colocated(spec, workload, reuse)
+        return conversation_loop.run_disagg(spec, workload, reuse)
     inp = workload.input_len.tolist()
     out = workload.output_len.tolist()
     arrivals = workload.arrival_s.tolist()

@@ -14,6 +14,9 @@ class SimResult:
     finish_s: np.ndarray
     output_len: np.ndarray
     num_completed: int
+    # With prefix reuse modelled (else None): per request, prompt tokens found cached and prompt tokens computed.
+    matched_tokens: np.ndarray | None = None
+    prefill_tokens: np.ndarray | None = None
 
     @property
     def ttft_s(self) -> np.ndarray:

@@ -62,10 +62,55 @@ class ColocatedSpec:
 
 
 @dataclass(frozen=True)
+class ConversationLinks:
+    """Which requests are turns of one conversation: what prefix reuse and closed-loop arrivals need.
+
+    Request i's first `shared_prefix_len[i]` prompt tokens are the prompt + answer of request `previous[i]`
+    (-1: a first turn, nothing shared). `closed_loop`: a later turn arrives `think_s[i]` after its previous
+    turn finished (its `arrival_s` is ignored); else every `arrival_s` is a fixed send time (a replayed trace).
+    """
+
+    previous: np.ndarray  # int64
+    shared_prefix_len: np.ndarray  # int64
+    think_s: np.ndarray  # float64
+    closed_loop: bool = True
+
+
+class Routing(enum.StrEnum):
+    """How a request picks its decode-capable instance when prefixes are cached (`routing.ROUTERS`)."""
+
+    LEAST_LOADED = "least_loaded"  # fewest KV tokens reserved or waiting (what the simulator always did)
+    KV_AWARE = "kv_aware"  # unmatched prompt tokens x overlap_weight + load: cached prefix against load
+
+
+@dataclass(frozen=True)
+class PrefixReuse:
+    """Block reuse on every decode-capable instance (TensorRT-LLM's enable_block_reuse), as the simulator
+    models it (`prefix_cache.py`). `enabled=False` is the simulator without a cache (and without the cost
+    of modelling one)."""
+
+    enabled: bool = True
+    tokens_per_block: int = 16
+    routing: Routing = Routing.LEAST_LOADED
+    overlap_weight: float = 1.0  # kv_aware: one unmatched prompt token costs this many tokens of load
+    # Conditional disaggregation: a prompt whose unmatched suffix on the chosen decode instance is at most this
+    # many tokens is prefilled there, skipping the prefill instance and the KV transfer (0: never).
+    local_prefill_max_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "routing", Routing(self.routing))
+        if self.tokens_per_block < 1:
+            raise ValueError(f"tokens_per_block must be >= 1, got {self.tokens_per_block}")
+        if self.overlap_weight < 0 or self.local_prefill_max_tokens < 0:
+            raise ValueError("overlap_weight and local_prefill_max_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
 class SimWorkload:
-    arrival_s: np.ndarray  # float64, sorted
+    arrival_s: np.ndarray  # float64, sorted (closed-loop conversations: first turns sorted, later ones ignored)
     input_len: np.ndarray  # int64
     output_len: np.ndarray  # int64 (>= 1; the first token comes from prefill)
+    conversations: ConversationLinks | None = None  # None: independent requests
 
     def __post_init__(self) -> None:
         n = len(self.arrival_s)
@@ -73,6 +118,9 @@ class SimWorkload:
             raise ValueError("arrival_s, input_len and output_len must have the same length")
         if n and (self.input_len.min() < 1 or self.output_len.min() < 1):
             raise ValueError("input_len and output_len must be >= 1")
+        links = self.conversations
+        if links is not None and not (len(links.previous) == len(links.shared_prefix_len) == len(links.think_s) == n):
+            raise ValueError("conversation links must have one entry per request")
 
     def __len__(self) -> int:
         return len(self.arrival_s)

@@ -6,13 +6,17 @@
     stop():  router ─▶ instances (SIGTERM, then kill) ─▶ Redis ─▶ run dir.   Idempotent, any order of failure.
 
 A start that fails (port taken, engine missing, model fails to load) stops what was started and raises
-UserError with the reason and the failing instance's log tail.
+UserError with the reason and the failing instance's log tail. After start-up, each process it owns is
+named (`supervised()`: "redis", "router", the instance ids) and can be checked (`why_down`) and replaced
+in place (`restart`, same ports, returns at once); `triton.supervise` decides when.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +28,7 @@ from trt_disagg.contract import Role
 from trt_disagg.engine_dir import CONFIG_FILE
 from trt_disagg.errors import UserError
 from trt_disagg.kv.handle import new_secret, secret_from_env
-from trt_disagg.triton import launch
+from trt_disagg.triton import launch, listen
 from trt_disagg.triton.fake_engine import FAKE_PREFIX
 from trt_disagg.triton.redis_server import EmbeddedRedis, configured_redis_url
 from trt_disagg.triton.registry import get_or_create_secret
@@ -66,6 +70,8 @@ class LocalCluster:
         self._used_ports: set[int] = set()
         self.router_proc: subprocess.Popen | None = None
         self.router_url: str | None = None
+        self._router_port: int | None = None
+        self._plans: dict[str, InstancePlan] = {}
         self._redis: EmbeddedRedis | None = None
         self.run_dir: Path | None = run_dir  # repositories and logs; a temp dir (removed on stop) when None
         self._own_run_dir = run_dir is None
@@ -126,6 +132,7 @@ class LocalCluster:
             self._redis = EmbeddedRedis()
             self.redis_url = self._redis.start()
         self.secret_hex = self._secret()
+        self._plans = {p.instance_id: p for p in plans}
         launched = [(p, self._launch(p)) for p in plans]  # all start loading in parallel
         self.processes = [proc for _, proc in launched]
         for i, (plan, proc) in enumerate(launched):
@@ -150,7 +157,7 @@ class LocalCluster:
         raise AssertionError("unreachable")
 
     def _secret(self) -> str:
-        env = secret_from_env()
+        env = secret_from_env(create_file=True)
         candidate = env.hex() if env is not None else new_secret().hex()
         import redis
 
@@ -166,7 +173,7 @@ class LocalCluster:
         assert self.run_dir is not None
         return self.run_dir / f"{instance_id}.iterations.jsonl"
 
-    def _launch(self, plan: InstancePlan) -> launch.TritonProcess:
+    def _launch(self, plan: InstancePlan, ports: launch.Ports | None = None) -> launch.TritonProcess:
         assert self.run_dir is not None
         binary = (launch.system_tritonserver() if plan.backend == "tensorrtllm"
                   else launch.bundled_tritonserver(self.run_dir))
@@ -174,10 +181,12 @@ class LocalCluster:
         host, grpc_port, bind = "127.0.0.1", None, "127.0.0.1"
         if plan.url is not None:
             host, _, port = plan.url.rpartition(":")
-            grpc_port, bind = int(port), "0.0.0.0"
-        ports = launch.Ports.pick(bind, grpc=grpc_port, exclude=self._used_ports)
+            grpc_port, bind = int(port), listen.bind_host(host)
+        if ports is None:
+            ports = listen.fixed_ports(launch.Ports.pick(bind, grpc=grpc_port, exclude=self._used_ports))
         self._used_ports |= {ports.grpc, ports.http, ports.metrics, ports.kv}
-        repo = render_instance(plan, self.run_dir / "repos", decoupled=self._decoupled)
+        repo = render_instance(plan, self.run_dir / "repos", decoupled=self._decoupled,
+                               url=f"{host}:{ports.grpc}")
         env = launch.server_env(binary, {
             **plan.env(),
             "TRTD_INSTANCE_ID": plan.instance_id, "TRTD_KV_HOST": bind, "TRTD_KV_PORT": str(ports.kv),
@@ -195,17 +204,20 @@ class LocalCluster:
         if self._config_path is None:
             log.info("no router started (no config path)")
             return
-        # The router package's entry point (router/__main__.py) builds RouterSettings and runs uvicorn.
-        host, port = self.dep.router.host, self.dep.router.port or launch.free_port()
-        assert self.run_dir is not None
+        host, self._router_port = self.dep.router.host, self.dep.router.port or launch.free_port()
+        self._spawn_router()
+        self.router_url = f"http://{host}:{self._router_port}"
+        self._wait_router(self.router_url)
+
+    def _spawn_router(self) -> None:
+        """Start the router package's entry point (router/__main__.py: RouterSettings, then uvicorn)."""
+        assert self.run_dir is not None and self._config_path is not None
         logf = open(self.run_dir / "router.log", "ab")  # noqa: SIM115 - owned by the process below
         self.router_proc = subprocess.Popen(
             [sys.executable, "-m", "router", str(self._config_path),
-             "--redis-url", str(self.redis_url), "--port", str(port)],
+             "--redis-url", str(self.redis_url), "--port", str(self._router_port)],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()
-        self.router_url = f"http://{host}:{port}"
-        self._wait_router(self.router_url)
 
     def _wait_router(self, url: str) -> None:
         import httpx
@@ -240,6 +252,49 @@ class LocalCluster:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
+    # ---- supervision: each owned process by name ----
+    def supervised(self) -> dict[str, Role | None]:
+        """Every process this cluster owns and can restart, by name, with the role it serves (instances)."""
+        names: dict[str, Role | None] = {p.instance_id: self._plans[p.instance_id].role for p in self.processes}
+        if self._redis is not None:
+            names["redis"] = None
+        if self.router_proc is not None:
+            names["router"] = None
+        return names
+
+    def why_down(self, name: str) -> str | None:
+        """None while the named process runs; else how it ended (exit code or signal)."""
+        if name == "redis":
+            return None if self._redis is None or self._redis.alive() else "the embedded Valkey exited"
+        if name == "router":
+            return None if self.router_proc is None or self.router_proc.poll() is None else _exit_reason(
+                self.router_proc.returncode)
+        server = self._process(name)
+        code = None if server.proc is None else server.proc.poll()
+        if server.proc is not None and code is None:
+            return None
+        own = server.own_failure() if code is not None and code >= 0 else None  # killed: the kill is why
+        return _exit_reason(code) if own is None else f"{_exit_reason(code)}: {own}"
+
+    def restart(self, name: str) -> None:
+        """Replace a process that is down, on the same ports; returns once it is launched (an instance
+        registers itself in Redis when its model is ready; the router reconnects to Redis by itself)."""
+        if name == "redis":
+            assert self._redis is not None
+            self._redis.restart()
+        elif name == "router":
+            if self.router_proc is not None:
+                _stop_process(self.router_proc, timeout_s=1.0)
+            self._spawn_router()
+        else:
+            old = self._process(name)
+            ports = None if old.port_conflict() else old.ports  # taken meanwhile by someone else: new ones
+            old.stop(timeout_s=1.0)  # gone already: kills what is left of its group, removes its shm
+            self.processes[self.processes.index(old)] = self._launch(self._plans[name], ports)
+
+    def _process(self, instance_id: str) -> launch.TritonProcess:
+        return next(p for p in self.processes if p.instance_id == instance_id)
+
     def endpoints(self) -> list[Endpoint]:
         return [Endpoint(p.instance_id, Role(p.model_name), p.model_name, p.grpc_url, p.http_url, p.ports.kv,
                          p.log_path) for p in self.processes]
@@ -255,10 +310,18 @@ class LocalCluster:
         self.stop()
 
 
-def _stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    import os
-    import signal
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "not running"
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
+
+def _stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:

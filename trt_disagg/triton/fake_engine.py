@@ -63,6 +63,7 @@ class FakeEngine:
         self.kv_capacity_tokens = self.config.kv_cache.max_tokens
         self._seqs: dict[str, _Seq] = {}
         self.shut_down = False
+        self.broken: str | None = None  # set by a test to play a dead rank: failure() reports it
 
     @classmethod
     def from_spec(cls, spec: str) -> FakeEngine:
@@ -174,6 +175,9 @@ class FakeEngine:
         return InstanceLoad(queued_prompt_tokens=sum(s.num_prompt for s in waiting),
                             running_sequences=sum(1 for s in self._seqs.values() if not s.done),
                             free_kv_blocks=self.num_free_blocks, total_kv_blocks=self.num_total_blocks)
+
+    def failure(self) -> str | None:
+        return self.broken
 
     def shutdown(self) -> None:
         self.shut_down = True

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 ROLE_ACCEPTS: dict[Role, frozenset[RequestType]] = {
     Role.PREFILL: frozenset({RequestType.CONTEXT_ONLY}),
-    Role.DECODE: frozenset({RequestType.GENERATION_ONLY}),
+    # context_and_generation on a decode instance: the router's local prefill of a short suffix, when this
+    # instance already holds the rest of the prompt in its prefix cache (no prefill instance, no transfer).
+    Role.DECODE: frozenset({RequestType.GENERATION_ONLY, RequestType.CONTEXT_AND_GENERATION}),
     Role.COLOCATED: frozenset({RequestType.CONTEXT_AND_GENERATION}),
 }
 
@@ -66,6 +68,7 @@ class Engine(Protocol):
     def export_kv(self, request_id: str) -> ExportedKV: ...
     def release_kv(self, request_id: str) -> None: ...
     def load(self) -> InstanceLoad: ...
+    def failure(self) -> str | None: ...  # why it cannot serve (a rank process died), None while it can
     def shutdown(self) -> None: ...
 
 
@@ -83,6 +86,7 @@ class _Stream:
     request: InstanceRequest
     responder: Responder
     pending_tokens: list[int] = field(default_factory=list)  # non-streaming: sent at the end
+    handoff: dict[str, float] | None = None  # generation_only: perf_counter marks until its first token
 
 
 class InstanceServer:
@@ -107,7 +111,9 @@ class InstanceServer:
         self._ids = itertools.count()
         self._fetch_pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="kv-fetch")
         self._thread: threading.Thread | None = None
+        self._broken: str | None = None  # set once by `fail_engine`: no engine call is made after it
         self._load = engine.load()
+        self._step_marks = (0.0, 0.0)  # perf_counter at the start and end of the latest step
         # One JSON line per engine step (wall start, kind, batch, tokens, context, duration): TensorRT-LLM's
         # iteration stats, so a benchmark can set served step times next to profiled ones.
         self._iteration_log = open(iteration_log, "a", buffering=1) if iteration_log else None  # noqa: SIM115
@@ -138,6 +144,18 @@ class InstanceServer:
             self._iteration_log.close()
         self.engine.shutdown()
 
+    def fail_engine(self, reason: str) -> None:
+        """The engine is gone (a rank died): fail every request held here with an error that says so (the
+        router retries those elsewhere), refuse new ones, and stop calling the engine. Idempotent."""
+        if self._broken is not None:
+            return
+        self._broken = reason
+        self._wake.set()
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            _safe(s.responder.send_error, ErrorKind.INTERNAL, f"the engine of this instance failed ({reason})")
+
     def load(self) -> InstanceLoad:
         """Latest load (refreshed by the loop after every step; never waits for the engine)."""
         load = self._load
@@ -151,9 +169,11 @@ class InstanceServer:
         if req.request_type not in ROLE_ACCEPTS[self.role]:
             return responder.send_error(ErrorKind.BAD_REQUEST, f"this is a {self.role} instance: request_type "
                                         f"{req.request_type} is not served here")
+        if self._broken is not None:
+            return responder.send_error(ErrorKind.INTERNAL, f"the engine of this instance failed ({self._broken})")
         engine_id = f"{req.request_id or 'req'}#{next(self._ids)}"
         stream = _Stream(engine_id, req, responder)
-        if self.role is Role.DECODE:
+        if req.request_type is RequestType.GENERATION_ONLY:
             return self._submit_decode(stream)
         if self._sender is not None and not self._sender.can_admit(len(req.prompt_ids)):
             return responder.send_error(ErrorKind.OVERLOADED, f"{self._sender.pending_tokens()} tokens of KV "
@@ -168,6 +188,7 @@ class InstanceServer:
         self._wake.set()
 
     def _submit_decode(self, stream: _Stream) -> None:
+        stream.handoff = {"received": time.perf_counter()}
         req = stream.request
         if not req.context_phase_params:
             return stream.responder.send_error(ErrorKind.BAD_REQUEST, "generation_only needs the "
@@ -189,9 +210,12 @@ class InstanceServer:
     def _pull_and_admit(self, stream: _Stream, handle: KVHandle) -> None:
         """Fetch-pool thread: pull the KV, then hand the request to the engine (or fail it)."""
         req = stream.request
+        marks = stream.handoff if stream.handoff is not None else {}
+        marks["fetch_start"] = time.perf_counter()
         try:
             name = resolve_receiver_name(self._transport, handle)
-            kv = make_receiver(name, secret=self._secret, **self._receiver_options).fetch(handle)
+            receiver = make_receiver(name, secret=self._secret, **self._receiver_options)
+            kv = receiver.fetch(handle)
         except InvalidHandleError as exc:
             return self._fail(stream, ErrorKind.INVALID_HANDLE, str(exc))
         except KVTransferError as exc:
@@ -203,11 +227,16 @@ class InstanceServer:
             if self._drop(stream.engine_id):
                 _safe(stream.responder.send, [], None, True)
             return
+        marks["fetched"] = time.perf_counter()
+        timing = getattr(receiver, "last_timing", None)  # FetchTiming of the socket receivers
+        if timing is not None:
+            marks.update({k: v for k, v in asdict(timing).items() if k != "total_s"})
         try:
             self.engine.add_decode_request(stream.engine_id, req.prompt_ids, handle.first_token, kv,
                                            req.sampling)
         except ValueError as exc:
             return self._fail(stream, ErrorKind.BAD_REQUEST, str(exc))
+        marks["admitted"] = time.perf_counter()
         self._wake.set()
 
     def _is_end(self, token: int, req: InstanceRequest) -> bool:
@@ -217,6 +246,9 @@ class InstanceServer:
     # ---- the loop ----
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self._broken is not None:  # nothing left to drive; stop() ends the thread
+                self._stop.wait()
+                break
             self._reap_cancelled()
             if not self.engine.has_unfinished():
                 self._load = self.engine.load()
@@ -224,12 +256,14 @@ class InstanceServer:
                 self._wake.clear()
                 continue
             started = time.time()
+            self._step_marks = (time.perf_counter(), 0.0)
             try:
                 events = self.engine.step()
             except Exception as exc:  # a broken rank: fail everything in flight, keep serving errors
                 log.exception("engine step failed")
                 self._fail_all(ErrorKind.INTERNAL, f"engine step failed: {exc}")
                 continue
+            self._step_marks = (self._step_marks[0], time.perf_counter())
             for event in events:
                 self._deliver(event)
             self._load = self.engine.load()
@@ -241,6 +275,30 @@ class InstanceServer:
             return
         self._iteration_log.write(json.dumps({"t": round(started, 6), **asdict(stats)}) + "\n")
 
+    def _log_handoff(self, stream: _Stream) -> None:
+        """One iteration-log line per hand-off, at its first decode token: where the time between the
+        decode request's arrival and that token went (queued for a fetch thread, the pull's phases on both
+        sides, waiting for the loop, importing into the pool, the step itself, sending the response)."""
+        marks: dict[str, float] = stream.handoff if stream.handoff is not None else {}
+        stream.handoff = None
+        if self._iteration_log is None or "admitted" not in marks:
+            return
+        step_start, step_end = self._step_marks
+        stats = getattr(self.engine, "last_step", None)
+        import_s = float(getattr(stats, "import_s", 0.0))
+        row: dict[str, str | int | float] = {"t": round(time.time(), 6), "kind": "handoff", "request_id": stream.request.request_id,
+               "num_tokens": len(stream.request.prompt_ids),
+               "fetch_wait_s": marks["fetch_start"] - marks["received"],
+               "transfer_s": marks["fetched"] - marks["fetch_start"],
+               **{k: marks[k] for k in ("connect_s", "meta_s", "data_s", "release_s", "source_export_s",
+                                        "source_stage_s") if k in marks},
+               "admit_s": marks["admitted"] - marks["fetched"],
+               "loop_wait_s": max(0.0, step_start - marks["admitted"]),
+               "import_s": import_s, "first_step_s": max(0.0, step_end - step_start - import_s),
+               "send_s": time.perf_counter() - step_end, "total_s": time.perf_counter() - marks["received"]}
+        self._iteration_log.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                              for k, v in row.items()}) + "\n")
+
     def _deliver(self, event: TokenEvent) -> None:
         with self._lock:
             stream = self._streams.get(event.request_id)
@@ -248,10 +306,12 @@ class InstanceServer:
             self.engine.abort(event.request_id)
             self.engine.release_kv(event.request_id)
             return
-        if event.finish_reason is FinishReason.PREFILL_DONE:
-            return self._hand_off(stream, event)
         if event.finish_reason is FinishReason.ABORTED:
             return self._fail(stream, ErrorKind.CANCELLED, "aborted")
+        if event.token_id is None:  # FAILED: this request's own sampling or grammar broke, not the engine
+            return self._fail(stream, ErrorKind.BAD_REQUEST, f"sampling failed for this request: {event.error}")
+        if event.finish_reason is FinishReason.PREFILL_DONE:
+            return self._hand_off(stream, event.token_id)
         final = event.finished
         if final:
             self._drop(stream.engine_id)
@@ -261,13 +321,15 @@ class InstanceServer:
             stream.pending_tokens.append(event.token_id)
             if final:
                 _safe(stream.responder.send, stream.pending_tokens, None, True)
+        if stream.handoff is not None:
+            self._log_handoff(stream)
 
-    def _hand_off(self, stream: _Stream, event: TokenEvent) -> None:
+    def _hand_off(self, stream: _Stream, first_token: int) -> None:
         assert self._sender is not None
         self._drop(stream.engine_id)
         handle = self._sender.offer(stream.engine_id, num_tokens=len(stream.request.prompt_ids),
-                                    first_token=event.token_id)
-        if not _safe(stream.responder.send, [event.token_id], encode_handle(handle, self._secret), True):
+                                    first_token=first_token)
+        if not _safe(stream.responder.send, [first_token], encode_handle(handle, self._secret), True):
             self._sender.release(stream.engine_id)  # nobody will ever pull it
 
     def _reap_cancelled(self) -> None:

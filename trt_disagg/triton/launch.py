@@ -32,6 +32,12 @@ from trt_disagg.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# How long Triton waits, after SIGTERM, for in-flight requests and then for the model to unload, before it
+# exits anyway. An idle python-backend instance takes ~2 s: the backend's stub health check sleeps 1 s, the
+# model finalizes (ranks, KV server, registry) in ~0.3 s, and Triton looks once a second. Work still in
+# flight at the deadline is failed by the model's finalize (`shutting_down`), which the router retries
+# elsewhere: an instance stops in under 3 s.
+EXIT_TIMEOUT_S = 2
 SHM_PREFIX = "trtd_tb_"  # our Python-backend shm regions: /dev/shm/trtd_tb_<instance>_<random>_*
 KV_SHM_PREFIX = "trtd_kv_"  # = kv.shm.SEGMENT_PREFIX: the KV server's segments, /dev/shm/trtd_kv_<instance>_<random>_*
 
@@ -42,6 +48,13 @@ class TritonBinary:
     backend_dir: Path | None  # None: the server's default (/opt/tritonserver/backends)
     cache_dir: Path | None
     lib_dirs: tuple[Path, ...]
+    # GPU metrics (NVML/DCGM): off for the wheel's CPU server, where asking for them only logs
+    # "Failed to initialize NVML" and "DCGM unable to start" at every start.
+    gpu_metrics: bool = False
+    # Triton's Prometheus endpoint: off for the wheel's CPU server, whose instances report their load
+    # through Redis and the router's /metrics; stopping that endpoint alone takes Triton ~0.9 s, which would
+    # push an instance stop past 3 s.
+    metrics_server: bool = False
 
 
 def bundled_tritonserver(work_dir: Path) -> TritonBinary:
@@ -66,7 +79,8 @@ def bundled_tritonserver(work_dir: Path) -> TritonBinary:
 
 def system_tritonserver() -> TritonBinary | None:
     found = shutil.which("tritonserver")
-    return None if found is None else TritonBinary(Path(found), None, None, ())
+    return None if found is None else TritonBinary(Path(found), None, None, (), gpu_metrics=True,
+                                                   metrics_server=True)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -138,6 +152,7 @@ class TritonProcess:
         self._binary = binary
         self._env = env
         self.proc: subprocess.Popen | None = None
+        self._log_start = 0  # where this process's output begins in the (appended-to) log
         # Unique per process object: clean-up after a kill must never touch another deployment's regions.
         token = f"{instance_id.replace('-', '_')}_{secrets.token_hex(4)}_"
         self.shm_prefix = f"{SHM_PREFIX}{token}"
@@ -154,11 +169,16 @@ class TritonProcess:
     def command(self) -> list[str]:
         cmd = [str(self._binary.executable), f"--model-repository={self.repo_dir}",
                f"--grpc-port={self.ports.grpc}", f"--http-port={self.ports.http}",
-               f"--metrics-port={self.ports.metrics}", f"--grpc-address={self.bind}",
-               f"--http-address={self.bind}", f"--metrics-address={self.bind}",
+               f"--grpc-address={self.bind}", f"--http-address={self.bind}",
                "--exit-on-error=true", "--strict-readiness=true",
-               "--exit-timeout-secs=10", "--log-verbose=0",
+               f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--log-verbose=0",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        if self._binary.metrics_server:
+            cmd += [f"--metrics-port={self.ports.metrics}", f"--metrics-address={self.bind}"]
+        else:
+            cmd.append("--allow-metrics=false")
+        if not self._binary.gpu_metrics:
+            cmd.append("--allow-gpu-metrics=false")
         if self._binary.backend_dir is not None:
             cmd.append(f"--backend-directory={self._binary.backend_dir}")
         if self._binary.cache_dir is not None:
@@ -168,8 +188,24 @@ class TritonProcess:
     def start(self) -> None:
         env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix}
         with open(self.log_path, "ab") as logf:
+            self._log_start = logf.tell()
             self.proc = subprocess.Popen(self.command(), env=env, stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def own_failure(self) -> str | None:
+        """What the instance itself logged as the reason it could not go on (its model logs "engine failed
+        (...); ..." before making the server exit), from this process's part of the log; None if nothing."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        marker = "engine failed ("
+        for line in reversed(text.splitlines()):
+            if marker in line:
+                return line[line.index(marker):].split("; ", 1)[0].strip()
+        return None
 
     def port_conflict(self) -> bool:
         """Did the server fail because one of its ports was taken meanwhile (a race with another process)?"""
@@ -186,11 +222,15 @@ class TritonProcess:
         return "\n".join(lines[-num_lines:])
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Poll Triton's readiness API until the model is ready; raise with the log tail if it dies."""
-        import tritonclient.http as httpclient
+        """Poll Triton's readiness API until the model is ready; raise with the log tail if it dies.
+
+        Over gRPC: on SIGTERM Triton first waits (out of its short exit timeout) for open HTTP connections,
+        and an HTTP client's connection lingers a while after close, so a stop soon after start would lose
+        a second to it."""
+        import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout_s
-        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=1.0, network_timeout=2.0)
+        client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while time.monotonic() < deadline:
                 if not self.alive():
@@ -198,7 +238,8 @@ class TritonProcess:
                                     f"(exit code {self.proc.returncode if self.proc else '?'}); "
                                     f"log {self.log_path}:\n{self.log_tail()}")
                 try:
-                    if client.is_server_ready() and client.is_model_ready(self.model_name):
+                    if (client.is_server_ready(client_timeout=2.0)
+                            and client.is_model_ready(self.model_name, client_timeout=2.0)):
                         return
                 except Exception:  # not listening yet
                     pass

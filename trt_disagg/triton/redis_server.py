@@ -3,6 +3,8 @@
 Why embedded: one `trt-disagg serve` on a laptop or CI box needs no system service. The server binds
 127.0.0.1 on a free port, keeps no data on disk (no RDB/AOF) and is stopped, with its temp directory,
 by `stop()`; a multi-host deployment points every host at one real Redis via REDIS_URL instead.
+If it dies, `restart()` starts a fresh, empty one on the same port: clients keep their URL and reconnect,
+instances re-register with their next heartbeat (triton.registry), so nothing needs the old data.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ from trt_disagg.errors import UserError
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "REDIS_URL"
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password replaced by *** (what may be printed or logged)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def configured_redis_url(dep: Deployment | None = None) -> str | None:
@@ -64,8 +78,19 @@ class EmbeddedRedis:
         except Exception as exc:
             self.stop()
             raise UserError(f"could not start the embedded Valkey server: {exc}") from exc
+        self._port = int(self._server.port)  # a restart comes back on this one
         log.info("embedded Valkey at %s", self.url)
         return self.url
+
+    def alive(self) -> bool:
+        """Is the server process still running (it may have crashed or been killed)?"""
+        proc = getattr(self._server, "_process", None)
+        return proc is not None and proc.poll() is None
+
+    def restart(self, timeout_s: float = 10.0) -> str:
+        """Replace the server with a fresh, empty one on the same port; returns the (same) URL."""
+        self.stop()
+        return self.start(timeout_s)
 
     def stop(self) -> None:
         """Stop the server and remove its temp dir; idempotent."""

@@ -21,7 +21,11 @@ from pathlib import Path
 
 from trt_disagg.config import Deployment, ServerGroup
 from trt_disagg.contract import Role
+from trt_disagg.engine_dir import tokenizer_dir
 from trt_disagg.errors import UserError
+
+# What TensorRT-LLM's guided decoding reads to know the engine's vocabulary (xgrammar's tokenizer info).
+XGRAMMAR_TOKENIZER_INFO = "xgrammar_tokenizer_info.json"
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_repo"
 ROLE_FIELD = {Role.PREFILL: "context_servers", Role.DECODE: "generation_servers",
@@ -107,9 +111,13 @@ def template_values(plan: InstancePlan, decoupled: bool = True) -> dict[str, str
         "max_pending_tokens": "" if ct.max_pending_tokens is None else str(ct.max_pending_tokens),
         "threads_per_rank": str(g.threads_per_instance),
         "kv_cache_free_gpu_mem_fraction": repr(float(kv.free_gpu_memory_fraction)),
+        "enable_kv_cache_reuse": "true" if kv.enable_block_reuse else "false",
+        "event_buffer_max_size": str(kv.event_buffer_max_size),
         "max_tokens_in_paged_kv_cache": "" if kv.max_tokens is None else str(kv.max_tokens),
         "gpu_device_ids": ",".join(str(i) for i in plan.gpu_device_ids),
         "participant_ids": ",".join(str(i) for i in plan.participant_ids),
+        "tokenizer_dir": str(tokenizer_dir(plan.engine_dir)),
+        "xgrammar_tokenizer_info_path": str(Path(plan.engine_dir) / XGRAMMAR_TOKENIZER_INFO),
     }
 
 
@@ -124,8 +132,12 @@ def render_config(plan: InstancePlan, templates: Path = TEMPLATES_DIR, decoupled
 
 
 def render_instance(plan: InstancePlan, out_dir: Path, templates: Path = TEMPLATES_DIR,
-                    decoupled: bool = True) -> Path:
-    """Write <out_dir>/<instance id>/ (replacing an older render of it); returns that directory."""
+                    decoupled: bool = True, url: str | None = None) -> Path:
+    """Write <out_dir>/<instance id>/ (replacing an older render of it); returns that directory.
+
+    `url` is the gRPC host:port the instance will listen on when the caller has picked it (serve does, just
+    before launching), so that instance.json names where to reach it; else the group's `urls` entry.
+    """
     repo = out_dir / plan.instance_id
     if repo.exists():
         shutil.rmtree(repo)
@@ -136,7 +148,8 @@ def render_instance(plan: InstancePlan, out_dir: Path, templates: Path = TEMPLAT
         shutil.copyfile(templates / "python" / "common" / "model.py", model_dir / "1" / "model.py")
     (repo / "instance.json").write_text(json.dumps({
         "instance_id": plan.instance_id, "role": plan.role.value, "backend": plan.backend,
-        "model_name": plan.model_name, "engine_dir": str(plan.engine_dir), "url": plan.url,
+        "model_name": plan.model_name, "engine_dir": str(plan.engine_dir),
+        "url": url if url is not None else plan.url,
         "tp": plan.group.tp, "pp": plan.group.pp, "gpu_device_ids": list(plan.gpu_device_ids),
         "env": plan.env(),
     }, indent=2))

@@ -13,7 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from trt_disagg.contract import REQUEST_TYPE_PARAMETER, RequestType, Role, SamplingParams, TensorName
+from trt_disagg.contract import (
+    GUIDE_PROMPT_LEN_PARAMETER,
+    REQUEST_TYPE_PARAMETER,
+    Guide,
+    GuideType,
+    RequestType,
+    Role,
+    SamplingParams,
+    TensorName,
+)
 
 
 class RequestParseError(ValueError):
@@ -55,8 +64,42 @@ def parse_parameters(raw: str | dict | None) -> dict:
     return out if isinstance(out, dict) else {}
 
 
+def _text(inputs: dict[str, np.ndarray], name: str) -> str | None:
+    """A BYTES [1,1] input (Triton hands the Python backend an object array of bytes)."""
+    arr = inputs.get(name)
+    if arr is None:
+        return None
+    flat = np.asarray(arr, dtype=object).reshape(-1)
+    if flat.size != 1:
+        raise RequestParseError(f"input {name} must hold one value, got shape {list(np.asarray(arr).shape)}")
+    value = flat[0]
+    try:
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise RequestParseError(f"input {name} is not UTF-8 text") from None
+
+
+def parse_guide(inputs: dict[str, np.ndarray], params: dict) -> Guide | None:
+    """TensorRT-LLM's guided-decoding inputs (+ our prompt-length parameter), or None when absent."""
+    kind = _text(inputs, TensorName.GUIDE_TYPE)
+    if not kind or kind == "none":
+        return None
+    try:
+        guide_type = GuideType(kind)
+    except ValueError:
+        raise RequestParseError(f"input {TensorName.GUIDE_TYPE}={kind!r} is not one of "
+                                f"{', '.join(t.value for t in GuideType)}") from None
+    text = _text(inputs, TensorName.GUIDE) or ""
+    if guide_type is not GuideType.JSON and not text:
+        raise RequestParseError(f"input {TensorName.GUIDE} is required with {TensorName.GUIDE_TYPE}={kind}")
+    raw_len = params.get(GUIDE_PROMPT_LEN_PARAMETER)
+    if raw_len is not None and (isinstance(raw_len, bool) or not isinstance(raw_len, int) or raw_len < 1):
+        raise RequestParseError(f"request parameter {GUIDE_PROMPT_LEN_PARAMETER} must be an integer >= 1")
+    return Guide(guide_type, text, raw_len)
+
+
 def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None, request_id: str,
-                  role: Role, default_output_len: int = 16) -> InstanceRequest:
+                  role: Role) -> InstanceRequest:
     ids = inputs.get(TensorName.INPUT_IDS)
     if ids is None:
         raise RequestParseError(f"input {TensorName.INPUT_IDS} is required")
@@ -75,6 +118,8 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None, 
         raise RequestParseError(f"request parameter {REQUEST_TYPE_PARAMETER}={raw_type!r} is not one of "
                                 f"{', '.join(t.value for t in RequestType)}") from None
     out_len = _scalar(inputs, TensorName.REQUEST_OUTPUT_LEN)
+    if out_len is None:  # declared required in config.pbtxt, as in TensorRT-LLM's
+        raise RequestParseError(f"input {TensorName.REQUEST_OUTPUT_LEN} is required")
     end_id = _scalar(inputs, TensorName.END_ID)
     temperature = _scalar(inputs, TensorName.TEMPERATURE)
     top_k = _scalar(inputs, TensorName.TOP_K)
@@ -82,13 +127,17 @@ def parse_request(inputs: dict[str, np.ndarray], parameters: str | dict | None, 
     seed = _scalar(inputs, TensorName.RANDOM_SEED)
     streaming = _scalar(inputs, TensorName.STREAMING)
     sampling = SamplingParams(
-        max_new_tokens=int(out_len) if out_len is not None else default_output_len,
+        max_new_tokens=int(out_len),
         temperature=float(temperature) if temperature is not None else 0.0,
         top_p=float(top_p) if top_p is not None else 1.0,
         top_k=int(top_k) if top_k is not None else 0,
         seed=int(seed) if seed is not None else None,
         end_id=int(end_id) if end_id is not None else None,
+        guide=parse_guide(inputs, params),
     )
+    problem = sampling.problem()
+    if problem is not None:
+        raise RequestParseError(problem)
     cpp = inputs.get(TensorName.CONTEXT_PHASE_PARAMS)
     blob = np.asarray(cpp, dtype=np.uint8).tobytes() if cpp is not None and np.asarray(cpp).size else None
     return InstanceRequest(request_id=request_id, prompt_ids=prompt, sampling=sampling,

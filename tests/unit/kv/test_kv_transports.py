@@ -370,3 +370,22 @@ def test_fake_sender_release_follows_the_same_rules(prefill, secret):
     assert s.release_handle(encode_handle(handle, secret)) is False
     assert prefill.num_free_blocks == prefill.num_total_blocks
     s.close()
+
+
+@pytest.mark.parametrize("mode", ["tcp", "shm"])
+def test_pull_reports_its_phases_on_both_sides(mode, prefill, secret):
+    s = started_sender(prefill, secret, shm_prefix=TEST_PREFIX, prewarm_tokens=64)
+    try:
+        assert len(shm_segments()) == 1  # (1) a segment for 64 tokens' KV was created and faulted in at start
+        _, handle = prefill_one(prefill, s)
+        receiver = transport.make_receiver(mode, secret=secret)
+        assert receiver.last_timing is None
+        receiver.fetch(handle)  # (2) a 40-token pull fits the prewarmed segment: no second one
+        timing = receiver.last_timing
+        assert timing is not None and len(shm_segments()) == 1
+        parts = (timing.connect_s, timing.meta_s, timing.data_s, timing.release_s)
+        assert all(p >= 0 for p in parts) and timing.total_s == pytest.approx(sum(parts))
+        assert timing.source_export_s >= 0 and timing.source_stage_s > 0  # (3) the source's own phases came back
+    finally:
+        s.close()
+    assert shm_segments() == set()

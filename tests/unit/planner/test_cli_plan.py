@@ -47,10 +47,37 @@ def test_plan_prints_json_and_writes_a_loadable_deployment(run, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["best_disaggregated"]["goodput_rps"] > 0
-    assert summary["ratio_per_cost"] == pytest.approx(summary["best_disaggregated"]["per_cost_goodput_rps"]
-                                                      / summary["best_colocated"]["per_cost_goodput_rps"], rel=1e-2)
+    # Every ratio names its baseline: both policies, on the same engine and on the published vLLM fits.
+    named = {(b["policy"], b["engine"]) for b in summary["baselines"]}
+    assert named == {(p, e) for p in ("prefill-first", "chunked") for e in ("same", "vllm")}
+    top = summary["headline"]
+    assert top["engine"] == "vllm" and "prefill-first" in top["baseline"]  # the paper's baseline by default
+    base = next(b for b in summary["baselines"] if (b["policy"], b["engine"]) == ("prefill-first", "vllm"))
+    assert top["unit_ratio"] == pytest.approx(summary["best_disaggregated"]["per_cost_goodput_rps"]
+                                              / base["unit"]["per_cost_goodput_rps"], rel=1e-2)
+    # Goodput per GPU of the whole cluster, idle GPUs counted; the idle ones are explained.
+    dep_row = summary["deployment"]
+    assert dep_row["cluster_gpus"] == 2 and summary["goodput_per_gpu_rps"] == pytest.approx(
+        dep_row["goodput_rps"] / 2, rel=1e-2)
+    assert (dep_row["idle_gpus"] == 0) == (dep_row["idle_reason"] is None)
+    assert summary["workload"]["token_counts"].startswith("estimate")  # OPT's tokenizer is not available offline
     dep = load_deployment(out)
     assert dep.context_servers is not None and dep.context_servers.backend == "tensorrtllm"
+    assert json.loads(out.with_suffix(".plan.json").read_text())["deployment"] == dep_row
+
+
+def test_plan_reads_a_lengths_file_and_reports_what_the_limits_dropped(run, tmp_path: Path):
+    lengths = tmp_path / "trace.csv"
+    lengths.write_text("input_len,output_len,arrival_s\n" + "".join(
+        f"{100 + 10 * i},{20 + i},{0.5 * i}\n" for i in range(30)) + "3000,10,15.5\n")
+    proc = run("plan", "--model", "opt-13b", "--ttft", "0.5", "--tpot", "0.1", "--gpus-per-node", "2",
+               "--lengths-file", str(lengths), "--max-pp", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    w = summary["workload"]
+    assert w["num_requests"] == 30 and w["dropped"] == {"prompt + output over the context": 1}
+    assert w["token_counts"].startswith("given")
+    assert all("PP1" in c["placement"] and "PP2" not in c["placement"] for c in summary["disaggregated_candidates"])
 
 
 def test_simulate_rates_and_slo_scale(run, tmp_path: Path):
@@ -123,8 +150,26 @@ def test_plan_for_the_cpu_engine_writes_a_python_backend_deployment(run, cpu_pro
       "--num-requests", "50"], "does not fit on this cluster"),
     (["simulate", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", "--colocated", "1x1"], "--rates"),
     (["profile", "/nonexistent/engine"], "no config.json"),
+    (["plan", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", "--max-pp", "0"], "--max-pp must be >= 1"),
+    (["plan", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", "--long-prompts", "cut"], "--long-prompts"),
+    (["plan", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", "--workload", "longbench-synthetic",
+      "--max-input-len", "1000"], "no request left after the filters"),
 ])
 def test_bad_input_exits_2_with_a_message(run, args, message):
     proc = run(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in " ".join(proc.stderr.split())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("input_len,output_len\n100,20\n-5,20\n", "row 2: input_len must be >= 1"),
+    ("input_len,output_len\n100,20\n100,\n", "row 2: missing output_len"),
+    ("prompt_len\n100\n", "row 1: missing output_len"),
+    ("input_len,output_len,arrival_s\n100,20,1\n100,20,-1\n", "row 2: arrival_s must be >= 0"),
+])
+def test_a_bad_lengths_file_exits_2_naming_row_and_field(run, tmp_path: Path, content, message):
+    path = tmp_path / "lengths.csv"
+    path.write_text(content)
+    proc = run("plan", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", "--lengths-file", str(path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in " ".join(proc.stderr.split())

@@ -9,8 +9,10 @@ import pytest
 from trt_disagg.errors import UserError
 from trt_disagg.planner.hardware import GPUS, get_gpu
 from trt_disagg.planner.latency_model import (
+    DISTSERVE_OVERHEADS,
     HOP_LATENCY_S,
     Coefficients,
+    EngineOverheads,
     InstanceTiming,
     LatencyModel,
     PhaseCoefficients,
@@ -59,6 +61,38 @@ def test_pipeline_parallel_divides_the_stage_time_and_adds_hops():
     hop = HOP_LATENCY_S + 100 * 1000 * 2 / 1e9
     assert stage == pytest.approx(0.025) and latency == pytest.approx(0.1 + 3 * hop)
     assert four.decode_step_s(10, 0) == pytest.approx(0.02 + 3 * (HOP_LATENCY_S + 10 * 1000 * 2 / 1e9))
+
+
+def test_engine_overheads_add_per_iteration_per_token_and_per_stage_costs():
+    coeffs = PhaseCoefficients(Coefficients(0.1, 0.0, 0.0), Coefficients(0.02, 0, 0), Coefficients(0.02, 0, 0))
+    ovh = EngineOverheads(iteration_s=0.002, per_token_s=1e-7, prefill_stage_s=0.001, decode_stage_s=0.0005)
+    one = InstanceTiming(coeffs, 1, 1000, 1e12, overheads=ovh)
+    assert one.prefill_s(500, 0) == pytest.approx((0.1 + 0.002 + 5e-5 + 0.001,) * 2)
+    assert one.decode_step_s(4, 1000) == pytest.approx(0.02 + 0.002 + 1e-4 + 0.0005)
+    four = InstanceTiming(coeffs, 4, 1000, 1e12, overheads=ovh)
+    stage, latency = four.prefill_s(500, 0)
+    hops = 3 * (HOP_LATENCY_S + 500 * 1000 * 2 / 1e12)
+    # The first stage pays the iteration overhead and its stage cost (4 x 1 ms at PP4, as DistServe's simulator);
+    # the batch crosses all four stages.
+    assert stage == pytest.approx(0.025 + 0.002 + 5e-5 + 4 * 0.001)
+    assert latency == pytest.approx(0.1 + 0.002 + 5e-5 + 16 * 0.001 + hops)
+    # A decode micro-batch step crosses every stage: no division by pp, four stage costs.
+    assert four.decode_step_s(4, 1000) == pytest.approx(0.02 + 0.002 + 1e-4 + 4 * 0.0005
+                                                        + 3 * (HOP_LATENCY_S + 4 * 1000 * 2 / 1e12))
+    terms = four.decode_terms()
+    assert terms.a_small + terms.b_small * 1000 + terms.c_small * 4 + terms.hop_fixed_s + terms.hop_per_seq_s * 4 \
+        == pytest.approx(four.decode_step_s(4, 1000))
+
+
+def test_published_and_roofline_models_carry_distserves_overheads_profiles_none(tmp_path):
+    published = published_latency_model("opt-13b", "a100-80g")
+    assert published is not None and published.overheads == DISTSERVE_OVERHEADS
+    roofline = roofline_latency_model(MODELS["opt-13b"], GPUS["a100-80g"])
+    assert roofline.overheads.iteration_s == 0.0  # its `a` already holds the launch overhead
+    assert roofline.overheads.prefill_stage_s == DISTSERVE_OVERHEADS.prefill_stage_s
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"model": "m", "gpu": "cpu", "by_tp": {"1": published.for_tp(1).to_dict()}}))
+    assert LatencyModel.from_json(path).overheads == EngineOverheads()  # a fit holds the engine's own
 
 
 def test_latency_model_json_round_trip(tmp_path):

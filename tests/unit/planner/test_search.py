@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import yaml
@@ -9,13 +11,14 @@ import yaml
 from trt_disagg.config import SLO, dump_deployment, parse_deployment
 from trt_disagg.errors import UserError
 from trt_disagg.planner.deployment import placement_to_deployment
+from trt_disagg.planner.fill import grow_unit
 from trt_disagg.planner.goodput import SLOTarget, max_rate
 from trt_disagg.planner.hardware import GPUS
-from trt_disagg.planner.inputs import latency_models, parse_cluster, parse_parallel
+from trt_disagg.planner.inputs import baseline_engine_models, latency_models, parse_cluster, parse_parallel
 from trt_disagg.planner.models import MODELS
-from trt_disagg.planner.placement import Cluster, ColocatedPlacement, Placement, Pool
+from trt_disagg.planner.placement import Cluster, ColocatedPlacement, ParallelConfig, Placement, Pool
 from trt_disagg.planner.search import PlanInputs, plan
-from trt_disagg.sim import SimWorkload
+from trt_disagg.sim import ColocatedPolicy, SimWorkload
 from trt_disagg.workload import make_arrivals
 
 
@@ -57,6 +60,51 @@ def test_the_deployed_placement_grows_the_best_unit_to_the_cluster():
     assert grown.num_prefill >= unit.num_prefill and grown.num_decode >= unit.num_decode
     assert unit.unit_gpus <= grown.unit_gpus <= 8
     assert result.cluster.goodput_rps >= 0.9 * result.best_disagg.goodput_rps  # type: ignore[union-attr]
+
+
+def test_two_node_plan_fills_the_cluster_and_counts_idle_gpus_against_it():
+    result = plan(inputs(pools=(Pool(GPUS["a100-80g"], 2, 4),), n=120))
+    dep = result.deployment
+    assert dep is not None and dep.cluster_gpus == 8
+    unit = result.best_disagg.placement
+    assert isinstance(unit, Placement)
+    # Nothing as big as one more instance of either phase is left, and what is left is explained.
+    assert dep.idle_gpus < min(unit.prefill.num_gpus, unit.decode.num_gpus)
+    assert (dep.idle_gpus == 0) == (dep.idle_reason == "")
+    assert dep.per_gpu_goodput == pytest.approx(dep.goodput_rps / 8)  # per GPU of the cluster, idle ones counted
+
+
+def test_grow_unit_fills_with_the_other_phase_when_the_bottleneck_no_longer_fits():
+    pool = Pool(GPUS["a100-80g"], 2, 8)
+    a100 = "a100-80g"
+    unit = Placement(ParallelConfig(a100, 4, 1), ParallelConfig(a100, 1, 1), 1, 1)  # 5 GPUs, prefill-bound
+    growth = grow_unit(unit, Cluster((pool,)), pool, pool, prefill_rps=1.0, decode_rps=10.0)
+    # 3 whole units (15 GPUs), then no room for a 4-GPU prefill: the 16th GPU takes one more decode instance.
+    assert (growth.num_prefill, growth.num_decode, growth.idle_gpus) == (3, 4, 0)
+    whole = grow_unit(unit, Cluster((pool,)), pool, pool, None, None)  # Alg. 2: whole units only
+    assert (whole.num_prefill, whole.num_decode, whole.idle_gpus) == (3, 3, 1)
+    assert "fewer than one more unit" in whole.idle_reason
+
+
+def test_max_pp_limits_the_pipeline_stages_searched():
+    result = plan(replace(inputs(pools=(Pool(GPUS["a100-80g"], 1, 8),), n=80), max_pp=1))
+    placements = [c.placement for c in result.disagg]
+    assert all(isinstance(p, Placement) and p.prefill.pp == p.decode.pp == 1 for p in placements)
+    assert all("PP1" in key for key in result.phase_goodput)
+    with pytest.raises(UserError, match="--max-pp must be >= 1"):
+        plan(replace(inputs(), max_pp=0))
+
+
+def test_every_baseline_ratio_names_its_policy_and_engine():
+    inp = inputs(n=120)
+    vllm = baseline_engine_models(inp.model, ["a100-80g"], "vllm", inp.latency)
+    result = plan(replace(inp, baseline_engine="vllm", baseline_latency=vllm,
+                          other_baseline_latency={"same": inp.latency}, colocated_policies=tuple(ColocatedPolicy)))
+    named = {(r.policy, r.engine) for r in result.baselines}
+    assert named == {(p, e) for p in ColocatedPolicy for e in ("same", "vllm")}
+    top = next(r for r in result.baselines if (r.policy, r.engine) == ("prefill-first", "vllm"))
+    assert result.best_colocated == top.unit and result.ratio == pytest.approx(top.unit_ratio)
+    assert all(r.unit.engine == r.engine and r.deployment.cluster_gpus == 4 for r in result.baselines)
 
 
 def test_low_affinity_plan_keeps_each_unit_inside_nodes():

@@ -178,12 +178,14 @@ def make_settings(valkey_url: str, **overrides: object) -> RouterSettings:
 
 
 @asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 (a free port) in this event loop; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=10)
+async def serve(app: FastAPI, server: uvicorn.Server | None = None) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn (or `server`, built for `app`) on 127.0.0.1 (a free port) in this event loop;
+    yields the base URL."""
+    if server is None:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                               timeout_graceful_shutdown=10))
+    config = server.config
     config.load()
-    server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from router.ending import Ending
+from router.errors import InstanceUnavailable
 from router.record_writer import RequestRecordWriter
 from router.records import RecordStore
 from router.states import RequestState
@@ -30,7 +32,7 @@ async def test_queued_writes_land_in_order_and_the_memory_state_leads(store):
     w.enter(S.DECODING)
     w.enter(S.DECODING)
     # (3) the end: terminal at once, written after everything queued before it
-    written = w.settle(S.DONE, finish_reason="length", output_tokens=4)
+    written = w.settle(Ending.done("length"), output_tokens=4)
     assert w.state is S.DONE
     await written
     rec = await store.get("w1")
@@ -40,13 +42,13 @@ async def test_queued_writes_land_in_order_and_the_memory_state_leads(store):
     assert rec.fields["prefill_instance"] == "prefill-1" and rec.fields["finish_reason"] == "length"
     # (4) once terminal, nothing moves it: a later end or transition is ignored
     w.enter(S.DECODING)
-    await w.settle(S.FAILED, error="late")
+    await w.settle(Ending.cancelled("late"))
     assert w.state is S.DONE and (await store.get("w1")).state is S.DONE
 
 
 async def test_a_request_ended_before_any_dispatch_gets_its_record_created_in_the_end_state(store):
     w = RequestRecordWriter(store, "w2", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
-    await w.settle(S.FAILED, error="InstanceUnavailable: none")
+    await w.settle(Ending.failed(InstanceUnavailable("none")))
     rec = await store.get("w2")
     assert rec.state is S.FAILED and rec.fields["error"] == "InstanceUnavailable: none"
     assert [e["state"] for e in rec.events] == ["RECEIVED", "FAILED"]
@@ -59,5 +61,17 @@ async def test_a_failed_creation_is_retried_by_the_end(store, redis):
     with pytest.raises(Exception, match="WRONGTYPE"):
         await w.flush()
     await redis.delete(record_key("w3"))
-    await w.settle(S.CANCELLED, error="client disconnected")
+    await w.settle(Ending.cancelled("client disconnected"))
     assert (await store.get("w3")).state is S.CANCELLED
+
+
+async def test_a_record_lost_with_a_restarted_redis_is_written_again_whole(store, redis):
+    w = RequestRecordWriter(store, "w4", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    w.dispatch("disaggregated", prefill_instance="prefill-0")
+    await w.flush()
+    await redis.flushdb()  # Redis restarted without persistence
+    w.enter_with_handle(S.PREFILL_DONE, b"h", first_token=7)
+    await w.settle(Ending.done("length"), output_tokens=1)
+    rec = await store.get("w4")
+    assert rec.state is S.DONE and rec.fields["prefill_instance"] == "prefill-0"
+    assert [e["state"] for e in rec.events] == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE", "DONE"]

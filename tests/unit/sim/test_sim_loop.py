@@ -112,6 +112,20 @@ def test_pipeline_parallel_prefill_overlaps_batches():
     assert sorted(res.ttft_s) == pytest.approx([0.1, 0.15], abs=1e-4)
 
 
+def test_pipeline_parallel_decode_has_bubbles_with_fewer_sequences_than_stages():
+    # PP4 decode: one sequence fills one micro-batch lane; each of its steps crosses all stages (full time).
+    d_tp = make_instance(decode=(0.01, 0.0, 0.0), link=1e15)
+    d_pp = make_instance(decode=(0.01, 0.0, 0.0), pp=4, link=1e15)
+    one = make_workload([0.0], [10], [11])
+    tp_finish = simulate(disagg(make_instance(), d_tp, link=1e15), one, phases=Role.DECODE).finish_s[0]
+    pp_finish = simulate(disagg(make_instance(), d_pp, link=1e15), one, phases=Role.DECODE).finish_s[0]
+    assert pp_finish >= tp_finish == pytest.approx(10 * 0.01)  # no speed-up: the other 3 stages idle
+    # Four sequences fill four micro-batches: they run side by side, each at the one-sequence pace.
+    four = make_workload([0.0] * 4, [10] * 4, [11] * 4)
+    res = simulate(disagg(make_instance(), d_pp, link=1e15), four, phases=Role.DECODE)
+    assert np.allclose(res.finish_s, pp_finish)
+
+
 def test_decode_kv_capacity_limits_the_batch():
     # Capacity fits one request (in+out = 60) at a time: the second waits for the first to finish.
     d = make_instance(decode=(0.01, 0.0, 0.0), kv=100)

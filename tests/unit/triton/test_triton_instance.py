@@ -234,3 +234,29 @@ def test_iteration_log_has_one_line_per_engine_step(tiny_engines, secret, tmp_pa
     assert rows[0]["num_tokens"] == 37 and rows[1]["sum_context"] == 38
     assert all(r["duration_s"] > 0 and r["num_seqs"] == 1 for r in rows)
     assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)
+
+
+def test_decode_instance_logs_each_handoff_phase_by_phase(secret, tmp_path):
+    import json
+
+    pe = FakeEngine(Role.PREFILL, tp=2)
+    sender = make_sender("tcp", source=pe, secret=secret, instance_id="prefill-0", layout=pe.config.kv_layout())
+    log_path = tmp_path / "decode-0.iterations.jsonl"
+    servers = {Role.PREFILL: InstanceServer(Role.PREFILL, pe, secret, sender=sender),
+               Role.DECODE: InstanceServer(Role.DECODE, FakeEngine(Role.DECODE, pp=2), secret, transport="auto",
+                                           iteration_log=log_path)}
+    for s in servers.values():
+        s.start()
+    try:
+        _, rest = disagg(servers, list(range(5, 45)), n=4, rid="req-7")
+        assert not rest.errors and len(rest.tokens) == 3
+    finally:
+        for s in servers.values():
+            s.stop()
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    [line] = [r for r in rows if r["kind"] == "handoff"]  # one line, at the request's first decode token
+    assert line["request_id"] == "req-7" and line["num_tokens"] == 40
+    phases = ("fetch_wait_s", "transfer_s", "connect_s", "meta_s", "data_s", "release_s", "source_export_s",
+              "source_stage_s", "admit_s", "loop_wait_s", "import_s", "first_step_s", "send_s", "total_s")
+    assert all(line[p] >= 0 for p in phases)
+    assert line["total_s"] >= line["transfer_s"] + line["first_step_s"] - 1e-6

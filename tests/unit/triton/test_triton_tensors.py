@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from trt_disagg.contract import RequestType, Role, TensorName
+from trt_disagg.contract import Guide, GuideType, RequestType, Role, TensorName
 from trt_disagg.triton.tensors import RequestParseError, output_arrays, parse_request
 
 
@@ -55,3 +55,39 @@ def test_output_shapes():
     assert out[TensorName.CONTEXT_PHASE_PARAMS].tobytes() == b"\x01\x02"
     assert out[TensorName.CONTEXT_PHASE_PARAMS].shape == (2,)  # UINT8 [L], as contract.py says
     assert TensorName.CONTEXT_PHASE_PARAMS not in output_arrays([4], None)
+
+
+def test_request_output_len_is_required():
+    with pytest.raises(RequestParseError, match="request_output_len is required"):
+        parse_request({TensorName.INPUT_IDS: np.array([[5, 6]], dtype=np.int32)}, None, "", Role.COLOCATED)
+
+
+@pytest.mark.parametrize("name, value, match", [
+    (TensorName.TEMPERATURE, float("nan"), "temperature"),
+    (TensorName.TEMPERATURE, float("inf"), "temperature"),
+    (TensorName.TOP_P, float("nan"), "top_p"),
+    (TensorName.TOP_P, 0.0, "top_p"),
+])
+def test_non_finite_sampling_values_are_refused(name, value, match):
+    with pytest.raises(RequestParseError, match=match):
+        parse_request(inputs(**{name: np.array([[value]], dtype=np.float32)}), None, "", Role.COLOCATED)
+
+
+def test_a_tiny_temperature_is_accepted_as_greedy():
+    req = parse_request(inputs(**{TensorName.TEMPERATURE: np.array([[1e-40]], dtype=np.float32)}), None, "",
+                        Role.COLOCATED)
+    assert req.sampling.greedy
+
+
+def test_guided_decoding_inputs_are_tensorrt_llms():
+    guide = {TensorName.GUIDE_TYPE: np.array([[b"json_schema"]], dtype=object),
+             TensorName.GUIDE: np.array([[b'{"type": "object"}']], dtype=object)}
+    req = parse_request(inputs(**guide), {"guided_decoding_prompt_len": 2}, "", Role.DECODE)
+    assert req.sampling.guide == Guide(GuideType.JSON_SCHEMA, '{"type": "object"}', 2)
+    plain = parse_request(inputs(**{TensorName.GUIDE_TYPE: np.array([[b"json"]], dtype=object)}), None, "",
+                          Role.COLOCATED)
+    assert plain.sampling.guide == Guide(GuideType.JSON, "", None)
+    with pytest.raises(RequestParseError, match="guided_decoding_guide_type"):
+        parse_request(inputs(**{TensorName.GUIDE_TYPE: np.array([[b"yaml"]], dtype=object)}), None, "", Role.COLOCATED)
+    with pytest.raises(RequestParseError, match="guided_decoding_guide is required"):
+        parse_request(inputs(**{TensorName.GUIDE_TYPE: np.array([[b"regex"]], dtype=object)}), None, "", Role.COLOCATED)

@@ -1,0 +1,526 @@
+"""Chaos: the tiny deployment (prefill TP2, two decode PP2, colocated; router and embedded Valkey as their own
+processes, supervised as `trt-disagg serve` supervises them) under steady greedy load while one fault after
+another hits it; then an overload burst. Prints, per fault, what the clients saw and how long recovery took:
+
+    sent / ok / clear error / hung / lost / token mismatches / recovery seconds        + leaks at the end
+
+    ok            a complete answer equal, token for token, to the fault-free answer of that prompt
+    clear error   an HTTP error status (429/502/503/504...), an SSE error event, or a refused connection
+    hung          no end within --request-timeout-s
+    lost          the stream ended without [DONE] and without an error (a silent cut)
+    mismatch      a complete answer that differs from the fault-free one (a token lost or repeated)
+    recovery      from the fault until the deployment is whole again (the process back and registered,
+                  or a new request served)
+
+Faults, in order: SIGKILL a decode instance; SIGKILL one TP rank of the prefill instance; SIGSTOP the other
+decode instance for --stop-s (then SIGCONT); Redis shut down (restarted empty by the supervisor); the router
+sent SIGTERM (it drains, the supervisor restarts it). Then a burst at 4x the measured throughput with the
+router admitting against the TTFT SLO: admitted requests' TTFT p90 vs the target, and each 429's Retry-After
+vs the time the queue actually took to drain.
+
+    .venv/bin/python benchmarks/chaos.py                    # ~5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.faults.helpers import group_pids, rank_pids, shm_left  # noqa: E402
+from trt_disagg.config import load_deployment, parse_deployment  # noqa: E402
+from trt_disagg.contract import Role  # noqa: E402
+from trt_disagg.registry_read import list_instances  # noqa: E402
+from trt_disagg.triton.cluster import LocalCluster  # noqa: E402
+from trt_disagg.triton.launch import free_port  # noqa: E402
+from trt_disagg.triton.supervise import Supervisor  # noqa: E402
+
+PROMPTS = [f"Chaos {i}: the number {13 * i + 7} is" for i in range(8)]
+OUTCOMES = ("ok", "clear error", "hung", "lost", "mismatch")
+
+
+@dataclass
+class Outcome:
+    phase: str
+    kind: str  # one of OUTCOMES
+    detail: str = ""
+    ttft_s: float | None = None
+    retry_after_s: float | None = None
+    sent_at: float = 0.0
+
+
+@dataclass
+class FaultResult:
+    name: str
+    recovery_s: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Load:
+    """Closed-loop clients streaming greedy completions; each outcome labelled with the phase it began in."""
+
+    def __init__(self, url: str, reference: dict[str, str], args: argparse.Namespace) -> None:
+        self.url, self.reference, self.args = url, reference, args
+        self.phase = "steady"
+        self.outcomes: list[Outcome] = []
+        self._stop = asyncio.Event()
+
+    async def run(self, clients: int) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.args.request_timeout_s, connect=5.0)) as http:
+            await asyncio.gather(*(self._client(http, i) for i in range(clients)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _client(self, http: httpx.AsyncClient, i: int) -> None:
+        rng = random.Random(i)
+        while not self._stop.is_set():
+            prompt = rng.choice(PROMPTS)
+            outcome = await one_request(http, self.url, prompt, self.args, self.reference, self.phase)
+            self.outcomes.append(outcome)
+            if outcome.kind == "clear error":
+                await asyncio.sleep(0.2)  # a client backs off after an error instead of spinning
+
+
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, args: argparse.Namespace,
+                      reference: dict[str, str] | None, phase: str) -> Outcome:
+    body = {"model": "chaos", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+    sent = time.monotonic()
+    out = Outcome(phase, "lost", sent_at=sent)
+    text, done, error = [], False, None
+    try:
+        async with asyncio.timeout(args.request_timeout_s):
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    out.kind, out.detail = "clear error", f"HTTP {resp.status_code}"
+                    if "retry-after" in resp.headers:
+                        out.retry_after_s = float(resp.headers["retry-after"])
+                    return out
+                async for line in resp.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            error = chunk["error"].get("code")
+                        elif chunk["choices"][0]["text"]:
+                            out.ttft_s = out.ttft_s if out.ttft_s is not None else time.monotonic() - sent
+                            text.append(chunk["choices"][0]["text"])
+    except TimeoutError:
+        out.kind = "hung"
+        return out
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        out.kind, out.detail = "clear error", "connection refused"
+        return out
+    except httpx.HTTPError as exc:
+        out.detail = type(exc).__name__
+        return out  # lost: cut without [DONE]
+    if not done:
+        return out
+    if error is not None:
+        out.kind, out.detail = "clear error", f"SSE {error}"
+    elif reference is not None and "".join(text) != reference[prompt]:
+        out.kind, out.detail = "mismatch", "".join(text)
+    else:
+        out.kind = "ok"
+    return out
+
+
+# ---- the deployment -------------------------------------------------------------------------------------
+
+
+def write_config(root: Path, router_port: int, ttft_slo_s: float) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["name"] = "chaos"
+    raw["generation_servers"]["num_instances"] = 2
+    raw["engines_dir"] = str(root)
+    raw["slo"]["ttft_s"] = ttft_slo_s
+    raw["router"].update(port=router_port, admission="ttft")
+    path = root / "chaos.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    parse_deployment(raw)  # fail here, not in the router process, if the YAML is wrong
+    return path
+
+
+class Supervising:
+    """The supervisor `serve` runs, ticking in a thread for the length of the run."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.supervisor = Supervisor(cluster)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def __enter__(self) -> Supervising:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.supervisor.tick()
+
+
+async def registered(redis_url: str, role: Role) -> set[str]:
+    client = aioredis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    try:
+        return {i.instance_id for i in await list_instances(client, role)}
+    except (OSError, aioredis.RedisError):
+        return set()
+    finally:
+        await client.aclose()
+
+
+async def until(predicate, timeout_s: float, what: str) -> float:
+    """Seconds until the async `predicate` holds (polling another process's state)."""
+    t0 = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"{what}: not within {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def pid_of(cluster: LocalCluster, instance_id: str) -> int:
+    proc = next(p for p in cluster.processes if p.instance_id == instance_id).proc
+    assert proc is not None
+    return proc.pid
+
+
+# ---- the faults: each returns its recovery seconds --------------------------------------------------------
+
+
+async def served(url: str, args: argparse.Namespace) -> bool:
+    async with httpx.AsyncClient(timeout=30) as http:
+        out = await one_request(http, url, PROMPTS[0], args, None, "probe")
+    return out.kind == "ok"
+
+
+async def instance_back(cluster: LocalCluster, name: str, role: Role, old_pids: set[int]) -> bool:
+    """A new process (not one of `old_pids`) serves `name`: up, its model ready, and registered."""
+    server = next(p for p in cluster.processes if p.instance_id == name)
+    if server.proc is None or server.proc.pid in old_pids or cluster.why_down(name) is not None:
+        return False
+    try:
+        async with httpx.AsyncClient(timeout=2) as http:
+            if (await http.get(f"http://{server.http_url}/v2/health/ready")).status_code != 200:
+                return False
+    except httpx.HTTPError:
+        return False
+    return name in await registered(str(cluster.redis_url), role)
+
+
+async def kill_instance(cluster: LocalCluster, args: argparse.Namespace) -> float:
+    old = pid_of(cluster, "decode-0")
+    os.killpg(old, signal.SIGKILL)  # the server, its stub and its rank processes
+    return await until(lambda: instance_back(cluster, "decode-0", Role.DECODE, {old}), 300, "decode-0 back")
+
+
+async def kill_rank(cluster: LocalCluster, args: argparse.Namespace) -> float:
+    """One TP rank dies: the instance deregisters and exits, the supervisor starts it again."""
+    server = pid_of(cluster, "prefill-0")
+    ranks = rank_pids(server)
+    if not ranks:
+        raise RuntimeError("prefill-0 has no rank processes to kill")
+    os.kill(ranks[-1], signal.SIGKILL)
+    return await until(lambda: instance_back(cluster, "prefill-0", Role.PREFILL, {server}), 300,
+                       "prefill-0 whole again")
+
+
+async def stop_instance(cluster: LocalCluster, args: argparse.Namespace) -> float:
+    pid = pid_of(cluster, "decode-1")
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(args.stop_s)  # the fault lasts this long; the load goes on meanwhile
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    return await until(lambda: instance_back(cluster, "decode-1", Role.DECODE, set()), 120, "decode-1 rejoined")
+
+
+async def restart_redis(cluster: LocalCluster, args: argparse.Namespace) -> float:
+    client = aioredis.from_url(str(cluster.redis_url))
+    try:
+        await client.shutdown(nosave=True)
+    except (aioredis.ConnectionError, OSError):
+        pass  # the connection closes as the server exits
+    finally:
+        await client.aclose()
+    return await until(lambda: served(str(cluster.router_url), args), 120, "served after the Redis restart")
+
+
+async def restart_router(cluster: LocalCluster, args: argparse.Namespace) -> float:
+    assert cluster.router_proc is not None
+    cluster.router_proc.send_signal(signal.SIGTERM)  # drains, exits; the supervisor starts a new one
+    return await until(lambda: served(str(cluster.router_url), args), 120, "served by the restarted router")
+
+
+FAULTS = [("instance kill", kill_instance), ("rank kill", kill_rank), ("SIGSTOP", stop_instance),
+          ("Redis restart", restart_redis), ("router restart", restart_router)]
+
+
+# ---- overload ---------------------------------------------------------------------------------------------
+
+
+LONG = "Overload " + "word " * 180  # a long prompt: the burst loads the prefill instance
+
+
+async def capacity_rps(url: str, args: argparse.Namespace) -> float:
+    """Requests/s of long prompts the deployment completes with many clients (its prefill capacity)."""
+    done: list[Outcome] = []
+    end = time.monotonic() + args.capacity_s
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < end:
+            done.append(await one_request(http, url, LONG, args_with(args, max_tokens=2), None, "capacity"))
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(16)))
+    return sum(1 for o in done if o.kind == "ok") / args.capacity_s
+
+
+def args_with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+async def burst(url: str, rate_rps: float, args: argparse.Namespace) -> dict:
+    """Open-loop Poisson arrivals at `rate_rps` for burst_s; then probe until a request is admitted again."""
+    rng = random.Random(0)
+    short = args_with(args, max_tokens=2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout_s, connect=5.0),
+                                 limits=httpx.Limits(max_connections=1000)) as http:
+        tasks = []
+        end = time.monotonic() + args.burst_s
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(one_request(http, url, LONG, short, None, "burst")))
+            await asyncio.sleep(rng.expovariate(rate_rps))  # Poisson arrivals
+        outcomes = list(await asyncio.gather(*tasks))
+        refused = [o for o in outcomes if o.retry_after_s is not None]
+        if refused and not any(o.sent_at > refused[-1].sent_at and o.kind == "ok" for o in outcomes):
+            while (probe := await one_request(http, url, LONG, short, None, "probe")).retry_after_s is not None:
+                await asyncio.sleep(0.25)  # probing until the router admits again
+            outcomes.append(probe)
+    return overload_summary(outcomes, rate_rps, args.ttft_slo_s)
+
+
+def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) -> dict:
+    """Admitted TTFT p90 vs the target; for each 429, its Retry-After vs how long until the router admitted
+    the next request sent after it (the queue had drained to the target)."""
+    admitted = [o for o in outcomes if o.kind == "ok"]
+    ttfts = sorted(o.ttft_s for o in admitted if o.ttft_s is not None)
+    ratios = []
+    for o in (o for o in outcomes if o.retry_after_s is not None):
+        later = [a.sent_at for a in admitted if a.sent_at > o.sent_at]
+        if later and o.retry_after_s is not None:
+            ratios.append(o.retry_after_s / max(0.25, min(later) - o.sent_at))
+    ratios.sort()
+    return {"rate_rps": rate_rps, "sent": len(outcomes), "admitted": len(admitted),
+            "refused_429": sum(1 for o in outcomes if o.retry_after_s is not None),
+            "admitted_ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None, "ttft_target_s": target_s,
+            "retry_after_over_drain_p50": ratios[len(ratios) // 2] if ratios else None,
+            "retry_after_within_2x": (sum(1 for r in ratios if 0.5 <= r <= 2.0) / len(ratios)) if ratios else None,
+            "other": dict(Counter(o.kind for o in outcomes if o.retry_after_s is None and o.kind != "ok"))}
+
+
+# ---- oversized input ----------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def oversized(cluster: LocalCluster) -> dict:
+    """A 100 MB upload (sent slowly, as a large client would) while /health is polled; then a 10 MB prompt:
+    the statuses, the slowest /health answer meanwhile, and the router's RSS before and after."""
+    assert cluster.router_proc is not None and cluster.router_url is not None
+    pid, url = cluster.router_proc.pid, cluster.router_url
+    host, port = url.removeprefix("http://").split(":")
+    before_mb = rss_mb(pid)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {100 << 20}\r\n\r\n".encode())
+    health_s: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(20):  # the upload trickles in while /health is asked
+            writer.write(b" " * (64 << 10))
+            t0 = time.monotonic()
+            await http.get("/health")
+            health_s.append(time.monotonic() - t0)
+        try:
+            status_line = (await asyncio.wait_for(reader.readline(), timeout=10)).decode().strip()
+        finally:
+            writer.close()
+        prompt = await http.post("/v1/completions", json={"model": "chaos", "prompt": "x" * (10 << 20),
+                                                           "max_tokens": 2})
+    return {"upload_100mb": status_line, "health_max_ms": 1000 * max(health_s), "prompt_10mb": prompt.status_code,
+            "rss_before_mb": before_mb, "rss_after_mb": rss_mb(pid)}
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+
+async def references(url: str, args: argparse.Namespace) -> dict[str, str]:
+    """The fault-free answer of every prompt (greedy: what every later answer must equal)."""
+    out: dict[str, str] = {}
+    async with httpx.AsyncClient(timeout=60) as http:
+        for prompt in PROMPTS:
+            resp = await http.post(f"{url}/v1/completions", json={
+                "model": "chaos", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0})
+            resp.raise_for_status()
+            out[prompt] = resp.json()["choices"][0]["text"]
+    return out
+
+
+async def idle(cluster: LocalCluster) -> bool:
+    """No instance runs a sequence or holds un-pulled KV (what a leak would leave)."""
+    from trt_disagg.registry_read import get_load
+
+    client = aioredis.from_url(str(cluster.redis_url))
+    try:
+        for role in Role:
+            for info in await list_instances(client, role):
+                load = await get_load(client, info.instance_id)
+                if load is None or load.running_sequences or load.pending_kv_handoffs:
+                    return False
+        return True
+    finally:
+        await client.aclose()
+
+
+async def faults_under_load(cluster: LocalCluster, args: argparse.Namespace) -> tuple[list[FaultResult], Load]:
+    url = str(cluster.router_url)
+    load = Load(url, await references(url, args), args)
+    running = asyncio.create_task(load.run(args.clients))
+    results = []
+    try:
+        await asyncio.sleep(args.settle_s)  # a steady phase before the first fault: the baseline row
+        for name, inject in FAULTS:
+            print(f"fault: {name} ...", flush=True)
+            load.phase = name
+            recovery_s = await inject(cluster, args)
+            print(f"  recovered in {recovery_s:.1f}s", flush=True)
+            await asyncio.sleep(args.settle_s)  # load goes on after the recovery, still counted to this fault
+            results.append(FaultResult(name, recovery_s))
+            load.phase = f"after {name}"
+    finally:
+        load.stop()
+        await running
+    return results, load
+
+
+def relabel(load: Load) -> None:
+    """Outcomes begun in the settle time after a fault count to that fault."""
+    names = [name for name, _ in FAULTS]
+    for o in load.outcomes:
+        if o.phase.startswith("after "):
+            o.phase = o.phase[len("after "):]
+    assert all(o.phase in names or o.phase == "steady" for o in load.outcomes)
+
+
+def leaks(cluster: LocalCluster, root: Path) -> dict:
+    """What is left after the cluster stopped: processes of its groups, its shm segments."""
+    groups = [p.proc.pid for p in cluster.processes if p.proc is not None]
+    prefixes = tuple(x for p in cluster.processes for x in (p.shm_prefix, p.kv_shm_prefix))
+    cluster.stop()
+    left = [pid for g in groups for pid in group_pids(g)]
+    return {"processes": left, "shm": shm_left(prefixes) if prefixes else []}
+
+
+def report(steady: Counter, faults: list[FaultResult], overload: dict, leaked: dict) -> str:
+    head = f"{'phase':<16}{'sent':>6}" + "".join(f"{k:>13}" for k in OUTCOMES) + f"{'recovery s':>12}"
+    rows = [head, f"{'steady':<16}{sum(steady.values()):>6}" + "".join(f"{steady.get(k, 0):>13}" for k in OUTCOMES)]
+    for r in faults:
+        rows.append(f"{r.name:<16}{sum(r.counts.values()):>6}" + "".join(f"{r.counts[k]:>13}" for k in OUTCOMES)
+                    + f"{r.recovery_s:>12.1f}")
+    rows.append("")
+    rows.append(f"overload burst at {overload['rate_rps']:.1f} req/s (4x capacity): sent {overload['sent']}, "
+                f"admitted {overload['admitted']}, 429 {overload['refused_429']}")
+    if overload["admitted_ttft_p90_s"] is not None:
+        rows.append(f"  admitted TTFT p90 {overload['admitted_ttft_p90_s']:.2f}s vs target {overload['ttft_target_s']}s")
+    if overload["retry_after_over_drain_p50"] is not None:
+        rows.append(f"  Retry-After / actual wait until the next admission: p50 "
+                    f"{overload['retry_after_over_drain_p50']:.2f}, within 2x for "
+                    f"{100 * overload['retry_after_within_2x']:.0f}% of the 429s")
+    rows.append(f"leaks: {len(leaked['processes'])} processes, {len(leaked['shm'])} shm segments left")
+    return "\n".join(rows)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    from trt_disagg.engine_build.builder import build_deployment
+
+    root = Path(tempfile.mkdtemp(prefix="trtd-chaos-"))
+    config = write_config(root, free_port(), args.ttft_slo_s)
+    dep = load_deployment(config)
+    print("building the tiny engines ...", flush=True)
+    build_deployment(dep, engines_root=root)
+    cluster = LocalCluster(dep, config_path=config, engines_root=root, start_router=True, ready_timeout_s=300)
+    print("starting the deployment ...", flush=True)
+    cluster.start()
+    try:
+        with Supervising(cluster) as sup:
+            faults, load = await faults_under_load(cluster, args)
+            relabel(load)
+            steady = Counter(o.kind for o in load.outcomes if o.phase == "steady")
+            for r in faults:
+                kinds = Counter(o.kind for o in load.outcomes if o.phase == r.name)
+                r.counts = {k: kinds.get(k, 0) for k in OUTCOMES}
+            print("oversized input ...", flush=True)
+            big = await oversized(cluster)
+            print("overload ...", flush=True)
+            capacity = await capacity_rps(str(cluster.router_url), args)
+            overload = await burst(str(cluster.router_url), 4 * capacity, args)
+            await until(lambda: idle(cluster), 60, "instances idle after the run")
+            restarts = [asdict(r) for r in sup.supervisor.restarts]
+    finally:
+        leaked = leaks(cluster, root)
+    print(report(steady, faults, overload, leaked))
+    print(f"oversized: 100 MB upload -> {big['upload_100mb']!r}, slowest /health meanwhile {big['health_max_ms']:.0f} ms; "
+          f"10 MB prompt -> {big['prompt_10mb']}, router RSS {big['rss_before_mb']:.0f} -> {big['rss_after_mb']:.0f} MB")
+    return {"steady": dict(steady), "faults": [asdict(f) for f in faults], "overload": overload, "oversized": big,
+            "restarts": restarts, "leaks": leaked, "capacity_rps": capacity, "args": vars(args)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--settle-s", type=float, default=8.0, help="load after each recovery, counted to the fault")
+    ap.add_argument("--stop-s", type=float, default=20.0, help="how long the SIGSTOPped instance stays stopped")
+    ap.add_argument("--request-timeout-s", type=float, default=90.0, help="a request still open after this hung")
+    ap.add_argument("--ttft-slo-s", type=float, default=2.0, help="the TTFT SLO the router admits against")
+    ap.add_argument("--capacity-s", type=float, default=6.0)
+    ap.add_argument("--burst-s", type=float, default=10.0)
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "chaos")
+    args = ap.parse_args()
+    result = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "chaos.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out / 'chaos.json'}")
+    bad = sum(f["counts"]["hung"] + f["counts"]["lost"] + f["counts"]["mismatch"] for f in result["faults"])
+    sys.exit(1 if bad or result["leaks"]["processes"] or result["leaks"]["shm"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The demo's targets from its own profile (SLOs, rates, busy), its hand-off phase log, and its verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trt_disagg.bench.goodput import SearchSpec
+from trt_disagg.demo.handoff import HandoffSample, from_record, handoff_table, with_phases
+from trt_disagg.demo.served_steps import StepRatios, step_ratios
+from trt_disagg.demo.targets import (
+    SloRule,
+    busy_from,
+    decode_batch,
+    prefill_capacity_rps,
+    scaled_model,
+)
+from trt_disagg.planner.latency_model import Coefficients, LatencyModel, PhaseCoefficients
+
+# prefill: 10 ms + 1.5 ms per token (0.778 s for 512); decode: 50 ms + 5 ms per sequence
+COEFFS = PhaseCoefficients(Coefficients(0.01, 0.0015, 0.0), Coefficients(0.05, 0.0, 0.005),
+                           Coefficients(0.05, 0.0, 0.005))
+
+
+def test_slo_is_a_stated_multiple_of_the_profiled_steps() -> None:
+    slo, rule = SloRule(tpot_multiple=2.0, ttft_multiple=3.0).derive(COEFFS, 512, 16, 0.5, 0.9)
+    assert slo.ttft_s == pytest.approx(3.0 * 0.778, abs=1e-3)
+    assert slo.tpot_s == pytest.approx(2.0 * 0.055, abs=1e-4)  # batch 1: 0.5 req/s x 16 x 55 ms < 1
+    assert slo.attainment == 0.9
+    assert "3 x prefill" in rule and "2 x decode step at batch 1" in rule
+
+
+def test_decode_batch_follows_littles_law_and_is_at_least_one() -> None:
+    assert decode_batch(COEFFS, 512, 16, 0.01) == 1
+    assert decode_batch(COEFFS, 512, 100, 1.0) >= 5  # 1 req/s x 100 tokens x >= 55 ms
+
+
+def test_rates_scale_with_the_prefill_capacity() -> None:
+    assert prefill_capacity_rps(COEFFS, 512) == pytest.approx(1 / 0.778, rel=1e-3)
+    slow = PhaseCoefficients(Coefficients(0.02, 0.003, 0.0), COEFFS.decode_small, COEFFS.decode_large)
+    assert prefill_capacity_rps(slow, 512) == pytest.approx(prefill_capacity_rps(COEFFS, 512) / 2, rel=1e-3)
+
+
+def _ratios(prefill: float, decode: float) -> list[StepRatios]:
+    return [StepRatios("prefill-0", "prefill", 10, 1.0, prefill, prefill, 0.5),
+            StepRatios("decode-0", "decode", 30, 1.2, decode, decode, 0.5)]
+
+
+def test_busy_when_served_steps_run_past_the_threshold_and_the_model_is_scaled() -> None:
+    quiet = busy_from(_ratios(1.05, 1.08), threshold=1.3)
+    assert not quiet.is_busy
+    busy = busy_from(_ratios(1.1, 1.5), threshold=1.3)
+    assert busy.is_busy and "1.50x (decode)" in busy.describe()
+    model = scaled_model(LatencyModel("m", "cpu", "profile", {1: COEFFS}), 1, busy)
+    assert model.for_tp(1).decode_step_s(1, 100) == pytest.approx(1.5 * COEFFS.decode_step_s(1, 100))
+    assert model.for_tp(1).prefill_s(512, 512**2) == pytest.approx(1.1 * COEFFS.prefill_s(512, 512**2))
+    assert busy_from([], 1.3).use_served_times is False  # no steps logged: nothing to say
+    profiled_under_load = busy_from(_ratios(0.6, 0.7), threshold=1.3)  # served ran faster than profiled
+    assert not profiled_under_load.is_busy and profiled_under_load.use_served_times
+
+
+def test_handoff_phases_join_the_router_record_and_the_decode_log(tmp_path: Path) -> None:
+    sample = from_record("r1", {"PREFILL_DONE": "100.000", "DECODE_DISPATCHED": "100.002", "DECODING": "100.090"})
+    assert sample.total_s == pytest.approx(0.090) and sample.dispatch_s == pytest.approx(0.002)
+    log = tmp_path / "decode-0.iterations.jsonl"
+    rows = [{"t": 1.0, "kind": "decode", "num_seqs": 1, "num_tokens": 1, "sum_context": 513, "duration_s": 0.06},
+            {"t": 1.1, "kind": "handoff", "request_id": "r1", "num_tokens": 512, "transfer_s": 0.012,
+             "data_s": 0.009, "source_stage_s": 0.004, "import_s": 0.003, "first_step_s": 0.065}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    [joined] = with_phases([sample], [log, tmp_path / "missing.jsonl"])
+    assert joined.phases["data_s"] == pytest.approx(0.009)
+    assert joined.beyond_first_step_s == pytest.approx(0.025)
+    assert [r.kind for r in step_ratios(log, COEFFS)] == ["decode"]  # the handoff line is not a step
+    from rich.console import Console
+
+    console = Console(width=160, record=True)
+    console.print(handoff_table([joined], "t"))
+    text = console.export_text()
+    assert "first_step" in text and "65.0" in text and "beyond the first decode step" in text
+
+
+def test_handoff_without_a_log_line_has_no_phases() -> None:
+    assert HandoffSample("x", 0.1, 0.0).beyond_first_step_s == pytest.approx(0.1)
+
+
+def test_quick_plan_is_a_bisection_from_half_the_capacity_and_full_is_five_rates() -> None:
+    from trt_disagg.demo.run import DemoOptions, _rate_plan
+
+    quick = _rate_plan(DemoOptions(Path("c.yaml")), 1.0, 0.9)
+    assert isinstance(quick, SearchSpec) and quick.start_rps == 0.5 and quick.max_runs == 3
+    assert DemoOptions(Path("c.yaml")).requests_per_rate == 20
+    full = DemoOptions(Path("c.yaml"), full=True)
+    assert _rate_plan(full, 1.0, 0.9) == (0.15, 0.3, 0.5, 0.7, 0.9) and full.requests_per_rate == 40
+    assert _rate_plan(DemoOptions(Path("c.yaml"), rates=(0.2,)), 1.0, 0.9) == (0.2,)
+
+
+def test_verdict_never_shows_zero_vs_zero_as_a_result() -> None:
+    from trt_disagg.bench.goodput import GoodputResult
+    from trt_disagg.commands.demo import _verdict
+    from trt_disagg.config import SLO, load_deployment
+    from trt_disagg.demo.report import VariantOutcome
+    from trt_disagg.demo.run import DemoResult
+    from trt_disagg.demo.variants import split_variants
+
+    disagg, colocated = split_variants(load_deployment("configs/smollm2-demo.yaml"))
+    outcomes = [VariantOutcome(disagg, [], []), VariantOutcome(colocated, [], [])]
+
+    def result(g_disagg: float, g_coloc: float, busy: float) -> DemoResult:
+        goodputs = {"disaggregated": GoodputResult(0.9, g_disagg, 2, []),
+                    "colocated": GoodputResult(0.9, g_coloc, 2, [])}
+        return DemoResult(outcomes, SLO(ttft_s=1, tpot_s=0.1), goodputs, [], [], [], (), [],
+                          busy=busy_from(_ratios(busy, busy), 1.3))
+
+    assert "no result" in _verdict(result(0.0, 0.0, 1.6)) and "busy while serving" in _verdict(result(0, 0, 1.6))
+    assert result(0.0, 0.0, 1.0).ratio is None
+    assert "2.00x" in _verdict(result(0.6, 0.3, 1.0)) and "busy" not in _verdict(result(0.6, 0.3, 1.0))

@@ -1,0 +1,65 @@
+"""SLO-aware admission: a request that would wait past its target gets 429 with a Retry-After computed from
+the queue; with no evidence of a stuck queue everything is admitted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from router.admission import Admission
+from router.dispatch import Candidate, Outstanding, ServePath
+from router.errors import Overloaded
+from tests.unit.router.router_testkit import (
+    MODEL,
+    FakeInstanceClient,
+    asgi_client,
+    make_router,
+    register,
+    register_pd,
+)
+from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
+
+
+@dataclass
+class FakeDispatcher:
+    queued: list[int]
+
+    def candidates(self, role: Role, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
+        info = InstanceInfo("p", role, "h", "g", "", "", 1, 1, 1, "f", "m")
+        return [Candidate(info, InstanceLoad(queued_prompt_tokens=q), Outstanding()) for q in self.queued]
+
+
+def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_target():
+    adm = Admission(FakeDispatcher(queued=[3000, 1000]), target_s=2.0, window_s=10.0)  # type: ignore[arg-type]
+    adm.check(ServePath.DISAGGREGATED, 500)  # (1) no prefill measured yet: admitted
+    for _ in range(10):  # (2) 1000 tokens in a 10 s window: 100 tokens/s served; calls took 2 s each (queued)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(100.0)
+    assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 500) == pytest.approx(45.0)
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 500)
+    assert refused.value.retry_after_s == math.ceil(45.0 - 2.0)  # (3) until the queue drains to the target
+    adm.check(ServePath.COLOCATED, 500)  # (4) another pool's rate is its own (none measured: admitted)
+
+
+def test_a_short_queue_is_admitted():
+    adm = Admission(FakeDispatcher(queued=[50]), target_s=2.0)  # type: ignore[arg-type]
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 0.5)  # light load: one call, 200 tokens/s, no queue
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(200.0)
+    adm.check(ServePath.DISAGGREGATED, 300)  # (50 + 300) / 200 = 1.75 s
+
+
+async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, redis):
+    await register_pd(redis)
+    app = make_router(valkey_url, FakeInstanceClient(), admission_target_s=1.0, refresh_interval_s=30.0)
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+    async with asgi_client(app) as http:
+        assert (await http.post("/v1/completions", json=body)).status_code == 200  # a prefill measured
+        await register(redis, "prefill-0", Role.PREFILL, InstanceLoad(queued_prompt_tokens=10**12))
+        await app.state.router.dispatcher.refresh()
+        resp = await http.post("/v1/completions", json=body)
+        wait_s = app.state.router.runner.admission.estimated_wait_s(ServePath.DISAGGREGATED, 5)
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "overloaded"
+    assert int(resp.headers["Retry-After"]) == pytest.approx(wait_s - 1.0, rel=0.01)

@@ -1,0 +1,48 @@
+"""The seam between a decision and the world: an `Actuator` enacts one change at a time.
+
+    LocalClusterActuator (serve --autoscale)   processes: start + wait ready, drain + stop, drain + restart
+    KubernetesActuator                         replica counts of the prefill and decode StatefulSets
+    SimulatedActuator (simulate --autoscale)   instance counts over trace time, start-up and drain delays
+    DryRunActuator (autoscale --dry-run)       records what it would do
+
+Ownership: `apply` returns once the change is *started*; `busy` stays true until it has taken effect (the
+new instance is ready, the drained one is gone), and the controller makes no further change meanwhile.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from trt_disagg.controller.policy import Action, Shape, apply_action
+
+
+class Actuator(Protocol):
+    def shape(self) -> Shape:
+        """The shape the deployment has, or is becoming (after the change in progress)."""
+        ...
+
+    def busy(self, now_s: float) -> bool:
+        """A change is still taking effect."""
+        ...
+
+    def apply(self, action: Action, now_s: float) -> None:
+        """Start `action` (never Action.NONE). Raises on a change that cannot be started."""
+        ...
+
+
+class DryRunActuator:
+    """Acts on nothing: remembers the shape it was told and the actions it would have taken."""
+
+    def __init__(self, shape: Shape) -> None:
+        self._shape = shape
+        self.actions: list[tuple[float, Action]] = []
+
+    def shape(self) -> Shape:
+        return self._shape
+
+    def busy(self, now_s: float) -> bool:
+        return False
+
+    def apply(self, action: Action, now_s: float) -> None:
+        self.actions.append((now_s, action))
+        self._shape = apply_action(self._shape, action)

@@ -1,0 +1,115 @@
+"""The demo's targets from the profile it just took: SLOs, request rates, and when the machine is too busy.
+
+    profile ──▶ prefill_s(mean prompt)  ──▶ TTFT SLO = ttft_multiple x that         capacity = 1 / that
+            ──▶ decode_step_s(batch b)  ──▶ TPOT SLO = tpot_multiple x that         rates = fractions x capacity
+                b: Little's law at the highest rate (rate x output tokens x step), at least 1
+    served steps / profiled steps (p50, per instance and phase) > busy_ratio ──▶ "busy": say so, and
+                predict with the latency model scaled by what the served steps took
+
+Why relative targets: a fixed TPOT of 0.1 s leaves 10-40% headroom over one core's 60-90 ms decode step on
+one machine and none on a slower or busier one; DistServe states its SLOs relative to the model and the
+hardware. With both SLOs and rates tied to the measured step times, the comparison the demo shows
+(interference vs none) is the same on a slow laptop and a fast server.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from trt_disagg.config import SLO
+from trt_disagg.demo.served_steps import StepRatios
+from trt_disagg.planner.latency_model import Coefficients, LatencyModel, PhaseCoefficients
+
+QUICK_START_FRACTION = 0.5  # the goodput search starts at half the capacity ...
+QUICK_MIN_FRACTION = 0.15  # ... and goes no lower than this (a variant that fails here has goodput 0)
+FULL_FRACTIONS = (0.15, 0.3, 0.5, 0.7, 0.9)  # the thorough run: five rates over the capacity
+
+
+@dataclass(frozen=True)
+class SloRule:
+    """SLO = a stated multiple of the profiled step time the workload's requests see."""
+
+    tpot_multiple: float = 1.6  # of one decode step at the decode batch the rates produce
+    ttft_multiple: float = 4.0  # of the prefill of the mean prompt (room to queue a few prompts)
+
+    def derive(self, coeffs: PhaseCoefficients, mean_input: float, output_len: int, max_rate_rps: float,
+               attainment: float) -> tuple[SLO, str]:
+        """The SLO and the sentence that says how it was made."""
+        batch = decode_batch(coeffs, mean_input, output_len, max_rate_rps)
+        step_s = coeffs.decode_step_s(batch, batch * (mean_input + output_len / 2))
+        prefill_s = coeffs.prefill_s(mean_input, mean_input**2)
+        slo = SLO(ttft_s=round(self.ttft_multiple * prefill_s, 3), tpot_s=round(self.tpot_multiple * step_s, 4),
+                  attainment=attainment)
+        rule = (f"SLOs from the profile: TTFT = {self.ttft_multiple:g} x prefill of the mean prompt "
+                f"({mean_input:.0f} tokens: {prefill_s * 1e3:.0f} ms) = {slo.ttft_s:.3g} s; "
+                f"TPOT = {self.tpot_multiple:g} x decode step at batch {batch} ({step_s * 1e3:.1f} ms) "
+                f"= {slo.tpot_s * 1e3:.0f} ms; attainment {attainment:.0%}")
+        return slo, rule
+
+
+def decode_batch(coeffs: PhaseCoefficients, mean_input: float, output_len: int, rate_rps: float) -> int:
+    """Sequences a decode instance holds at `rate_rps` (Little's law: rate x tokens x step), at least 1."""
+    batch = 1
+    for _ in range(4):  # the step grows with the batch: a few rounds settle it
+        step_s = coeffs.decode_step_s(batch, batch * (mean_input + output_len / 2))
+        batch = max(1, math.ceil(rate_rps * output_len * step_s - 1e-9))
+    return batch
+
+
+def prefill_capacity_rps(coeffs: PhaseCoefficients, mean_input: float) -> float:
+    """Prompts per second one prefill core finishes back to back: the scale the demo's rates are set on."""
+    return 1.0 / coeffs.prefill_s(mean_input, mean_input**2)
+
+
+@dataclass(frozen=True)
+class Busy:
+    """How much slower the served steps ran than the profile said, per phase (p50 over instances); either
+    way past the threshold means the load changed between profile and benchmark."""
+
+    prefill_ratio: float
+    decode_ratio: float
+    threshold: float
+
+    @property
+    def is_busy(self) -> bool:
+        """Served steps ran slower than profiled past the threshold: something else took the cores."""
+        return max(self.prefill_ratio, self.decode_ratio) > self.threshold
+
+    @property
+    def profile_was_busy(self) -> bool:
+        """Served steps ran faster than profiled past the threshold: the profile itself ran under load."""
+        return min(self.prefill_ratio, self.decode_ratio) < 1 / self.threshold
+
+    @property
+    def use_served_times(self) -> bool:
+        """The profile does not describe the machine the benchmark ran on: predict from the served steps."""
+        return self.is_busy or self.profile_was_busy
+
+    def describe(self) -> str:
+        return (f"served steps ran {self.prefill_ratio:.2f}x (prefill) and {self.decode_ratio:.2f}x (decode) "
+                f"their profiled time (busy above {self.threshold:.2f}x)")
+
+
+def busy_from(ratios: list[StepRatios], threshold: float = 1.3) -> Busy:
+    """The served/profiled p50 per phase, weighted by each instance's step count (1.0 with no steps)."""
+    def phase(kind: str) -> float:
+        rows = [r for r in ratios if r.kind == kind and r.num_steps > 0]
+        steps = sum(r.num_steps for r in rows)
+        return sum(r.p50 * r.num_steps for r in rows) / steps if steps else 1.0
+
+    return Busy(phase("prefill"), phase("decode"), threshold)
+
+
+def scaled_model(model: LatencyModel, tp: int, busy: Busy) -> LatencyModel:
+    """The latency model as this machine ran while serving: each phase's coefficients times its served /
+    profiled ratio (the served steps are a profile taken under the same load as the benchmark)."""
+    c = model.for_tp(tp)
+
+    def times(k: Coefficients, f: float) -> Coefficients:
+        return Coefficients(k.a * f, k.b * f, k.c * f)
+
+    scaled = replace(c, prefill=times(c.prefill, busy.prefill_ratio),
+                     decode_small=times(c.decode_small, busy.decode_ratio),
+                     decode_large=times(c.decode_large, busy.decode_ratio))
+    return replace(model, source=f"{model.source} x served/profiled", by_tp={**model.by_tp, tp: scaled})

@@ -1,0 +1,1 @@
+"""Test fixtures that ship with the package (used by tests and benchmarks): network-namespace test hosts."""
