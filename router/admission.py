@@ -62,7 +62,10 @@ class Admission:
         return (queued + prompt_tokens) / rate
 
     def check(self, path: ServePath, prompt_tokens: int) -> None:
-        """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target."""
+        """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
+        request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in."""
+        if path not in POOL_ROLE:
+            return
         wait_s = self.estimated_wait_s(path, prompt_tokens)
         if wait_s is None or wait_s <= self.target_s:
             return

@@ -26,7 +26,6 @@ is yielded: a consumer that ends the request at that token still leaves a record
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -38,7 +37,6 @@ from router.dispatch import Dispatcher, ServePath
 from router.ending import Ending
 from router.errors import (
     BadRequest,
-    DeadlineExceeded,
     InstanceFailed,
     InstanceUnavailable,
     KVTransferFailed,
@@ -46,8 +44,9 @@ from router.errors import (
     RouterError,
     ShuttingDown,
 )
-from router.instance_client import InstanceClient, InstanceError, InstanceLost, PrefillResult
+from router.instance_client import InstanceClient, InstanceError, PrefillResult
 from router.job import Job, with_max
+from router.leg_waits import deadline_timeout, deadlined, wait_failed
 from router.metrics import RouterMetrics
 from router.request_table import RequestTable
 from router.settings import RouterSettings
@@ -179,11 +178,12 @@ class RequestRunner:
             try:
                 async with self._leg(job, Role.PREFILL, prefill, prompt_tokens=len(context)) as call_id:
                     try:
-                        async with self._timeout(job) as wait:
+                        async with deadline_timeout(job) as wait:
                             job.legs.waiting[Role.PREFILL] = wait
                             result = await self._client.prefill(prefill, call_id, context, sampling)
                     except TimeoutError:
-                        raise self._wait_failed(job, Role.PREFILL, prefill, "during prefill") from None
+                        raise wait_failed(job, Role.PREFILL, prefill, "during prefill",
+                                          self._settings.leg_inactivity_timeout_s) from None
             except LegLost as lost:
                 self._metrics.retries.labels(phase="prefill").inc()
                 log.warning("prefill of %s failed on %s: %s", job.request_id, prefill.instance_id, lost)
@@ -207,7 +207,7 @@ class RequestRunner:
         sampling = with_max(job.sampling, job.remaining + 1)  # counts the first token it continues from
         async with self._leg(job, Role.DECODE, decode, sequences=1) as call_id:
             stream = self._client.decode_stream(decode, call_id, context, job.generated[-1], handle, sampling)
-            async for token in self._deadlined(stream, job, Role.DECODE, decode):
+            async for token in deadlined(stream, job, Role.DECODE, decode, self._settings.leg_inactivity_timeout_s):
                 job.legs.pulled()
                 if job.state is S.DECODE_DISPATCHED:
                     self._metrics.kv_handoff_s.observe(time.monotonic() - handed_off_s)
@@ -225,20 +225,9 @@ class RequestRunner:
                             **self._prefix_fields(inst, job.prompt_ids + job.generated, Role.COLOCATED.value),
                             **({"resumed_after_tokens": len(job.generated)} if job.state is not S.RECEIVED else {}))
         context = job.prompt_ids + job.generated
-        started = time.monotonic()
-        async with self._leg(job, Role.COLOCATED, inst, prompt_tokens=len(context), sequences=1) as call_id:
-            stream = self._client.generate_stream(inst, call_id, context, with_max(job.sampling, job.remaining))
-            async for token in self._deadlined(stream, job, Role.COLOCATED, inst):
-                if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
-                    job.record.enter(S.DECODING)
-                    self.admission.prefilled(ServePath.COLOCATED, len(context), time.monotonic() - started)
-                if self._accept(job, token):
-                    yield token
-                if job.complete:
-                    return
-        if job.state is S.PREFILLING:
-            raise InstanceFailed(f"colocated instance {inst.instance_id} ended the stream without a token")
-        job.finish_reason = job.finish_reason or "stop"
+        async for token in self._generate(job, Role.COLOCATED, inst, context, prompt_tokens=len(context),
+                                          pool=ServePath.COLOCATED):
+            yield token
 
     async def _local(self, job: Job, lost: frozenset[str]) -> AsyncGenerator[int, None]:
         """Conditional disaggregation by overlap (kv_aware): the decode or colocated instance that holds all
@@ -257,11 +246,20 @@ class RequestRunner:
                             **self._prefix_fields(inst, context, ServePath.LOCAL.value),
                             **({"resumed_after_tokens": len(job.generated)} if job.state is not S.RECEIVED else {}))
         suffix = len(context) - match.matched_tokens
-        async with self._leg(job, match.role, inst, prompt_tokens=suffix, sequences=1) as call_id:
+        async for token in self._generate(job, match.role, inst, context, prompt_tokens=suffix, pool=ServePath.LOCAL):
+            yield token
+
+    async def _generate(self, job: Job, role: Role, inst: InstanceInfo, context: list[int], *,
+                        prompt_tokens: int, pool: ServePath) -> AsyncGenerator[int, None]:
+        """One context_and_generation leg on `inst` (colocated, or a local prefill where the prefix is held):
+        PREFILLING until its first token, DECODING after; `prompt_tokens` is the prefill work it adds there."""
+        started = time.monotonic()
+        async with self._leg(job, role, inst, prompt_tokens=prompt_tokens, sequences=1) as call_id:
             stream = self._client.generate_stream(inst, call_id, context, with_max(job.sampling, job.remaining))
-            async for token in self._deadlined(stream, job, match.role, inst):
+            async for token in deadlined(stream, job, role, inst, self._settings.leg_inactivity_timeout_s):
                 if job.state is S.PREFILLING:  # before the yield: the consumer may stop there
                     job.record.enter(S.DECODING)
+                    self.admission.prefilled(pool, prompt_tokens, time.monotonic() - started)
                 if self._accept(job, token):
                     yield token
                 if job.complete:
@@ -348,44 +346,6 @@ class RequestRunner:
             if exc.kind == ErrorKind.BAD_REQUEST:  # any other instance would say the same: a 400
                 raise BadRequest(f"an instance refused the request: {exc}") from None
             raise LegLost(inst, phase, exc) from exc
-
-    async def _deadlined(self, stream: AsyncGenerator[int, None], job: Job, role: Role,
-                         inst: InstanceInfo) -> AsyncGenerator[int, None]:
-        """`stream` with, on every wait for its next token, the request's deadline, the leg's inactivity
-        limit (a hung instance) and its abandonment (an instance that stopped beating, a router stopping)."""
-        inactivity_s = self._settings.leg_inactivity_timeout_s
-        async with aclosing(stream):
-            while True:
-                error = job.legs.abandoned.get(role)
-                if error is not None:
-                    raise error
-                now = time.monotonic()
-                try:
-                    async with self._timeout(job, min(job.deadline_s, now + inactivity_s)) as wait:
-                        job.legs.waiting[role] = wait
-                        token = await anext(stream)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise self._wait_failed(job, role, inst, "while generating") from None
-                yield token
-
-    def _wait_failed(self, job: Job, role: Role, inst: InstanceInfo, during: str) -> Exception:
-        """Why a leg's wait timed out: it was abandoned, the request's deadline passed, or the instance went
-        quiet for longer than leg_inactivity_timeout_s (lost: the leg continues elsewhere)."""
-        abandoned = job.legs.abandoned.get(role)
-        if abandoned is not None:
-            return abandoned
-        if time.monotonic() >= job.deadline_s:
-            return DeadlineExceeded(f"request deadline passed {during}")
-        return InstanceLost(inst.instance_id, f"no token for {self._settings.leg_inactivity_timeout_s:g}s "
-                                              "(leg_inactivity_timeout_s)")
-
-    @staticmethod
-    def _timeout(job: Job, until_s: float | None = None) -> asyncio.Timeout:
-        """A timeout at monotonic time `until_s` (default: the request's deadline) on the loop's clock."""
-        loop_now = asyncio.get_running_loop().time()
-        return asyncio.timeout_at(loop_now + ((until_s or job.deadline_s) - time.monotonic()))
 
     # ---- choosing an instance -----------------------------------------------------------------------
 

@@ -23,7 +23,14 @@ import redis.asyncio as aioredis
 
 from router.app import create_app
 from router.settings import RouterSettings
-from tests.integration.router_helpers import serve, stream_completion, tiny, wait_idle, within
+from tests.integration.router_helpers import (
+    router_settings,
+    running_tiny,
+    serve,
+    stream_completion,
+    wait_idle,
+    within,
+)
 from trt_disagg.contract import Role
 from trt_disagg.triton.cluster import LocalCluster
 
@@ -32,21 +39,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    from trt_disagg.engine_build.builder import build_deployment
-
     root = tmp_path_factory.mktemp("router-faults")
-    dep = tiny(num_decode=2)
-    build_deployment(dep, engines_root=root)
-    c = LocalCluster(dep, engines_root=root, start_router=False, ready_timeout_s=240)
-    c.start()
-    yield c, root
-    c.stop()
+    with running_tiny(root, num_decode=2) as c:
+        yield c, root
 
 
 def settings(cluster: LocalCluster, root: Path, **overrides: object) -> RouterSettings:
-    return RouterSettings.from_deployment(cluster.dep, str(cluster.redis_url), port=0,
-                                          router_id=f"faults-{len(overrides)}-{time.monotonic_ns()}",
-                                          engine_dir=cluster.dep.engine_dir(Role.COLOCATED, root), **overrides)
+    return router_settings(cluster, root, f"faults-{time.monotonic_ns()}", **overrides)
 
 
 def prompt_of(i: int) -> str:

@@ -8,7 +8,8 @@ import asyncio
 import io
 import json
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -18,10 +19,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from router.records import RequestRecord
+from router.settings import RouterSettings
 from tests.unit.router.router_testkit import serve
 from trt_disagg.config import Deployment, load_deployment
 from trt_disagg.contract import Role
 from trt_disagg.registry_read import get_load, list_instances
+from trt_disagg.triton.cluster import LocalCluster
 from trt_disagg.triton.fake_engine import FAKE_SHAPE, fake_next_token
 
 __all__ = ["DISAGG_WALK", "EOS", "IdTokenizer", "Streamed", "assert_walk", "expected", "serve", "stream_completion",
@@ -64,6 +67,28 @@ def tiny(num_decode: int = 1) -> Deployment:
     assert dep.generation_servers is not None
     return dep.model_copy(update={"generation_servers": dep.generation_servers.model_copy(
         update={"num_instances": num_decode})})
+
+
+@contextmanager
+def running_tiny(root: Path, num_decode: int) -> Iterator[LocalCluster]:
+    """The tiny deployment with `num_decode` decode instances, built into `root` and served (no router
+    process: tests run the router app in their own event loop)."""
+    from trt_disagg.engine_build.builder import build_deployment
+
+    dep = tiny(num_decode)
+    build_deployment(dep, engines_root=root)
+    cluster = LocalCluster(dep, engines_root=root, start_router=False, ready_timeout_s=240)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def router_settings(cluster: LocalCluster, root: Path, router_id: str, **overrides: object) -> RouterSettings:
+    """Settings of a router for `cluster` (its tokenizer from the colocated engine in `root`)."""
+    return RouterSettings.from_deployment(cluster.dep, str(cluster.redis_url), port=0, router_id=router_id,
+                                          engine_dir=cluster.dep.engine_dir(Role.COLOCATED, root), **overrides)
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ from tests.integration.router_helpers import (
     DISAGG_WALK,
     assert_walk,
     on_instance,
+    router_settings,
+    running_tiny,
     serve,
     stream_completion,
-    tiny,
     wait_idle,
     within,
 )
@@ -45,22 +46,14 @@ COLOCATED_ONLY = 10_000  # colocated_threshold_tokens above any prompt: every re
 
 @pytest.fixture(scope="module")
 def tiny_cluster(tmp_path_factory: pytest.TempPathFactory):
-    from trt_disagg.engine_build.builder import build_deployment
-
     root = tmp_path_factory.mktemp("tiny-router")
-    dep = tiny(num_decode=2)
-    build_deployment(dep, engines_root=root)
-    cluster = LocalCluster(dep, engines_root=root, start_router=False, ready_timeout_s=240)
-    cluster.start()
-    yield cluster, root
-    cluster.stop()
+    with running_tiny(root, num_decode=2) as cluster:
+        yield cluster, root
 
 
 def settings(cluster: LocalCluster, root: Path, threshold: int, **overrides: object) -> RouterSettings:
-    return RouterSettings.from_deployment(cluster.dep, str(cluster.redis_url), port=0,
-                                          router_id=f"tiny-{threshold}-{len(overrides)}",
-                                          colocated_threshold_tokens=threshold,
-                                          engine_dir=cluster.dep.engine_dir(Role.COLOCATED, root), **overrides)
+    return router_settings(cluster, root, f"tiny-{threshold}-{len(overrides)}", colocated_threshold_tokens=threshold,
+                           **overrides)
 
 
 def prompt_of(i: int) -> str:

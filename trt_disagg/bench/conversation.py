@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from trt_disagg.bench.loadgen import DONE, sse_data
 from trt_disagg.bench.metrics import RequestRecord
 from trt_disagg.workload.conversations import Conversation
 
@@ -87,11 +88,8 @@ async def send_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any], r
                 if resp.status_code != 200:
                     rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
                     return ""
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                async for data in sse_data(resp):
+                    if data == DONE:
                         done = True
                         break
                     done = _take_chunk(json.loads(data), rec, parts, time.perf_counter() - sent) or done

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -136,6 +136,16 @@ def completion_body(model: str, req: WorkloadRequest, extra_body: dict[str, Any]
     return body
 
 
+DONE = "[DONE]"
+
+
+async def sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+    """The `data:` payloads of a server-sent-events response, in order (the last one is "[DONE]")."""
+    async for line in resp.aiter_lines():
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
 async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], rec: RequestRecord,
                        request_timeout_s: float) -> None:
     """Send one streaming completion and fill `rec` in; never raises for a server-side failure."""
@@ -151,11 +161,8 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                     rec.http_status = resp.status_code
                     rec.error = f"HTTP {resp.status_code}: {_error_message(text)}"
                     return
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                async for data in sse_data(resp):
+                    if data == DONE:
                         done = True
                         break
                     now = time.perf_counter() - sent

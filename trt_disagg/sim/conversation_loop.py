@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, StageFree
-from trt_disagg.sim.instances import COLOCATED_LANES, DecodeLane, PrefillInstance, Recorder
+from trt_disagg.sim.instances import (
+    COLOCATED_LANES,
+    DecodeLane,
+    PrefillInstance,
+    Recorder,
+    start_prefill_batch,
+)
 from trt_disagg.sim.prefix_cache import BlockCache, BlockNames
 from trt_disagg.sim.result import SimResult
 from trt_disagg.sim.reuse_lanes import (
@@ -199,14 +205,7 @@ def run_disagg(spec: DisaggSpec, workload: SimWorkload, reuse: PrefixReuse | Non
     prefill_of: dict[int, int] = {}
 
     def start_batch(k: int, now: float) -> None:
-        started = prefills[k].try_start_batch()
-        if started is None:
-            prefills[k].busy = False
-            return
-        frees_stage = started.stage_s >= started.latency_s
-        events.push(PrefillDone(now + started.latency_s, k, started.requests, frees_stage))
-        if not frees_stage:
-            events.push(StageFree(now + started.stage_s, k))
+        start_prefill_batch(prefills[k], k, now, events)
 
     while True:
         d.step_until(lambda: events.peek_time() if len(events) else math.inf)

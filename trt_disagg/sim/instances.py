@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from trt_disagg.sim.events import EventQueue, PrefillDone, StageFree
 from trt_disagg.sim.spec import ColocatedPolicy, InstanceSpec
 
 
@@ -291,3 +292,16 @@ COLOCATED_LANES: dict[ColocatedPolicy, type[ColocatedLane]] = {
     ColocatedPolicy.PREFILL_FIRST: ColocatedLane,
     ColocatedPolicy.CHUNKED: ChunkedLane,
 }
+
+
+def start_prefill_batch(prefill: PrefillInstance, k: int, now: float, events: EventQueue) -> None:
+    """Start prefill instance `k`'s next batch, if any: its PrefillDone, and a StageFree when its first
+    pipeline stage frees before the batch is done (the next batch may enter behind it)."""
+    started = prefill.try_start_batch()
+    if started is None:
+        prefill.busy = False
+        return
+    frees_stage = started.stage_s >= started.latency_s
+    events.push(PrefillDone(now + started.latency_s, k, started.requests, frees_stage))
+    if not frees_stage:
+        events.push(StageFree(now + started.stage_s, k))

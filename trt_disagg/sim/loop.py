@@ -21,7 +21,13 @@ import numpy as np
 from trt_disagg.contract import Role
 from trt_disagg.sim import conversation_loop
 from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, StageFree
-from trt_disagg.sim.instances import COLOCATED_LANES, DecodeLane, PrefillInstance, Recorder
+from trt_disagg.sim.instances import (
+    COLOCATED_LANES,
+    DecodeLane,
+    PrefillInstance,
+    Recorder,
+    start_prefill_batch,
+)
 from trt_disagg.sim.result import SimResult
 from trt_disagg.sim.spec import ColocatedSpec, DisaggSpec, PrefixReuse, SimWorkload
 
@@ -69,14 +75,7 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
         events.push(Arrival(arrivals[0], 0))
 
     def start_batch(k: int, now: float) -> None:
-        started = prefills[k].try_start_batch()
-        if started is None:
-            prefills[k].busy = False
-            return
-        frees_stage = started.stage_s >= started.latency_s
-        events.push(PrefillDone(now + started.latency_s, k, started.requests, frees_stage))
-        if not frees_stage:
-            events.push(StageFree(now + started.stage_s, k))
+        start_prefill_batch(prefills[k], k, now, events)
 
     def to_decode(i: int, now: float) -> None:
         for lane in lanes:

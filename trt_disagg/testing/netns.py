@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from trt_disagg.testing.delay_line import DelayLine, open_tap
+from trt_disagg.triton.launch import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +265,8 @@ class NetnsLab:
                     os.killpg(proc.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        for proc in self._procs:  # all were sent SIGTERM above: they stop in parallel
+            stop_process(proc, timeout_s=10)
         self._procs.clear()
         for line in self._delay_lines.values():
             line.close()

@@ -14,7 +14,6 @@ in place (`restart`, same ports, returns at once); `triton.supervise` decides wh
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -238,7 +237,7 @@ class LocalCluster:
         """Stop everything this cluster started; safe to call twice or after a failed start."""
         router, self.router_proc = self.router_proc, None
         if router is not None:
-            _stop_process(router, timeout_s=5.0)
+            launch.stop_process(router, timeout_s=5.0)
         procs, self.processes = self.processes, []
         for proc in procs:  # SIGTERM all first: they shut down in parallel
             if proc.proc is not None and proc.alive():
@@ -284,7 +283,7 @@ class LocalCluster:
             self._redis.restart()
         elif name == "router":
             if self.router_proc is not None:
-                _stop_process(self.router_proc, timeout_s=1.0)
+                launch.stop_process(self.router_proc, timeout_s=1.0)
             self._spawn_router()
         else:
             old = self._process(name)
@@ -319,17 +318,3 @@ def _exit_reason(code: int | None) -> str:
         return f"killed by {signal.Signals(-code).name}"
     except ValueError:
         return f"killed by signal {-code}"
-
-
-def _stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

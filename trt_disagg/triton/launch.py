@@ -277,3 +277,19 @@ class TritonProcess:
 
 def make_run_dir(prefix: str = "trtd-serve-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """Stop a process started in its own session and everything in its group: SIGTERM, up to `timeout_s` for
+    it to exit, then SIGKILL the group (what it started, e.g. rank processes, cannot outlive it)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
