@@ -12,6 +12,7 @@ line is gone; `streaming.py` sends the same body as a final SSE chunk instead.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,12 +78,15 @@ class Overloaded(RouterError):
     type = "rate_limit_error"
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        # Retry-After takes whole seconds (at least 1); `retry-after-ms` (which the openai clients read first)
+        # carries the estimate itself, which is often well under a second when the queue hovers at its target
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s))),
+                "retry-after-ms": str(max(1, round(1000 * self.retry_after_s)))}
 
 
 class InstanceUnavailable(RouterError):

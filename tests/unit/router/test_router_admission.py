@@ -32,20 +32,26 @@ class FakeDispatcher:
 
 
 def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_target():
-    adm = Admission(FakeDispatcher(queued=[3000, 1000]), target_s=2.0, window_s=10.0)  # type: ignore[arg-type]
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[3000, 1000]), target_s=2.0, window_s=10.0,  # type: ignore[arg-type]
+                    clock=lambda: now[0])
     adm.check(ServePath.DISAGGREGATED, 500)  # (1) no prefill measured yet: admitted
-    for _ in range(10):  # (2) 1000 tokens in a 10 s window: 100 tokens/s served; calls took 2 s each (queued)
+    for i in range(10):  # (2) 100 tokens done every second: 100 tokens/s served; calls took 2 s each (queued)
+        now[0] = float(i)
         adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(100.0)
     assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 500) == pytest.approx(45.0)
     with pytest.raises(Overloaded) as refused:
         adm.check(ServePath.DISAGGREGATED, 500)
-    assert refused.value.retry_after_s == math.ceil(45.0 - 2.0)  # (3) until the queue drains to the target
+    assert refused.value.retry_after_s == pytest.approx(45.0 - 2.0)  # (3) until the queue drains to the target
     adm.check(ServePath.COLOCATED, 500)  # (4) another pool's rate is its own (none measured: admitted)
+    now[0] = 9.0 + 0.5  # (5) a burst after idle time: two completions 0.5 s apart, 200 tokens each
+    adm.prefilled(ServePath.DISAGGREGATED, 200, 0.1)
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx((900 + 200) / 9.5)
 
 
 def test_a_short_queue_is_admitted():
-    adm = Admission(FakeDispatcher(queued=[50]), target_s=2.0)  # type: ignore[arg-type]
+    adm = Admission(FakeDispatcher(queued=[50]), target_s=2.0, clock=lambda: 0.0)  # type: ignore[arg-type]
     adm.prefilled(ServePath.DISAGGREGATED, 100, 0.5)  # light load: one call, 200 tokens/s, no queue
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(200.0)
     adm.check(ServePath.DISAGGREGATED, 300)  # (50 + 300) / 200 = 1.75 s
@@ -62,4 +68,5 @@ async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, 
         resp = await http.post("/v1/completions", json=body)
         wait_s = app.state.router.runner.admission.estimated_wait_s(ServePath.DISAGGREGATED, 5)
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "overloaded"
-    assert int(resp.headers["Retry-After"]) == pytest.approx(wait_s - 1.0, rel=0.01)
+    assert int(resp.headers["Retry-After"]) == math.ceil(wait_s - 1.0)
+    assert int(resp.headers["retry-after-ms"]) == pytest.approx(1000 * (wait_s - 1.0), rel=0.01)

@@ -1,0 +1,263 @@
+"""The client side of benchmarks/chaos.py: greedy streaming requests classified as the chaos table counts
+them, the registry and readiness checks a recovery waits on, the overload burst and the oversized inputs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+
+from trt_disagg.contract import Role
+from trt_disagg.registry_read import list_instances
+from trt_disagg.triton.cluster import LocalCluster
+
+PROMPTS = [f"Chaos {i}: the number {13 * i + 7} is" for i in range(8)]
+OUTCOMES = ("ok", "clear error", "hung", "lost", "mismatch")
+
+
+@dataclass
+class Outcome:
+    phase: str
+    kind: str  # one of OUTCOMES
+    detail: str = ""
+    ttft_s: float | None = None
+    retry_after_s: float | None = None
+    sent_at: float = 0.0
+
+
+@dataclass
+class FaultResult:
+    name: str
+    recovery_s: float
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class Load:
+    """Closed-loop clients streaming greedy completions; each outcome labelled with the phase it began in."""
+
+    def __init__(self, url: str, reference: dict[str, str], args: argparse.Namespace) -> None:
+        self.url, self.reference, self.args = url, reference, args
+        self.phase = "steady"
+        self.outcomes: list[Outcome] = []
+        self._stop = asyncio.Event()
+
+    async def run(self, clients: int) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.args.request_timeout_s, connect=5.0)) as http:
+            await asyncio.gather(*(self._client(http, i) for i in range(clients)))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _client(self, http: httpx.AsyncClient, i: int) -> None:
+        rng = random.Random(i)
+        while not self._stop.is_set():
+            prompt = rng.choice(PROMPTS)
+            outcome = await one_request(http, self.url, prompt, self.args, self.reference, self.phase)
+            self.outcomes.append(outcome)
+            if outcome.kind == "clear error":
+                await asyncio.sleep(0.2)  # a client backs off after an error instead of spinning
+
+
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, args: argparse.Namespace,
+                      reference: dict[str, str] | None, phase: str) -> Outcome:
+    body = {"model": "chaos", "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+    sent = time.monotonic()
+    out = Outcome(phase, "lost", sent_at=sent)
+    text, done, error = [], False, None
+    try:
+        async with asyncio.timeout(args.request_timeout_s):
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    out.kind, out.detail = "clear error", f"HTTP {resp.status_code}"
+                    if "retry-after-ms" in resp.headers:
+                        out.retry_after_s = float(resp.headers["retry-after-ms"]) / 1000
+                    elif "retry-after" in resp.headers:
+                        out.retry_after_s = float(resp.headers["retry-after"])
+                    return out
+                async for line in resp.aiter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            error = chunk["error"].get("code")
+                        elif chunk["choices"][0]["text"]:
+                            out.ttft_s = out.ttft_s if out.ttft_s is not None else time.monotonic() - sent
+                            text.append(chunk["choices"][0]["text"])
+    except TimeoutError:
+        out.kind = "hung"
+        return out
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        out.kind, out.detail = "clear error", "connection refused"
+        return out
+    except httpx.HTTPError as exc:
+        out.detail = type(exc).__name__
+        return out  # lost: cut without [DONE]
+    if not done:
+        return out
+    if error is not None:
+        out.kind, out.detail = "clear error", f"SSE {error}"
+    elif reference is not None and "".join(text) != reference[prompt]:
+        out.kind, out.detail = "mismatch", "".join(text)
+    else:
+        out.kind = "ok"
+    return out
+
+
+async def registered(redis_url: str, role: Role) -> set[str]:
+    client = aioredis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    try:
+        return {i.instance_id for i in await list_instances(client, role)}
+    except (OSError, aioredis.RedisError):
+        return set()
+    finally:
+        await client.aclose()
+
+
+async def until(predicate, timeout_s: float, what: str) -> float:
+    """Seconds until the async `predicate` holds (polling another process's state)."""
+    t0 = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"{what}: not within {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def pid_of(cluster: LocalCluster, instance_id: str) -> int:
+    proc = next(p for p in cluster.processes if p.instance_id == instance_id).proc
+    assert proc is not None
+    return proc.pid
+
+
+# ---- overload ---------------------------------------------------------------------------------------------
+
+
+LONG = "Overload " + "word " * 180  # a long prompt: the burst loads the prefill instance
+
+
+async def capacity_rps(url: str, args: argparse.Namespace) -> float:
+    """Requests/s of long prompts the deployment completes with many clients (its prefill capacity)."""
+    done: list[Outcome] = []
+    end = time.monotonic() + args.capacity_s
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < end:
+            done.append(await one_request(http, url, LONG, args_with(args, max_tokens=2), None, "capacity"))
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(16)))
+    return sum(1 for o in done if o.kind == "ok") / args.capacity_s
+
+
+def args_with(args: argparse.Namespace, **changes: object) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+async def burst(url: str, rate_rps: float, args: argparse.Namespace) -> dict:
+    """Open-loop Poisson arrivals at `rate_rps` for burst_s; then probe until a request is admitted again."""
+    rng = random.Random(0)
+    short = args_with(args, max_tokens=2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout_s, connect=5.0),
+                                 limits=httpx.Limits(max_connections=1000)) as http:
+        tasks = []
+        end = time.monotonic() + args.burst_s
+        while time.monotonic() < end:
+            tasks.append(asyncio.create_task(one_request(http, url, LONG, short, None, "burst")))
+            await asyncio.sleep(rng.expovariate(rate_rps))  # Poisson arrivals
+        outcomes = list(await asyncio.gather(*tasks))
+        refused = [o for o in outcomes if o.retry_after_s is not None]
+        if refused and not any(o.sent_at > refused[-1].sent_at and o.kind == "ok" for o in outcomes):
+            while (probe := await one_request(http, url, LONG, short, None, "probe")).retry_after_s is not None:
+                await asyncio.sleep(0.25)  # probing until the router admits again
+            outcomes.append(probe)
+    return overload_summary(outcomes, rate_rps, args.ttft_slo_s)
+
+
+def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) -> dict:
+    """Admitted TTFT p90 vs the target; for each 429, its Retry-After vs how long until the router admitted
+    the next request sent after it (the queue had drained to the target)."""
+    admitted = [o for o in outcomes if o.kind == "ok"]
+    ttfts = sorted(o.ttft_s for o in admitted if o.ttft_s is not None)
+    ratios = []
+    for o in (o for o in outcomes if o.retry_after_s is not None):
+        later = [a.sent_at for a in admitted if a.sent_at > o.sent_at]
+        if later and o.retry_after_s is not None:
+            ratios.append(o.retry_after_s / max(0.01, min(later) - o.sent_at))
+    ratios.sort()
+    return {"rate_rps": rate_rps, "sent": len(outcomes), "admitted": len(admitted),
+            "refused_429": sum(1 for o in outcomes if o.retry_after_s is not None),
+            "admitted_ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None, "ttft_target_s": target_s,
+            "retry_after_over_drain_p50": ratios[len(ratios) // 2] if ratios else None,
+            "retry_after_within_2x": (sum(1 for r in ratios if 0.5 <= r <= 2.0) / len(ratios)) if ratios else None,
+            "other": dict(Counter(o.kind for o in outcomes if o.retry_after_s is None and o.kind != "ok"))}
+
+
+# ---- oversized input ----------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def oversized(cluster: LocalCluster) -> dict:
+    """A 100 MB upload declared up front (refused from its header); a chunked upload trickling past the body
+    limit while /health is polled; then a 10 MB prompt: the statuses, the slowest /health answer meanwhile,
+    and the router's RSS before and after."""
+    assert cluster.router_proc is not None and cluster.router_url is not None
+    pid, url = cluster.router_proc.pid, cluster.router_url
+    host, port = url.removeprefix("http://").split(":")
+    before_mb = rss_mb(pid)
+    declared = await upload(host, int(port), f"Content-Length: {100 << 20}", chunks=0)
+    health_s: list[float] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+
+        async def poll_health() -> None:
+            t0 = time.monotonic()
+            await http.get("/health")
+            health_s.append(time.monotonic() - t0)
+
+        chunked = await upload(host, int(port), "Transfer-Encoding: chunked", chunks=400, between=poll_health)
+        prompt = await http.post("/v1/completions", json={"model": "chaos", "prompt": "x" * (10 << 20),
+                                                           "max_tokens": 2})
+    return {"upload_100mb": declared, "upload_chunked": chunked, "health_max_ms": 1000 * max(health_s, default=0.0),
+            "health_polls": len(health_s), "prompt_10mb": prompt.status_code, "rss_before_mb": before_mb,
+            "rss_after_mb": rss_mb(pid)}
+
+
+async def upload(host: str, port: int, length_header: str, chunks: int, between=None) -> str:
+    """POST a body of `chunks` x 64 KiB (chunked encoding) or only headers; the status line the router sent.
+    The answer is read as it arrives: the router may answer, and close, long before the body is sent."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"{length_header}\r\n\r\n".encode())
+    answer = asyncio.ensure_future(reader.readline())
+    try:
+        for _ in range(chunks):
+            if answer.done():
+                break
+            try:
+                writer.write(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+                await writer.drain()
+            except (ConnectionError, OSError):
+                break  # the router answered and closed: the rest of the body is not wanted
+            if between is not None:
+                await between()
+        try:
+            return (await asyncio.wait_for(answer, timeout=10)).decode().strip()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            return f"no answer ({type(exc).__name__})"
+    finally:
+        writer.close()
