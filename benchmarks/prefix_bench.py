@@ -1,7 +1,7 @@
 """Prefix reuse on multi-turn conversations: `least_loaded` vs `kv_aware` routing, SmolLM2, same trace.
 
     .venv/bin/python benchmarks/prefix_bench.py [--conversations 40] [--rate 0.1] [--think-s 2]
-                                                [--out benchmarks/results/prefix_bench.json]
+                                                [--out runs/prefix_bench.json]
 
 A real deployment (tritonserver instances, router, Valkey) of SmolLM2-135M on the CPU engine with block
 reuse on, two decode-capable (colocated) instances. The ShareGPT conversation trace (>= 3 turns each,
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--max-local-prefill-length", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engines", type=Path, default=Path("engines"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prefix_bench.json"))
+    ap.add_argument("--out", type=Path, default=Path("runs/prefix_bench.json"))
     args = ap.parse_args()
 
     build_deployment(deployment("kv_aware", 0, args.engines), engines_root=args.engines)
