@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from trt_disagg.bench.loadgen import DONE, sse_data
 from trt_disagg.contract import Role
 from trt_disagg.registry_read import list_instances
 from trt_disagg.triton.cluster import LocalCluster
@@ -29,8 +30,10 @@ class Outcome:
     kind: str  # one of OUTCOMES
     detail: str = ""
     ttft_s: float | None = None
-    retry_after_s: float | None = None
+    retry_after_s: float | None = None  # a 429's `retry-after-ms` (else its Retry-After), in seconds
+    retry_after_header_s: int | None = None  # its Retry-After: whole seconds (RFC 9110)
     sent_at: float = 0.0
+    answered_at: float | None = None  # when the status line came back
 
 
 @dataclass
@@ -78,16 +81,18 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, args: argp
                 if resp.status_code != 200:
                     await resp.aread()
                     out.kind, out.detail = "clear error", f"HTTP {resp.status_code}"
+                    if "retry-after" in resp.headers:
+                        out.retry_after_header_s = int(resp.headers["retry-after"])
                     if "retry-after-ms" in resp.headers:
                         out.retry_after_s = float(resp.headers["retry-after-ms"]) / 1000
                     elif "retry-after" in resp.headers:
                         out.retry_after_s = float(resp.headers["retry-after"])
                     return out
-                async for line in resp.aiter_lines():
-                    if line == "data: [DONE]":
+                async for data in sse_data(resp):
+                    if data == DONE:
                         done = True
-                    elif line.startswith("data: "):
-                        chunk = json.loads(line[6:])
+                    else:
+                        chunk = json.loads(data)
                         if "error" in chunk:
                             error = chunk["error"].get("code")
                         elif chunk["choices"][0]["text"]:
@@ -163,42 +168,128 @@ def args_with(args: argparse.Namespace, **changes: object) -> argparse.Namespace
     return argparse.Namespace(**{**vars(args), **changes})
 
 
+PROBE_GAP_S = 0.02  # after the burst: the resolution of "when did the router admit again"
+
+
+async def lean_request(url: str, body: bytes, phase: str) -> Outcome:
+    """One streaming completion over a bare socket (HTTP/1.1, read until [DONE]): the burst's client. At ~100
+    requests/s an httpx client takes enough of the 2 cores to delay its own sends and readings by seconds, so
+    TTFT and the arrival times would describe the client, not the router. Counted as `one_request` counts."""
+    host, port = url.removeprefix("http://").split(":")
+    sent = time.monotonic()
+    out = Outcome(phase, "lost", sent_at=sent)
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        out.kind, out.detail = "clear error", "connection refused"
+        return out
+    try:
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: "
+                     b"application/json\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        status = int((await reader.readline()).split()[1])
+        out.answered_at = time.monotonic()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status != 200:
+            out.kind, out.detail = "clear error", f"HTTP {status}"
+            if "retry-after" in headers:
+                out.retry_after_header_s = int(headers["retry-after"])
+                out.retry_after_s = float(headers.get("retry-after-ms", 1000 * out.retry_after_header_s)) / 1000
+            return out
+        async for line in reader:  # the 200 went out with the first token: the request was admitted
+            if line.startswith(b"data: ") and out.ttft_s is None:
+                out.ttft_s = time.monotonic() - sent
+            if line.startswith(b"data: [DONE]"):
+                out.kind = "ok"
+            elif b'"error"' in line:
+                out.kind, out.detail = "clear error", "SSE error"
+    except (OSError, ValueError, IndexError) as exc:
+        out.detail = type(exc).__name__
+    finally:
+        writer.close()
+    return out
+
+
 async def burst(url: str, rate_rps: float, args: argparse.Namespace) -> dict:
-    """Open-loop Poisson arrivals at `rate_rps` for burst_s; then probe until a request is admitted again."""
+    """Open-loop Poisson arrivals at `rate_rps` for burst_s, then one probe every PROBE_GAP_S (while the
+    burst's admitted requests are still running) until the router admits one: every 429 has a next
+    admission, seen at the resolution of the arrivals, to measure its Retry-After against."""
     rng = random.Random(0)
-    short = args_with(args, max_tokens=2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout_s, connect=5.0),
-                                 limits=httpx.Limits(max_connections=1000)) as http:
-        tasks = []
-        end = time.monotonic() + args.burst_s
-        while time.monotonic() < end:
-            tasks.append(asyncio.create_task(one_request(http, url, LONG, short, None, "burst")))
-            await asyncio.sleep(rng.expovariate(rate_rps))  # Poisson arrivals
-        outcomes = list(await asyncio.gather(*tasks))
-        refused = [o for o in outcomes if o.retry_after_s is not None]
-        if refused and not any(o.sent_at > refused[-1].sent_at and o.kind == "ok" for o in outcomes):
-            while (probe := await one_request(http, url, LONG, short, None, "probe")).retry_after_s is not None:
-                await asyncio.sleep(0.25)  # probing until the router admits again
-            outcomes.append(probe)
+    body = json.dumps({"model": "chaos", "prompt": LONG, "max_tokens": 2, "temperature": 0,
+                       "stream": True}).encode()
+    tasks = []
+    start = next_s = time.monotonic()
+    end = start + args.burst_s
+    while next_s < end:
+        tasks.append(asyncio.create_task(lean_request(url, body, "burst")))
+        # Poisson arrivals on a fixed schedule: a busy event loop sends late, not fewer
+        next_s += rng.expovariate(rate_rps)
+        await asyncio.sleep(max(0.0, next_s - time.monotonic()))
+    probes = []
+    while (probe := await lean_request(url, body, "probe")).retry_after_s is not None:
+        probes.append(probe)
+        if time.monotonic() - end > 120:
+            raise RuntimeError("the router admitted nothing for 120 s after the burst")
+        await asyncio.sleep(PROBE_GAP_S)
+    outcomes = list(await asyncio.gather(*tasks)) + probes + [probe]
+    for o in outcomes:
+        o.sent_at -= start
+        o.answered_at = None if o.answered_at is None else o.answered_at - start
     return overload_summary(outcomes, rate_rps, args.ttft_slo_s)
 
 
 def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) -> dict:
-    """Admitted TTFT p90 vs the target; for each 429, its Retry-After vs how long until the router admitted
-    the next request sent after it (the queue had drained to the target)."""
-    admitted = [o for o in outcomes if o.kind == "ok"]
+    """Admitted TTFT p90 vs the target; for each 429, what it announced (`retry-after-ms`) vs its actual drain
+    time: from the moment the client had the 429 until the router admitted a request sent after that moment
+    (the earliest a client coming back could have been admitted). Coming back at the announced time, it finds
+    the router admitting if the ratio is >= 1, and has waited ratio x as long as it had to. The same measured
+    from the 429's request (`*_from_send`) charges the announcement with the time the router took to answer."""
+    by_time = sorted(outcomes, key=lambda o: o.sent_at)
+    admitted = [o for o in by_time if o.kind == "ok"]
     ttfts = sorted(o.ttft_s for o in admitted if o.ttft_s is not None)
-    ratios = []
-    for o in (o for o in outcomes if o.retry_after_s is not None):
-        later = [a.sent_at for a in admitted if a.sent_at > o.sent_at]
-        if later and o.retry_after_s is not None:
-            ratios.append(o.retry_after_s / max(0.01, min(later) - o.sent_at))
-    ratios.sort()
+
+    def drain_s(t: float) -> float | None:
+        nxt = next((a.sent_at for a in admitted if a.sent_at >= t), None)
+        return None if nxt is None else nxt - t
+
+    refusals = []  # (sent at, answered at, announced s, Retry-After s, drain s from the answer, from the send)
+    for o in (o for o in by_time if o.retry_after_s is not None):
+        answered_at = o.answered_at if o.answered_at is not None else o.sent_at
+        drain, drain_from_send = drain_s(answered_at), drain_s(o.sent_at)
+        if drain is not None and drain_from_send is not None and o.retry_after_s is not None:
+            refusals.append((round(o.sent_at, 4), round(answered_at, 4), o.retry_after_s,
+                             o.retry_after_header_s or 0, round(drain, 4), round(drain_from_send, 4)))
+    ratios = [r / max(0.001, d) for _, _, r, _, d, _ in refusals]
+    from_send = [r / max(0.001, d) for _, _, r, _, _, d in refusals]
+    whole_s = [h / max(0.001, d) for _, _, _, h, d, _ in refusals]
+    # the first request sent once a 429's retry-after-ms had passed: admitted? (a client coming back then
+    # competes with every other arrival: under sustained overload only some get in)
+    back = [b for _, t, r, _, _, _ in refusals
+            if (b := next((a.kind == "ok" for a in by_time if a.sent_at >= t + r), None)) is not None]
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return sorted(xs)[int(q * (len(xs) - 1))] if xs else None
+
+    def within_2x(xs: list[float]) -> float | None:
+        return sum(1 for x in xs if 0.5 <= x <= 2.0) / len(xs) if xs else None
+
     return {"rate_rps": rate_rps, "sent": len(outcomes), "admitted": len(admitted),
             "refused_429": sum(1 for o in outcomes if o.retry_after_s is not None),
-            "admitted_ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None, "ttft_target_s": target_s,
-            "retry_after_over_drain_p50": ratios[len(ratios) // 2] if ratios else None,
-            "retry_after_within_2x": (sum(1 for r in ratios if 0.5 <= r <= 2.0) / len(ratios)) if ratios else None,
+            "admitted_ttft_p90_s": pct(ttfts, 0.9), "ttft_target_s": target_s,
+            "admitted_ttft_p50_s": pct(ttfts, 0.5),
+            "admitted_within_target": sum(1 for t in ttfts if t <= target_s) / len(ttfts) if ttfts else None,
+            "retry_after_over_drain_p50": pct(ratios, 0.5), "retry_after_over_drain_p10": pct(ratios, 0.1),
+            "retry_after_over_drain_p90": pct(ratios, 0.9), "retry_after_within_2x": within_2x(ratios),
+            "retry_after_over_drain_from_send_p50": pct(from_send, 0.5),
+            "retry_after_within_2x_from_send": within_2x(from_send),
+            "retry_after_whole_s_over_drain_p50": pct(whole_s, 0.5),
+            "back_at_retry_after_admitted": sum(back) / len(back) if back else None,
+            "announced_p50_s": pct([r for _, _, r, _, _, _ in refusals], 0.5),
+            "drain_p50_s": pct([d for _, _, _, _, d, _ in refusals], 0.5),
+            "refusals": refusals,
             "other": dict(Counter(o.kind for o in outcomes if o.retry_after_s is None and o.kind != "ok"))}
 
 

@@ -1,7 +1,9 @@
-"""KV transfer between two instance processes: shm and TCP against an in-process copy; hand-off latency.
+"""KV transfer between two instance processes: shm and TCP against an in-process copy; a pull's fixed
+cost with and without reused receive memory; hand-off latency.
 
     .venv/bin/python benchmarks/kv_transfer_bench.py [--reps 10] [--handoff-samples 20]
                      [--engines-dir DIR]   (SmolLM2 engines for the hand-off part; built if missing)
+    .venv/bin/python benchmarks/kv_transfer_bench.py --fixed-cost-only [--reps 30]
     sudo .venv/bin/python benchmarks/kv_transfer_bench.py --multihost [--reps 10] [--out FILE.json]
 
 Part 1 moves SmolLM2-135M's KV (30 layers, 3 KV heads x 64, float32, prefill layout TP2) of 512 and 2048
@@ -9,6 +11,16 @@ tokens from a sender process (the prefill instance's KV server, `SocketKVSender`
 (`ShmKVReceiver` / `TcpKVReceiver`, what a decode instance runs) and compares the throughput with a plain
 in-process copy of the same bytes (`clone()` of every shard: allocation + copy, like the receiver).
 Targets: shm >= 0.5x and TCP >= 0.3x the in-process copy.
+
+Then the fixed cost of one hand-off's pull on the demo deployment's shape (configs/smollm2-demo.yaml:
+TP1 -> TP1, float32, 512 tokens = 22.5 MiB, shm, the sender's segment prewarmed as an instance does) and
+its import into a paged KV cache (RankModel.write_kv), per phase, p50 over interleaved pulls in one run:
+"fresh" pulls into new tensors through a new mapping of the segment each time (`reuse_buffers=False`)
+from a sender that writes the bytes at pull time (`eager_stage=False`); "reused" into receive buffers
+given back after the import, through the mapping kept from the previous pull; "ahead" as reused, from a
+sender that stages each offer's bytes into shm right after the offer. Each pull starts 2 ms after its
+offer (`--gap-ms`): the router's dispatch in between (the demo's hand-off table: ~1 ms dispatch, ~1 ms
+until the decode instance starts the pull).
 
 With --multihost (root), neither part: the KV of a 512-token SmolLM2 prefill crosses a link shaped to
 1 Gbit/s with 2 ms delay between two network namespaces (`kv_multihost.py`): throughput as a share of the
@@ -27,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -42,7 +55,7 @@ TOKENS = (512, 2048)
 
 
 def smollm2_kv(num_tokens: int, tp: int = 2) -> ExportedKV:
-    """KV in a TP2 prefill layout: rank 0 holds 2 KV heads, rank 1 holds 1 (balanced split of 3)."""
+    """KV in a TP2 prefill layout (rank 0 holds 2 KV heads, rank 1 holds 1: a balanced split of 3), or TP1."""
     layout = KVLayout(fingerprint="bench", dtype="float32", tokens_per_block=16, tp=tp, pp=1, **SMOLLM2)
     heads = [2, 1] if tp == 2 else [3]
     layers = len(pp_layer_ranges(SMOLLM2["num_layers"], 1)[0])
@@ -63,15 +76,16 @@ class _StaticSource:
         pass
 
 
-def sender_process(conn, secret: bytes, num_tokens: int) -> None:
-    """The 'prefill instance': a KV server; answers offer requests from the pipe with handles."""
+def sender_process(conn, secret: bytes, num_tokens: int, tp: int = 2, eager_stage: bool = True) -> None:
+    """The 'prefill instance': a KV server (its segment prewarmed, as an instance's); answers offer requests
+    from the pipe with handles."""
     torch.set_num_threads(1)
     from trt_disagg.kv.handle import encode_handle
     from trt_disagg.kv.transport import make_sender
 
-    kv = smollm2_kv(num_tokens)
+    kv = smollm2_kv(num_tokens, tp)
     sender = make_sender("tcp", source=_StaticSource(kv), secret=secret, instance_id="bench-prefill",
-                         layout=kv.layout)
+                         layout=kv.layout, prewarm_tokens=num_tokens, eager_stage=eager_stage)
     sender.start()
     try:
         while True:
@@ -136,6 +150,93 @@ def part1(reps: int) -> None:
         print(f"{n:>7} {nbytes / 2**20:>7.1f} {gib / copy_s:>11.2f} {gib / shm_s:>10.2f} {copy_s / shm_s:>9.2f} "
               f"{gib / tcp_s:>10.2f} {copy_s / tcp_s:>9.2f}")
     print("targets: shm/copy >= 0.5, tcp/copy >= 0.3 (medians of", reps, "pulls)")
+
+
+FIXED_COST_PHASES = ("connect_s", "meta_s", "data_s", "source_stage_s", "release_s", "import_s", "total_s")
+
+
+def _bare_kv_cache(num_tokens: int) -> tuple[SimpleNamespace, list[int]]:
+    """The demo decode instance's KV cache (32768 slots) as RankModel.write_kv sees it (no weights needed),
+    and the slots of a `num_tokens` prompt in blocks a previous request freed (the pool hands them back
+    last-freed first, so each 16-token block lies apart from the next)."""
+    from trt_disagg.engine.block_pool import BlockPool, slot_indices
+
+    shape = (SMOLLM2["num_layers"], 32768, SMOLLM2["num_kv_heads"], SMOLLM2["head_dim"])
+    cache = SimpleNamespace(k_cache=torch.zeros(shape), v_cache=torch.zeros(shape), device=torch.device("cpu"))
+    pool = BlockPool(32768 // 16, 16)
+    blocks = pool.try_allocate(-(-num_tokens // 16))
+    assert blocks is not None
+    pool.free(blocks)
+    blocks = pool.try_allocate(len(blocks))
+    assert blocks is not None
+    return cache, slot_indices(blocks, num_tokens, 16)
+
+
+def _paged_import(kv: ExportedKV, cache: SimpleNamespace, slots: list[int]) -> None:
+    """The decode engine's import of a TP1 KV of its own layout: RankModel.write_kv itself."""
+    from trt_disagg.engine.model import RankModel
+
+    (shard,) = kv.shards.values()
+    RankModel.write_kv(cache, slots, shard)  # type: ignore[arg-type]
+
+
+# label -> (the sender stages offers ahead, the receiver reuses its buffers and mappings)
+FIXED_COST_VARIANTS = {"fresh": (False, False), "reused": (False, True), "ahead": (True, True)}
+
+
+def fixed_cost(reps: int, num_tokens: int = 512, gap_ms: float = 2.0) -> None:
+    """Per-phase p50 of pull + import for each of FIXED_COST_VARIANTS, pulls interleaved in one run."""
+    from trt_disagg.kv.handle import decode_handle, new_secret
+    from trt_disagg.kv.transport import make_receiver
+
+    torch.set_num_threads(1)
+    secret = new_secret()
+    ctx = mp.get_context("spawn")
+    pipes, procs = {}, []
+    for eager in (False, True):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=sender_process, args=(child, secret, num_tokens, 1, eager), daemon=True)
+        proc.start()
+        pipes[eager], procs = parent, procs + [proc]
+    cache, slots = _bare_kv_cache(num_tokens)
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in FIXED_COST_VARIANTS}
+    try:
+        for i in range(reps + 2):  # the first two rounds warm up every process (and show the senders shm)
+            for label, (eager, reuse) in FIXED_COST_VARIANTS.items():
+                pipes[eager].send(f"{label}{i}")
+                handle = decode_handle(pipes[eager].recv(), secret)
+                time.sleep(gap_ms / 1e3)  # the router's dispatch between the prefill response and the pull
+                receiver = make_receiver("shm", secret=secret, reuse_buffers=reuse)
+                t0 = time.perf_counter()
+                kv = receiver.fetch(handle)
+                t1 = time.perf_counter()
+                _paged_import(kv, cache, slots)
+                kv.consumed()
+                t2 = time.perf_counter()
+                timing = receiver.last_timing
+                assert timing is not None
+                if i >= 2:
+                    rows[label].append({**{k: getattr(timing, k) for k in FIXED_COST_PHASES[:5]},
+                                        "import_s": t2 - t1, "total_s": t2 - t0})
+    finally:
+        for parent in pipes.values():
+            parent.send(None)
+        for proc in procs:
+            proc.join(30)
+    _print_fixed_cost(rows, reps, num_tokens, gap_ms)
+
+
+def _print_fixed_cost(rows: dict[str, list[dict[str, float]]], reps: int, num_tokens: int, gap_ms: float) -> None:
+    mib = num_tokens * 2 * SMOLLM2["num_layers"] * SMOLLM2["num_kv_heads"] * SMOLLM2["head_dim"] * 4 / 2**20
+    print(f"\none hand-off's pull + import, demo shape (TP1 float32, {num_tokens} tokens = {mib:.1f} MiB, shm), "
+          f"p50 ms of {reps} interleaved pulls each, {gap_ms:g} ms from offer to pull")
+    print(f"{'phase':>14} " + " ".join(f"{label:>8}" for label in rows))
+    for phase in FIXED_COST_PHASES:
+        cells = [statistics.median(r[phase] for r in rows[label]) * 1e3 for label in rows]
+        print(f"{phase.removesuffix('_s'):>14} " + " ".join(f"{c:>8.2f}" for c in cells))
+    print("fresh: new tensors and a new segment mapping per pull, bytes staged at pull time; reused: receive "
+          "buffers given back after the import, the mapping kept; ahead: reused, and the sender stages each "
+          "offer's bytes into shm right after the offer")
 
 
 def part2(engines_dir: Path, samples: int, prompt_tokens: list[int]) -> None:
@@ -209,6 +310,9 @@ def main() -> None:
     parser.add_argument("--handoff-samples", type=int, default=20, help="0 skips part 2")
     parser.add_argument("--handoff-prompts", type=int, nargs="+", default=[128, 512, 1000])
     parser.add_argument("--engines-dir", type=Path, default=REPO / "engines")
+    parser.add_argument("--gap-ms", type=float, default=2.0, help="fixed cost: offer -> pull (the router's dispatch)")
+    parser.add_argument("--fixed-cost-only", action="store_true",
+                        help="only the fresh-vs-reused fixed cost of a demo-shaped pull (no Triton, ~10 s)")
     parser.add_argument("--multihost", action="store_true",
                         help="instead: KV across two network namespaces joined by a 1 Gbit/s, 2 ms link (root)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "kv_transfer_multihost.json",
@@ -219,7 +323,11 @@ def main() -> None:
 
         run(args.engines_dir, args.reps, args.out)
         return
+    if args.fixed_cost_only:
+        fixed_cost(args.reps, gap_ms=args.gap_ms)
+        return
     part1(args.reps)
+    fixed_cost(args.reps, gap_ms=args.gap_ms)
     if args.handoff_samples:
         part2(args.engines_dir, args.handoff_samples, args.handoff_prompts)
 

@@ -22,17 +22,23 @@ ADMIN_TOKEN_ENV = "TRT_DISAGG_ROUTER_ADMIN_TOKEN"
 
 
 def settings_for(config: Path, redis_url: str, port: int | None = None,
-                 router_id: str | None = None, host: str | None = None) -> RouterSettings:
+                 router_id: str | None = None, host: str | None = None,
+                 engines_dir: Path | None = None) -> RouterSettings:
     """The router settings of deployment `config`, with the command line's overrides (and the admin token
-    from env TRT_DISAGG_ROUTER_ADMIN_TOKEN: every router of a deployment is given the same one)."""
+    from env TRT_DISAGG_ROUTER_ADMIN_TOKEN: every router of a deployment is given the same one).
+    `engines_dir` replaces the YAML's `engines_dir` (as `trt-disagg serve --engines-dir` does for the
+    instances), so the router reads its tokenizer and limits from the engines that are being served."""
+    dep = load_deployment(config)
     overrides: dict[str, object] = {} if port is None else {"port": port}
+    if engines_dir is not None:
+        overrides["engine_dir"] = dep.engine_dir(next(iter(dep.groups())), engines_dir)
     if router_id:
         overrides["router_id"] = router_id
     if host:
         overrides["host"] = host
     if os.environ.get(ADMIN_TOKEN_ENV):
         overrides["admin_token"] = os.environ[ADMIN_TOKEN_ENV]
-    return RouterSettings.from_deployment(load_deployment(config), redis_url, **overrides)
+    return RouterSettings.from_deployment(dep, redis_url, **overrides)
 
 
 def main(
@@ -45,9 +51,11 @@ def main(
         help="this router's identity in Redis, stable across restarts (default: env TRT_DISAGG_ROUTER_ROUTER_ID, "
              "else host:port); unique per router")] = None,
     host: Annotated[str | None, typer.Option(help="address to listen on (default: the deployment's router.host)")] = None,
+    engines_dir: Annotated[Path | None, typer.Option(help="engines directory (default: the deployment's "
+                                                     "engines_dir)")] = None,
 ) -> None:
     try:
-        settings = settings_for(config, redis_url, port, router_id, host)
+        settings = settings_for(config, redis_url, port, router_id, host, engines_dir)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

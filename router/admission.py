@@ -1,32 +1,65 @@
 """SLO-aware admission: refuse (429) a request that would wait longer than its target, with a Retry-After
 computed from the queue, instead of admitting work that cannot be served in time.
 
-    estimated wait = (prompt tokens queued on the pool + this prompt) / the pool's prefill rate
-    prefill rate   = the larger of two measured lower bounds of its capacity: the prompt tokens the pool
-                     finished per second between its first and last completion of the last window_s (exact
-                     while it is saturated), and the tokens per second of its recent prefill calls, queueing
-                     included (exact while it is not)
+    queue          = prompt tokens outstanding on the pool: the larger of what the instances published and what
+                     the routers have outstanding there (dispatch.Candidate), the figure dispatch balances on;
+                     this router's own leases make it exact between heartbeats
+    estimated wait = the time the pool takes to prefill (queue + this prompt) tokens from now, replayed from
+                     its completions of the last window_s (below), at p90 (the target is met at p90); the
+                     fluid (queue + prompt) / prefill rate while the window holds too few of them
     refuse when the estimated wait > target (request_timeout_s, or the TTFT SLO with admission_target=ttft);
-    Retry-After    = the time the queue needs to drain until the wait meets the target again (whole seconds;
+    Retry-After    = estimated wait - target: with nothing admitted meanwhile, a request sent then waits
+                     exactly the target, so that is when the router admits again (whole seconds;
                      `retry-after-ms` has it to the millisecond)
 
-The queue is the larger of what the instances published and what the routers have outstanding there
-(dispatch.Candidate), the same figure dispatch balances on. The rate is measured, not modelled: it follows
-the engine as served on this machine, whatever its load. With no prefill finished in the window there is no
-evidence of a queue that does not move, and everything is admitted.
+Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
+batch at a time, and a saturated pool stalls while its KV waits to be pulled, so completions arrive in
+clumps (on the tiny deployment at 4x overload: ~50 within 50 ms, then nothing for 1.5-2 s). With a rate
+alone the estimate is a staircase that moves only when a clump lands, and it is blind to where between two
+clumps "now" is: a request admitted just before a clump waits far less than one admitted just after it,
+and a 429's Retry-After is unrelated to when the next clump lets requests in. The replay asks the window
+the question directly: from each past moment that was as long after a completion as now is after the
+latest one, how long did it take until that many more tokens were prefilled, with the pool busy all along
+(had it run out of work, its pace was the arrivals', not its own)? The 90th percentile of the answers is
+the forecast. On a smooth pool it is the fluid estimate; on a clumped one it follows the clumps. Retry-After
+comes from the same forecast as the refusal, so a client back after it finds the router admitting again
+unless other arrivals took the room first (under sustained overload, most of it).
+
+The rate (for the fluid fallback) is the larger of two measured lower bounds of the pool's capacity: the
+prompt tokens it finished per second between its first and last completion of the window (exact while it
+is saturated), and the tokens per second of its recent prefill calls, queueing included (exact while it is
+not). Both are measured, not modelled: they follow the engine as served on this machine, whatever its
+load. With no prefill finished in the window there is no evidence of a queue that does not move, and
+everything is admitted.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import accumulate
 
 from router.dispatch import Dispatcher, ServePath
 from router.errors import Overloaded
 from trt_disagg.contract import Role
 
 POOL_ROLE = {ServePath.DISAGGREGATED: Role.PREFILL, ServePath.COLOCATED: Role.COLOCATED}
+MIN_REPLAYS = 5  # fewer past moments like now than this: the fluid estimate instead of a quantile of noise
+MAX_REPLAYS = 64  # past moments replayed per estimate (evenly spread over the window): bounds its cost
+WAIT_QUANTILE = 0.9  # the admission target holds at p90: the wait a request admitted now sees at p90
+
+
+@dataclass(frozen=True, slots=True)
+class Prefilled:
+    """A prefill that finished on a pool: its first token came back."""
+
+    at_s: float  # when (the admission clock)
+    prompt_tokens: int
+    duration_s: float  # from the call to the first token, queueing included
+    queued_after: int  # prompt tokens still outstanding on the pool right after it
 
 
 class Admission:
@@ -36,48 +69,86 @@ class Admission:
         self._clock = clock
         self.target_s = target_s
         self._window_s = window_s
-        self._done: dict[ServePath, deque[tuple[float, int, float]]] = {p: deque() for p in ServePath}
+        self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
         `duration_s` from the call."""
-        self._done[path].append((self._clock(), prompt_tokens, duration_s))
+        queued = self.queued_tokens(path) if path in POOL_ROLE else 0
+        self._done[path].append(Prefilled(self._clock(), prompt_tokens, duration_s, queued))
         self._expire(path)
+
+    def queued_tokens(self, path: ServePath) -> int:
+        """Prompt tokens outstanding on `path`'s pool (published, or leased by the routers: the larger)."""
+        return sum(c.queued_prompt_tokens for c in self._dispatch.candidates(POOL_ROLE[path]))
 
     def rate_tokens_per_s(self, path: ServePath) -> float | None:
         done = self._expire(path)
         if not done:
             return None
-        per_call = sum(tokens for _, tokens, _ in done) / max(1e-6, sum(d for _, _, d in done))
+        per_call = sum(c.prompt_tokens for c in done) / max(1e-6, sum(c.duration_s for c in done))
         if len(done) < 2:
             return per_call
         # what the pool served between its first and last completion in the window: idle time before a
         # burst would otherwise dilute the rate and inflate every wait (and Retry-After) it is used for
-        span_s = done[-1][0] - done[0][0]
-        served = sum(tokens for _, tokens, _ in list(done)[1:]) / max(span_s, 1e-6)
+        span_s = done[-1].at_s - done[0].at_s
+        served = sum(c.prompt_tokens for c in list(done)[1:]) / max(span_s, 1e-6)
         return max(served, per_call)
 
-    def _expire(self, path: ServePath) -> deque[tuple[float, int, float]]:
+    def _expire(self, path: ServePath) -> deque[Prefilled]:
         done, oldest_s = self._done[path], self._clock() - self._window_s
-        while done and done[0][0] < oldest_s:
+        while done and done[0].at_s < oldest_s:
             done.popleft()
         return done
+
+    def replayed_drain_s(self, path: ServePath, tokens: int) -> float | None:
+        """Seconds until `tokens` more prompt tokens are prefilled on `path`'s pool, replayed from the window
+        (module docstring): the WAIT_QUANTILE of what it took from past moments as long after a completion
+        as now; None when fewer than MIN_REPLAYS such moments have an answer in the window."""
+        done = list(self._expire(path))
+        if len(done) < 2:
+            return None
+        times = [c.at_s for c in done]
+        served = list(accumulate(c.prompt_tokens for c in done))  # served[k]: tokens of completions 0..k
+        idle = list(accumulate((k if c.queued_after == 0 else -1 for k, c in enumerate(done)), max))
+        since_last_s = self._clock() - times[-1]
+        drains = []
+        for i in range(0, len(done) - 1, max(1, len(done) // MAX_REPLAYS)):
+            start_s = times[i] + since_last_s
+            before = bisect_right(times, start_s) - 1  # the latest completion at or before the start
+            end = bisect_left(served, served[before] + tokens)
+            # no answer when the window ends before that many were served, or when the pool ran out of work
+            # on the way (then its pace was the arrivals', not its own)
+            if end < len(done) and idle[end - 1] < before:
+                drains.append(times[end] - start_s)
+        if len(drains) < MIN_REPLAYS:
+            return None
+        return sorted(drains)[int(WAIT_QUANTILE * (len(drains) - 1))]
 
     def estimated_wait_s(self, path: ServePath, prompt_tokens: int) -> float | None:
         rate = self.rate_tokens_per_s(path)
         if rate is None:
             return None
-        queued = sum(c.queued_prompt_tokens for c in self._dispatch.candidates(POOL_ROLE[path]))
-        return (queued + prompt_tokens) / rate
+        ahead = self.queued_tokens(path) + prompt_tokens
+        replayed = self.replayed_drain_s(path, ahead)
+        return replayed if replayed is not None else ahead / rate
 
-    def check(self, path: ServePath, prompt_tokens: int) -> None:
+    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> None:
         """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
-        request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in."""
+        request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in.
+        `waited_s` is how long the request has already spent in the router (its event loop, body, tokenizer):
+        under overload that is part of the client's wait too, and only this request can see it.
+        Retry-After comes from the same forecast as the refusal (not a more optimistic one): the router's
+        later checks use that forecast too, so this is when they find the wait down to the target."""
         if path not in POOL_ROLE:
             return
         wait_s = self.estimated_wait_s(path, prompt_tokens)
-        if wait_s is None or wait_s <= self.target_s:
+        total_s = max(0.0, waited_s) + (wait_s or 0.0)
+        if total_s <= self.target_s:
             return
-        retry_after_s = wait_s - self.target_s
-        raise Overloaded(f"the {path.value} pool would make this request wait ~{wait_s:.1f}s (admission "
-                         f"target {self.target_s:g}s)", retry_after_s=retry_after_s)
+        # the pool's part drains for the next request; the router's own lag passes with this one, so a
+        # refusal it alone caused announces the least wait Retry-After can carry
+        retry_after_s = max(0.0, (wait_s or 0.0) - self.target_s)
+        raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
+                         f"of it in the router already (admission target {self.target_s:g}s)",
+                         retry_after_s=retry_after_s)

@@ -32,6 +32,7 @@ from router.limits import RequestBodyLimit
 from router.metrics import RouterMetrics
 from router.openapi import install_openapi
 from router.pipeline import RequestRunner
+from router.received import StampReceived
 from router.records import RecordStore
 from router.request_table import RequestTable
 from router.routes import include_all
@@ -88,6 +89,7 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
 
     app = FastAPI(title="trt-disagg router", lifespan=lifespan)
     app.add_middleware(RequestBodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(StampReceived)  # added last: outermost, so it runs first
     app.state.router = state
     install_handlers(app)
     install_openapi(app, settings)

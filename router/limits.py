@@ -14,6 +14,8 @@ price of `len()`, whatever its size.
 from __future__ import annotations
 
 import asyncio
+import json
+from functools import partial
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -77,12 +79,15 @@ async def encode_text(tokenizer: TextTokenizer, text: str, settings: RouterSetti
 
 
 async def encode_chat(tokenizer: TextTokenizer, messages: list[dict[str, Any]], settings: RouterSettings,
-                      param: str = "messages") -> list[int]:
+                      param: str = "messages", tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """`tools` go to a template that renders them (HFTokenizer's `tools=`); None for any other tokenizer."""
     num_chars = sum(len(str(m.get("content") or "")) for m in messages)
+    num_chars += len(json.dumps(tools)) if tools else 0  # the template writes them into the prompt
     check_chars(num_chars, settings, param)
+    render = partial(tokenizer.chat_prompt_ids, tools=tools) if tools is not None else tokenizer.chat_prompt_ids
     try:
         if num_chars <= INLINE_TOKENIZE_CHARS:
-            return tokenizer.chat_prompt_ids(messages)
-        return await asyncio.to_thread(tokenizer.chat_prompt_ids, messages)
+            return render(messages)
+        return await asyncio.to_thread(render, messages)
     except Exception as exc:  # a template that rejects the conversation (e.g. roles out of order)
         raise BadRequest(f"messages cannot be rendered with the chat template: {exc}", param=param) from None

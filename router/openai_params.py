@@ -13,6 +13,7 @@ with the `openai` client. The README's parameter table is this one.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,16 @@ class Param:
     note: str
     # REFUSED parameters: the values that ask for nothing (accepted); anything else is a 400
     no_op: tuple[Any, ...] = (None,)
+    # ...or, where they are not a short list, the test of one (a list that only repeats an accepted item)
+    is_no_op: Callable[[Any], bool] | None = None
 
 
 H, R, N = Disposition.HONOURED, Disposition.REFUSED, Disposition.NO_EFFECT
+
+
+def _only_text(value: Any) -> bool:
+    """["text", "text"] asks for text as ["text"] does: the schema (a list of "text") lets it through."""
+    return isinstance(value, list) and all(v == "text" for v in value)
 
 _SHARED: dict[str, Param] = {
     "model": Param(H, "must be the served model (an enum in the OpenAPI schema); else 404"),
@@ -65,13 +73,14 @@ CHAT: dict[str, Param] = {
     "response_format": Param(H, "text, json_object, json_schema (strict or not: always enforced by the "
                                 "grammar)"),
     "tools": Param(H, "functions; answered as tool_calls"),
-    "tool_choice": Param(H, "required, a named function, none; auto only with a template that renders "
-                            "tools (else 400)"),
-    "parallel_tool_calls": Param(H, "at most one call per answer (what false asks; true allows it)"),
+    "tool_choice": Param(H, "auto, required, a named function, none; auto needs a chat template that renders "
+                            "tools in a known call syntax (Hermes <tool_call>, Llama 3.1 JSON), else 400"),
+    "parallel_tool_calls": Param(H, "false: at most one call; true/absent: several in a template's call syntax "
+                                    "(one JSON call where the template renders no tools)"),
     "logprobs": Param(R, "log probabilities are not returned; false accepted", (None, False)),
     "top_logprobs": Param(R, "log probabilities are not returned", (None, 0)),
     "audio": Param(R, "text only"),
-    "modalities": Param(R, 'text only; ["text"] accepted', (None, [], ["text"])),
+    "modalities": Param(R, 'text only; ["text"] accepted', (None, [], ["text"]), _only_text),
     "prediction": Param(R, "predicted outputs are not served"),
     "web_search_options": Param(R, "no web search"),
     "functions": Param(R, "deprecated by OpenAI: use tools"),
@@ -91,7 +100,8 @@ def refuse_unless_no_op(table: dict[str, Param], name: str, value: Any) -> Any:
     """For a pydantic before-validator: `value` when it asks for nothing, else the reason as ValueError
     (pydantic puts the field name in the error's location: the 400 names the parameter)."""
     param = table[name]
-    if param.disposition is Disposition.REFUSED and not any(_same(value, v) for v in param.no_op):
+    accepted = any(_same(value, v) for v in param.no_op) or (param.is_no_op is not None and param.is_no_op(value))
+    if param.disposition is Disposition.REFUSED and not accepted:
         raise ValueError(f"{name} is not supported by this deployment: {param.note}")
     return value
 

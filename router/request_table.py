@@ -52,7 +52,9 @@ class RequestTable:
         self._stopping: ShuttingDown | None = None  # set by drain(): admission refuses with it
         self._records_down: InstanceUnavailable | None = None  # set while Redis is unreachable
 
-    def admit(self, prompt_ids: list[int], sampling: SamplingParams, model: str, stop: tuple[str, ...] = ()) -> Job:
+    def admit(self, prompt_ids: list[int], sampling: SamplingParams, model: str, stop: tuple[str, ...] = (),
+              received_s: float | None = None) -> Job:
+        """A new job; `received_s` (monotonic) is when the router first saw it, which starts its clock."""
         if self._stopping is not None:
             raise self._stopping
         if self._records_down is not None:  # fail fast: the request could not be recorded (see record_writer)
@@ -66,8 +68,9 @@ class RequestTable:
         record = RequestRecordWriter(self._records, request_id, {
             "model": model, "prompt_tokens": len(prompt_ids), "max_tokens": sampling.max_new_tokens},
             retry_s=self._settings.record_retry_s)
-        job = Job(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, received_s=now,
-                  deadline_s=now + self._settings.request_timeout_s, record=record,
+        received = now if received_s is None else min(received_s, now)
+        job = Job(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, received_s=received,
+                  deadline_s=received + self._settings.request_timeout_s, record=record,
                   legs=Legs(request_id, self._client, self._releaser, self._spawn), model=model, stop=stop)
         self.active[request_id] = job
         self._settled[request_id] = asyncio.Event()

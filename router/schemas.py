@@ -29,6 +29,10 @@ from router.openai_params import CHAT, COMPLETIONS, refuse_unless_no_op
 from router.structured import ResponseFormat, Tool, ToolChoice
 from trt_disagg.contract import IGNORE_EOS_END_ID, Guide, SamplingParams
 
+# top_p travels as FP32: a positive value below the smallest normal float32 (5e-324 is valid JSON and valid
+# for OpenAI) would arrive as 0.0 and be refused; at that size it keeps only the most likely token either way.
+FLOAT32_TINY = 1.1754943508222875e-38
+
 MAX_STOP_CHARS = 256
 
 
@@ -121,7 +125,8 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int, end_id: int | None, guide: Guide | None = None) -> SamplingParams:
         ignore_eos = self.ignore_eos or (self.min_tokens > 0 and self.min_tokens >= max_tokens)
-        return SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+        return SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature,
+                              top_p=max(self.top_p, FLOAT32_TINY),
                               top_k=self.top_k, seed=self.seed,
                               end_id=IGNORE_EOS_END_ID if ignore_eos else end_id, ignore_eos=ignore_eos,
                               guide=guide)

@@ -22,7 +22,8 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def chat_prompt_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """`tools` is passed only when the template renders tools (router/structured.py, template_tools)."""
 
 
 class HFTokenizer:
@@ -55,8 +56,14 @@ class HFTokenizer:
         stream = DecodeStream(skip_special_tokens=True)
         return lambda token: stream.step(backend, token)
 
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    @property
+    def chat_template(self) -> Any:
+        """The Jinja source of the chat template (router/structured.py reads whether it renders tools)."""
+        return getattr(self._tok, "chat_template", None)
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt of a chat; `tools` (OpenAI function tools) are rendered by a template that takes them."""
+        out = self._tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         if isinstance(out, dict) or hasattr(out, "input_ids"):  # transformers 5 may return a BatchEncoding
             out = out["input_ids"]
         return [int(t) for t in out]

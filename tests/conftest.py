@@ -29,6 +29,31 @@ def build_engine(root: Path, source: dict, *, tp: int = 1, pp: int = 1, max_toke
     return root / name / "colocated"
 
 
+DEVICES = ("cpu", "cuda")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Where the engine under test runs: "cpu" always; "cuda" skipped where torch sees no CUDA device
+    (torch is imported only then, so tests that never ask for a device do not load it)."""
+    if request.param == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device here")
+    return request.param
+
+
+def need_devices(device: str, world_size: int) -> None:
+    """Skip a test whose engine needs `world_size` CUDA devices (one per rank) on a host with fewer."""
+    if device == "cpu":
+        return
+    import torch
+
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} CUDA devices, this host has {torch.cuda.device_count()}")
+
+
 TINY = {"source": "tiny", "seed": 0}
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 

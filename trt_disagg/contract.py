@@ -267,6 +267,7 @@ class GuideType(enum.StrEnum):
     JSON_SCHEMA = "json_schema"
     REGEX = "regex"
     EBNF_GRAMMAR = "ebnf_grammar"
+    STRUCTURAL_TAG = "structural_tag"  # xgrammar's structural tag (JSON): free text, then tool calls on a trigger
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ for type checking alone: reading this module costs a process nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from trt_disagg.contract import KVLayout
@@ -24,8 +25,19 @@ class ExportedKV:
 
     shards[rank] holds that rank's slice as a tensor [layers_of_stage, 2 (K,V), num_tokens, kv_heads/tp, head_dim]
     for the layers pp_layer_ranges(num_layers, pp)[pp_rank] and heads of tp_rank.
+
+    `recycle` is how a receiver gets the shards' memory back for its next pull (kv/buffers.py): the
+    consumer calls `consumed()` once it has copied the bytes out, and must not read the shards after.
     """
 
     layout: KVLayout
     num_tokens: int
     shards: dict[int, torch.Tensor]
+    recycle: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def consumed(self) -> None:
+        """The bytes were copied out (the engine wrote them into its pool): their memory may be reused.
+        Idempotent; a KV nobody calls this for is simply garbage-collected."""
+        recycle, self.recycle = self.recycle, None
+        if recycle is not None:
+            recycle()

@@ -27,17 +27,30 @@ from router.routes.common import (
 from router.schemas import ChatRequest
 from router.settings import RouterSettings
 from router.streaming import usage
-from router.structured import called_tools, guide_for, with_tools_message
-from router.tools import answer_message, tool_call_chunks
+from router.structured import ToolPlan, guide_for, template_tools, tool_plan, with_tools_message
+from router.tools import (
+    BaseChunkFn,
+    ChunkFn,
+    answer_message,
+    template_answer_message,
+    template_call_chunks,
+    tool_call_chunks,
+)
 
 router = APIRouter()
 
 
-def prompt_messages(req: ChatRequest) -> list[dict[str, str]]:
-    """The messages the chat template renders: `developer` as `system`, the called tools described up front."""
+def prompt_messages(req: ChatRequest, plan: ToolPlan) -> list[dict[str, str]]:
+    """The messages the chat template renders: `developer` as `system`; the called tools described up front
+    unless the template renders them itself."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    tools = called_tools(req.tools, req.tool_choice)
-    return with_tools_message(messages, tools) if tools else messages
+    return with_tools_message(messages, plan.calls) if plan.calls and plan.syntax is None else messages
+
+
+def plan_tools(req: ChatRequest, tokenizer: object) -> ToolPlan:
+    """The request's tool plan against the tokenizer's chat template (whether and how it renders tools)."""
+    template = template_tools(getattr(tokenizer, "chat_template", None))
+    return tool_plan(req.tools, req.tool_choice, req.parallel_tool_calls, template)
 
 
 def check_shadowed_max_tokens(req: ChatRequest, settings: RouterSettings) -> None:
@@ -53,15 +66,15 @@ def check_shadowed_max_tokens(req: ChatRequest, settings: RouterSettings) -> Non
 async def create_chat_completion(req: ChatRequest, ctx: RouteCtx, request: Request) -> Response:
     check_model(req.model, ctx.settings)
     check_shadowed_max_tokens(req, ctx.settings)
-    tools = called_tools(req.tools, req.tool_choice)
-    guide = guide_for(req.response_format, tools)
-    prompt_ids = await encode_chat(ctx.tokenizer, prompt_messages(req), ctx.settings)
+    plan = plan_tools(req, ctx.tokenizer)
+    guide = guide_for(req.response_format, plan)
+    prompt_ids = await encode_chat(ctx.tokenizer, prompt_messages(req, plan), ctx.settings,
+                                   tools=plan.template_tools())
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     run = await begin(ctx, req, prompt_ids, req.requested_max_tokens, prompt_param="messages",
                       max_tokens_param=param, guide=guide, default_to_room=True)
     job = run.job
     chat_id = chat_completion_id(job.request_id)
-    names = {t.function.name for t in tools}
 
     def base(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {"id": chat_id, "object": "chat.completion.chunk", "created": run.created, "model": req.model,
@@ -72,18 +85,35 @@ async def create_chat_completion(req: ChatRequest, ctx: RouteCtx, request: Reque
 
     if req.stream:
         opening = base({"role": "assistant", "content": ""}, None)
-        return stream_response(job, run.primed, ctx.tokenizer, tool_call_chunks(base, names) if tools else chunk,
+        return stream_response(job, run.primed, ctx.tokenizer, answer_chunks(plan, base, chunk),
                                req.include_usage, opening)
     text = await collect_unless_disconnected(request, run, ctx.tokenizer)
     if text is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finish = job.finish_reason or "stop"
-    message, finish = answer_message(text, finish, names) if tools else ({"role": "assistant", "content": text},
-                                                                          finish)
+    message, finish = final_message(plan, text, finish)
     body = {"id": chat_id, "object": "chat.completion", "created": run.created, "model": req.model,
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage(job)}
     return JSONResponse(body, headers={"X-Request-Id": job.request_id})
+
+
+def answer_chunks(plan: ToolPlan, base: BaseChunkFn, text_chunk: ChunkFn) -> ChunkFn:
+    """The streaming chunk function of the plan: plain text, one JSON call, or the template's call syntax."""
+    if not plan.calls:
+        return text_chunk
+    if plan.syntax is None:
+        return tool_call_chunks(base, plan.names)
+    return template_call_chunks(base, plan.syntax, plan.names)
+
+
+def final_message(plan: ToolPlan, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    """(message, finish_reason) of a non-streamed answer under the plan."""
+    if not plan.calls:
+        return {"role": "assistant", "content": text}, finish
+    if plan.syntax is None:
+        return answer_message(text, finish, plan.names)
+    return template_answer_message(text, finish, plan.syntax, plan.names)
 
 
 def chat_completion_id(request_id: str) -> str:

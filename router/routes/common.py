@@ -14,6 +14,7 @@ from router.deps import get_runner, get_settings, get_tokenizer
 from router.errors import BadRequest, ModelNotFound, PromptTooLong, RouterError
 from router.job import Job
 from router.pipeline import RequestRunner
+from router.received import received_s
 from router.schemas import _Sampling
 from router.settings import RouterSettings
 from router.streaming import ChunkFn, Primed, SSEResponse, collect, prime, sse_events
@@ -65,11 +66,12 @@ def end_id(settings: RouterSettings, tokenizer: TextTokenizer) -> int | None:
     return settings.end_id if settings.end_id is not None else tokenizer.eos_token_id
 
 
-async def start(runner: RequestRunner, req: _Sampling, prompt_ids: list[int], max_tokens: int,
-                settings: RouterSettings, tokenizer: TextTokenizer, guide: Guide | None = None) -> tuple[Job, Primed]:
+async def start(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], max_tokens: int,
+                guide: Guide | None = None) -> tuple[Job, Primed]:
     """Admit the request and run it to its first token (errors until then are plain HTTP errors)."""
-    sampling = req.sampling(max_tokens, end_id(settings, tokenizer), guide)
-    job = runner.requests.admit(prompt_ids, sampling, req.model, stop=req.stop_strings)
+    runner = ctx.runner
+    sampling = req.sampling(max_tokens, end_id(ctx.settings, ctx.tokenizer), guide)
+    job = runner.requests.admit(prompt_ids, sampling, req.model, stop=req.stop_strings, received_s=ctx.received_s)
     return job, await prime(runner.tokens(job), lambda: runner.stop_at_string(job))
 
 
@@ -90,12 +92,13 @@ class RouteContext:
     runner: RequestRunner
     settings: RouterSettings
     tokenizer: TextTokenizer
+    received_s: float  # monotonic: when the router first saw the request (router/received.py)
 
 
-async def route_context(runner: RequestRunner = Depends(get_runner),
+async def route_context(request: Request, runner: RequestRunner = Depends(get_runner),
                         settings: RouterSettings = Depends(get_settings),
                         tokenizer: TextTokenizer = Depends(get_tokenizer)) -> RouteContext:
-    return RouteContext(runner, settings, tokenizer)
+    return RouteContext(runner, settings, tokenizer, received_s(request))
 
 
 RouteCtx = Annotated[RouteContext, Depends(route_context)]
@@ -120,7 +123,7 @@ async def begin(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], reques
                                     default_to_room)
     if guide is not None:
         guide = dataclasses.replace(guide, prompt_len=len(prompt_ids))
-    job, primed = await start(ctx.runner, req, prompt_ids, max_tokens, ctx.settings, ctx.tokenizer, guide)
+    job, primed = await start(ctx, req, prompt_ids, max_tokens, guide)
     return Started(job, primed, created_now())
 
 

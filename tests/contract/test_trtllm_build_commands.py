@@ -215,3 +215,53 @@ def test_failing_tool_leaves_nothing(llama70b: Deployment, fake_tools: Path,
         build_deployment(dep, roles=["prefill"])
     root = Path(dep.engines_dir) / dep.name
     assert list(root.iterdir()) == []
+
+
+def save_byte_level_tokenizer(path: Path) -> None:
+    """A small byte-level BPE tokenizer (the kind Llama 3 and SmolLM2 use), saved as a model dir has it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"Ġt": len(alphabet), "Ġth": len(alphabet) + 1}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("Ġt", "h")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    fast.add_special_tokens({"eos_token": "<|end|>"})
+    fast.save_pretrained(str(path))
+
+
+def test_the_build_writes_the_xgrammar_tokenizer_info_the_rendered_config_points_at(
+        llama70b: Deployment, fake_tools: Path) -> None:
+    """Guided decoding on the tensorrtllm backend: the engine dir holds xgrammar_tokenizer_info.json in the
+    format the backend reads (encoded_vocab, tokenizer_str, stop_token_ids), at the path the rendered
+    config.pbtxt names, and it rebuilds the tokenizer's xgrammar TokenizerInfo exactly."""
+    import xgrammar as xgr
+    from google.protobuf import text_format
+    from transformers import AutoTokenizer
+    from tritonclient.grpc import model_config_pb2
+
+    from trt_disagg.engine_build.xgrammar_info import tokenizer_info_from_file
+    from trt_disagg.triton.render import render_deployment
+
+    model_dir = hf_dir(fake_tools)
+    save_byte_level_tokenizer(model_dir)
+    dep = with_model_dir(llama70b, model_dir)
+    build_deployment(dep, roles=["prefill"])
+    (plan, repo), = [(p, r) for p, r in render_deployment(dep, fake_tools / "repos") if p.role is Role.PREFILL]
+    cfg = text_format.Parse((repo / plan.model_name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    path = Path(cfg.parameters["xgrammar_tokenizer_info_path"].string_value)
+    assert path == dep.engine_dir(Role.PREFILL) / "xgrammar_tokenizer_info.json" and path.is_file()
+    data = json.loads(path.read_text())
+    assert sorted(data) == ["encoded_vocab", "stop_token_ids", "tokenizer_str"]
+
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    assert data["stop_token_ids"] == [hf.eos_token_id] and len(data["encoded_vocab"]) == len(hf)
+    loaded, reference = tokenizer_info_from_file(path), xgr.TokenizerInfo.from_huggingface(hf)
+    assert loaded.vocab_type == reference.vocab_type == xgr.VocabType.BYTE_LEVEL
+    assert loaded.decoded_vocab == reference.decoded_vocab and loaded.stop_token_ids == reference.stop_token_ids
+    assert loaded.add_prefix_space == reference.add_prefix_space
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(loaded).compile_json_schema('{"type": "object"}'))
+    assert all(matcher.accept_token(t) for t in hf.encode('{"the": 1}', add_special_tokens=False))
+    assert matcher.accept_token(hf.eos_token_id) and matcher.is_terminated()

@@ -1,4 +1,5 @@
-"""The CPU engine on the seeded tiny Llama, against Hugging Face transformers, in every parallel layout.
+"""The engine on the seeded tiny Llama, against Hugging Face transformers, in every parallel layout, on the
+CPU and (where there is one) on CUDA: one code path, so the same tokens.
 
 Slow-ish: each TP/PP layout spawns its rank processes (a few seconds each).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import LAYOUTS, TINY, run_to_completion
+from tests.conftest import LAYOUTS, TINY, need_devices, run_to_completion
 from trt_disagg.config import ModelSource
 from trt_disagg.contract import RequestType, SamplingParams
 from trt_disagg.engine.llm_engine import EngineInputError, LLMEngine
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [[1, 5, 9, 33, 2, 77, 100], [4, 8, 15, 16, 23, 42, 300, 301, 302, 303, 1, 2, 3, 9000, 12], [9]]
 NEW_TOKENS = 12
-LOGITS_ATOL = 1e-4  # float32 on CPU; TP/PP only change the order of summation
+LOGITS_ATOL = {"cpu": 1e-4, "cuda": 1e-3}  # float32; TP/PP and CUDA's kernels only change summation order
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,12 @@ def greedy(n: int = NEW_TOKENS) -> SamplingParams:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"tp{lay[0]}pp{lay[1]}")
-def test_tokens_and_logits_match_transformers(tiny_engines, reference, layout) -> None:
+def test_tokens_and_logits_match_transformers(tiny_engines, reference, layout, device) -> None:
+    need_devices(device, layout[0] * layout[1])
     seen: dict[str, list[torch.Tensor]] = {}
-    with LLMEngine.from_engine_dir(tiny_engines[layout]) as eng:
-        eng.logits_hook = lambda ids, logits: [seen.setdefault(r, []).append(logits[j]) for j, r in enumerate(ids)]
+    with LLMEngine.from_engine_dir(tiny_engines[layout], device=device) as eng:
+        eng.logits_hook = lambda ids, logits: [seen.setdefault(r, []).append(logits[j].cpu())
+                                               for j, r in enumerate(ids)]
         for i, prompt in enumerate(PROMPTS):  # one mixed-length batch
             eng.add_request(str(i), prompt, greedy())
         out = run_to_completion(eng)
@@ -55,13 +58,15 @@ def test_tokens_and_logits_match_transformers(tiny_engines, reference, layout) -
         assert out[str(i)] == tokens
         ours = torch.stack(seen[str(i)])
         assert ours.shape == ref_logits.shape
-        torch.testing.assert_close(ours, ref_logits, atol=LOGITS_ATOL, rtol=0)
+        torch.testing.assert_close(ours, ref_logits, atol=LOGITS_ATOL[device], rtol=0)
 
 
 @pytest.mark.parametrize("src,dst", [((2, 1), (1, 2)), ((2, 1), (1, 1)), ((1, 2), (2, 1)), ((2, 2), (1, 1))],
                          ids=lambda lay: f"tp{lay[0]}pp{lay[1]}")
-def test_kv_handoff_between_layouts_gives_identical_tokens(tiny_engines, reference, src, dst) -> None:
-    with LLMEngine.from_engine_dir(tiny_engines[src]) as prefill, LLMEngine.from_engine_dir(tiny_engines[dst]) as decode:
+def test_kv_handoff_between_layouts_gives_identical_tokens(tiny_engines, reference, src, dst, device) -> None:
+    need_devices(device, max(src[0] * src[1], dst[0] * dst[1]))
+    with LLMEngine.from_engine_dir(tiny_engines[src], device=device) as prefill, \
+            LLMEngine.from_engine_dir(tiny_engines[dst], device=device) as decode:
         for i, prompt in enumerate(PROMPTS):
             prefill.add_request(str(i), prompt, greedy(), RequestType.CONTEXT_ONLY)
         first = {}
@@ -82,8 +87,8 @@ def test_kv_handoff_between_layouts_gives_identical_tokens(tiny_engines, referen
         assert [first[str(i)]] + out[str(i)] == reference[i][0]
 
 
-def test_batch_equals_each_prompt_alone_and_blocks_return(tiny_engines) -> None:
-    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)]) as eng:
+def test_batch_equals_each_prompt_alone_and_blocks_return(tiny_engines, device) -> None:
+    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)], device=device) as eng:
         alone = {}
         for i, prompt in enumerate(PROMPTS):
             eng.add_request(f"a{i}", prompt, greedy())
@@ -96,9 +101,9 @@ def test_batch_equals_each_prompt_alone_and_blocks_return(tiny_engines) -> None:
         assert batched[f"b{i}"][:NEW_TOKENS] == alone[i]
 
 
-def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_engines) -> None:
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_engines, device) -> None:
     params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)]) as eng:
+    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)], device=device) as eng:
         eng.add_request("alone", PROMPTS[0], params)
         alone = run_to_completion(eng)["alone"]
         eng.add_request("other", PROMPTS[1], greedy())
@@ -106,8 +111,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_engines) -> Non
         assert run_to_completion(eng)["again"] == alone
 
 
-def test_abort_and_release_free_every_block(tiny_engines) -> None:
-    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)]) as eng:
+def test_abort_and_release_free_every_block(tiny_engines, device) -> None:
+    with LLMEngine.from_engine_dir(tiny_engines[(1, 1)], device=device) as eng:
         eng.add_request("run", PROMPTS[1], greedy(50))
         eng.add_request("held", PROMPTS[0], greedy(), RequestType.CONTEXT_ONLY)
         eng.step()  # prefill both

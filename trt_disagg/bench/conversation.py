@@ -88,6 +88,8 @@ async def send_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any], r
                 if resp.status_code != 200:
                     rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
                     return ""
+                # The router's record id (GET /v1/requests/{id}); the chunks carry the chat id instead.
+                rec.request_id = resp.headers.get("x-request-id") or None
                 async for data in sse_data(resp):
                     if data == DONE:
                         done = True

@@ -11,6 +11,11 @@ It behaves like a router streaming tokens, with delays the caller controls and f
     "multi"            two tokens per chunk (the count comes from `usage`)
     anything else      `max_tokens` tokens, one per chunk, then a usage chunk and [DONE]
 
+Chat completions (`POST /v1/chat/completions`, streaming) answer `max_tokens` words; `usage.prompt_tokens`
+counts the words of every message. Like the router, each chat request gets a record id (`X-Request-Id`)
+whose `GET /v1/requests/{id}` shows `matched_tokens`: the longest word prefix the prompt shares with an
+earlier chat prompt + its answer (one infinite prefix cache).
+
 and, set on `FakeBehaviour`: every `refuse_every`-th request is refused with HTTP 400 (a prompt the server
 does not take), and `GET /v1/models/{id}` states `max_input_len` / `max_model_len` when they are set.
 `usage.prompt_tokens` counts token ids, or the words of a text prompt.
@@ -45,6 +50,8 @@ class FakeBehaviour:
     refuse_every: int = 0  # > 0: every n-th completion request is refused with 400
     max_input_len: int | None = None  # stated in the model card when set
     max_model_len: int | None = None
+    chat_contexts: list[list[str]] = field(default_factory=list)  # every chat prompt + answer, as words
+    chat_matched: dict[str, int] = field(default_factory=dict)  # chat record id -> matched prompt words
 
 
 def _chunk(text: str, finish: str | None) -> str:
@@ -92,7 +99,46 @@ def create_app(behaviour: FakeBehaviour) -> FastAPI:
         return StreamingResponse(_stream(behaviour, text, int(body["max_tokens"]), prompt_tokens),
                                  media_type="text/event-stream")
 
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.json()
+        behaviour.bodies.append(body)
+        words = [w for m in body["messages"] for w in str(m["content"]).split()]
+        record_id = f"cmpl-{len(behaviour.bodies)}"
+        behaviour.chat_matched[record_id] = max((_common(words, c) for c in behaviour.chat_contexts), default=0)
+        answer = ["tok"] * int(body["max_tokens"])
+        behaviour.chat_contexts.append(words + answer)
+        return StreamingResponse(_chat_stream(behaviour, answer, len(words)), media_type="text/event-stream",
+                                 headers={"x-request-id": record_id})
+
+    @app.get("/v1/requests/{record_id}")
+    async def request_record(record_id: str) -> JSONResponse:
+        if record_id not in behaviour.chat_matched:
+            return JSONResponse({"error": {"message": "unknown request"}}, status_code=404)
+        return JSONResponse({"id": record_id, "state": "DONE",
+                             "fields": {"matched_tokens": behaviour.chat_matched[record_id]}})
+
     return app
+
+
+def _common(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+async def _chat_stream(behaviour: FakeBehaviour, answer: list[str], prompt_tokens: int) -> AsyncIterator[str]:
+    await asyncio.sleep(behaviour.ttft_delay_s)
+    for k, word in enumerate(answer):
+        if k:
+            await asyncio.sleep(behaviour.tpot_delay_s)
+        delta = {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": f"{word} "}, "finish_reason": None}]}
+        yield f"data: {json.dumps(delta)}\n\n"
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer),
+             "total_tokens": prompt_tokens + len(answer)}
+    yield f"data: {json.dumps({'id': 'chatcmpl-1', 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _stream(behaviour: FakeBehaviour, text: str, max_tokens: int, prompt_tokens: int) -> AsyncIterator[str]:
@@ -156,6 +202,8 @@ class FakeServer:
         self.behaviour.bodies.clear()
         self.behaviour.refuse_every = 0
         self.behaviour.max_input_len = self.behaviour.max_model_len = None
+        self.behaviour.chat_contexts.clear()
+        self.behaviour.chat_matched.clear()
 
 
 def main() -> None:

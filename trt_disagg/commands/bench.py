@@ -28,6 +28,7 @@ from trt_disagg.bench.target import (
     deployment_target,
     fetch_served_limits,
 )
+from trt_disagg.commands.bench_conversations import ConversationOptions
 from trt_disagg.config import SLO, load_deployment
 from trt_disagg.errors import UserError
 
@@ -124,14 +125,27 @@ def bench_cmd(
     duration: float | None = typer.Option(None, "--duration", help="Stop sending after this many seconds"),
     timeout: float = typer.Option(300.0, "--timeout", help="Per-request timeout (s)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    conversations: int | None = typer.Option(None, "--conversations", help="Multi-turn chats instead of "
+                                             "--dataset: this many ShareGPT conversations; --rates are then "
+                                             "conversations/s (Poisson starts)"),
+    think_time_s: float = typer.Option(2.0, "--think-time-s", help="--conversations: wait after an answer "
+                                       "before the next turn (s)"),
+    max_turns: int = typer.Option(4, "--max-turns", help="--conversations: user turns per conversation, at most"),
+    max_answer_tokens: int = typer.Option(32, "--max-answer-tokens", help="--conversations: answer tokens per "
+                                          "turn, at most (the recorded answer's length when shorter)"),
 ) -> None:
-    """Benchmark a deployment: SLO attainment per rate, or the goodput (--search); JSON, CSV, PNG."""
+    """Benchmark a deployment: SLO attainment per rate, or the goodput (--search); JSON, CSV, PNG.
+    --conversations N: multi-turn chats (each turn resends the history with the answer returned)."""
     from trt_disagg.bench.goodput import SearchSpec
 
+    if conversations is not None and search:
+        raise UserError("--conversations runs at the given --rates (conversations/s); --search is not supported")
     if (rates is None) == (not search):
         raise UserError("give either --rates R1,R2,... or --search (one of them, not both)")
     rate_list = parse_rates(rates) if rates is not None else []
     check_arguments(dataset, input_len, output_len, arrival, num_requests, cores, timeout, duration, temperature)
+    if conversations is not None:
+        ConversationOptions(conversations, think_time_s, max_turns, max_answer_tokens).check()
     target = deployment_target(config, engines_root) if config is not None else None
     slo = resolve_slo(config, ttft, tpot, attainment)
     spec = SearchSpec(target=slo.attainment, start_rps=start_rate, max_runs=max_runs, rel_tol=rel_tol)
@@ -146,7 +160,25 @@ def bench_cmd(
         "temperature": temperature, "allow_errors": allow_errors,
         "search_spec": vars(spec) if search else None, "duration_s": duration, "timeout_s": timeout,
     }
+    if conversations is not None:
+        _bench_conversations(settings, slo, tok, target, out, ConversationOptions(
+            conversations, think_time_s, max_turns, max_answer_tokens))
+        return
     asyncio.run(_bench(settings, slo, spec, tok, target, out, Console(), progress))
+
+
+def _bench_conversations(settings: dict[str, Any], slo: SLO, tok: Any, target: DeploymentTarget | None, out: Path,
+                         opts: ConversationOptions) -> None:
+    """The conversation mode (commands/bench_conversations.py), written and checked as a usual run is."""
+    from trt_disagg.commands import bench_conversations
+
+    console = Console()
+    settings["dataset"] = "sharegpt-conversations"
+    runs = bench_conversations.run(settings, slo, opts, tok, out, console, lambda: _check_target(settings, target))
+    _write_results(settings, {"conversations": runs}, out, console)
+    records = [rec for run in runs for rec in run.records]
+    _warn_on_token_counts(records, settings, console)
+    _fail_on_refused(records, settings, out)
 
 
 def check_arguments(dataset: str, input_len: int | None, output_len: int | None, arrival: str, num_requests: int,

@@ -227,6 +227,7 @@ def profile_cmd(
     warmup: int = Opt(1),
     decode_steps: int = Opt(4),
     threads_per_rank: int = Opt(None),
+    device: str = Opt("cpu", help="where the engine's ranks run: cpu, cuda, cuda:N (as a group's `device`)"),
 ) -> None:
     """Time the engine over a grid of batch sizes and prompt lengths, fit the latency model, write both."""
     from rich.progress import Progress
@@ -238,7 +239,7 @@ def profile_cmd(
     if not (engine_dir / "config.json").is_file():
         raise UserError(f"ENGINE_DIR {engine_dir}: no config.json (build one with `trt-disagg build`)")
     grid = ProfileGrid(_ints(batch_sizes, "--batch-sizes"), _ints(lengths, "--lengths"), repeats, warmup, decode_steps)
-    engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank)
+    engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank, device=device)
     try:
         with Progress(console=Console(stderr=True)) as progress:
             task = progress.add_task("profiling", total=None)
@@ -246,7 +247,7 @@ def profile_cmd(
         cfg = engine.config
     finally:
         engine.shutdown()
-    fit = fit_profile(data, cfg.tp, f"engine:{engine_dir.name}", "cpu", f"profile:{engine_dir}")
+    fit = fit_profile(data, cfg.tp, f"engine:{engine_dir.name}", device, f"profile:{engine_dir}")
     out_dir = output or engine_dir / "profile"
     write_profile(out_dir, data, fit, grid, str(engine_dir))
     table = Table(title=f"latency fit of {engine_dir} (TP{cfg.tp} PP{cfg.pp})")

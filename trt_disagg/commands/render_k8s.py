@@ -12,12 +12,15 @@ from trt_disagg.config import load_deployment
 out = Console()
 
 
-def render_k8s_files(config: Path, output: Path, image: str | None, engines_claim: str | None) -> None:
-    """Write the manifest set and print what `kubectl apply` will create."""
+def render_k8s_files(config: Path, output: Path, image: str | None, engines_claim: str | None,
+                     max_instances_per_role: int | None = None) -> None:
+    """Write the manifest set and print what `kubectl apply` will create. `max_instances_per_role`: how many
+    prefill and decode instances the ConfigMap lists, the most the autoscaler may scale a role to."""
     from trt_disagg.k8s.manifests import K8sOptions, render_k8s
 
     defaults = K8sOptions()
-    opts = K8sOptions(image=image or defaults.image, engines_claim=engines_claim)
+    opts = K8sOptions(image=image or defaults.image, engines_claim=engines_claim,
+                      max_instances_per_role=max_instances_per_role)
     manifests = render_k8s(load_deployment(config), opts)
     paths = manifests.write(output)
     table = Table("file", "objects")

@@ -5,6 +5,12 @@ Ctrl-C / SIGTERM stops everything (see trt_disagg/triton/cluster.py). In between
 (trt_disagg/triton/supervise.py): a process that dies (an instance, the router, the embedded Redis) is
 restarted with back-off and the restart logged with its reason; the deployment stops, with exit code 1
 and the reason, only when a role has no instance left (or Redis or the router keeps failing).
+
+With --autoscale (or `autoscale: {enabled: true}`), the online SLA planner runs next to the supervisor
+(trt_disagg/controller/runner.py): every interval it decides the prefill:decode shape from the finished
+requests, prints the decision as one `autoscale ...` line with its reason, and starts, retires or switches
+one instance at a time (trt_disagg/controller/local_actuator.py). Its metrics are served on their own port
+(`autoscale.metrics_port`, on the router's host), not on the router's /metrics.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from trt_disagg.contract import Role
 from trt_disagg.errors import UserError
 
 if TYPE_CHECKING:
-    from trt_disagg.triton.cluster import Endpoint
+    from trt_disagg.config import Deployment
+    from trt_disagg.controller.from_deployment import AutoscaleSetup
+    from trt_disagg.controller.runner import AutoscaleRunner
+    from trt_disagg.triton.cluster import Endpoint, LocalCluster
 
 out = Console()
 err = Console(stderr=True)
@@ -54,6 +63,9 @@ def render_cmd(
     image: Annotated[str | None, typer.Option(help="--k8s: container image with trt-disagg")] = None,
     engines_claim: Annotated[str | None, typer.Option(help="--k8s: PVC holding the built engines "
                                                       "(default <name>-engines)")] = None,
+    max_instances_per_role: Annotated[int | None, typer.Option(
+        min=1, help="--k8s: prefill/decode instances the ConfigMap lists, the most the autoscaler may scale "
+        "a role to (default 8)")] = None,
 ) -> None:
     """Write one Triton model repository per instance (engine paths filled in), or with --k8s the manifests."""
     from trt_disagg.triton.render import render_deployment
@@ -61,7 +73,7 @@ def render_cmd(
     if k8s:
         from trt_disagg.commands.render_k8s import render_k8s_files
 
-        return render_k8s_files(config, output, image, engines_claim)
+        return render_k8s_files(config, output, image, engines_claim, max_instances_per_role)
     dep = load_deployment(config)
     table = Table("instance", "backend", "model", "engine", "repository")
     for plan, repo in render_deployment(dep, output, engines_root, decoupled=decoupled):
@@ -86,14 +98,20 @@ def serve_cmd(
     ready_timeout_s: Annotated[float, typer.Option(help="seconds an instance may take to load")] = 300.0,
     run_dir: Annotated[Path | None, typer.Option(help="keep repositories and logs here (default: a temp dir, "
                                                  "removed on stop)")] = None,
+    autoscale: Annotated[bool, typer.Option("--autoscale", help="run the online SLA planner: it starts, retires "
+                                            "and switches instances (the config's `autoscale:` section)")] = False,
 ) -> None:
     """Start Redis, every instance and the router; restart what fails; stop them all on Ctrl-C or SIGTERM."""
     from trt_disagg.triton.cluster import LocalCluster
+    from trt_disagg.triton.render import check_devices
     from trt_disagg.triton.supervise import DeploymentFailed, Supervisor
 
     logging.basicConfig(level=logging.WARNING)
     dep = load_deployment(config)
     only = [parse_instance(s) for s in instance] if instance else None
+    setup = _autoscale_setup(dep, engines_root, autoscale, only)  # a bad config fails before anything starts
+    runner = None
+    check_devices(dep, {Role(i.rpartition("-")[0]) for i in only} if only else None)
     cluster = LocalCluster(dep, config_path=config, engines_root=engines_root, only=only,
                            start_router=router and only is None, ready_timeout_s=ready_timeout_s,
                            run_dir=run_dir)
@@ -114,6 +132,8 @@ def serve_cmd(
             cluster.start()
         _print_endpoints(cluster, time.monotonic() - t0)
         supervisor = Supervisor(cluster)
+        if setup is not None:
+            runner = _start_autoscaler(cluster, setup)
         started.set()
         while not stop.wait(SUPERVISE_EVERY_S):
             supervisor.tick()
@@ -127,10 +147,47 @@ def serve_cmd(
         t1 = time.monotonic()
         for s in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not interrupt the clean-up
             signal.signal(s, signal.SIG_IGN)
+        if runner is not None:
+            runner.stop()  # before the cluster: no start or retirement races the clean-up
         cluster.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         err.print(f"stopped in {time.monotonic() - t1:.1f}s")
+
+
+def _autoscale_setup(dep: Deployment, engines_root: Path | None, flag: bool,
+                     only: list[str] | None) -> AutoscaleSetup | None:
+    """The controller when --autoscale or `autoscale.enabled` asks for one (UserError: exit 2)."""
+    if not (flag or (dep.autoscale is not None and dep.autoscale.enabled)):
+        return None
+    if only is not None:
+        raise UserError("--autoscale starts and stops instances on this host: not with --instance")
+    from trt_disagg.controller.from_deployment import build_autoscale
+
+    return build_autoscale(dep, engines_root)
+
+
+def _start_autoscaler(cluster: LocalCluster, setup: AutoscaleSetup) -> AutoscaleRunner:
+    """The controller's thread, acting on `cluster`; each decision printed as one line."""
+    from trt_disagg.controller.from_deployment import autoscale_section
+    from trt_disagg.controller.local_actuator import LocalClusterActuator
+    from trt_disagg.controller.runner import AutoscaleRunner, decision_line
+
+    port = autoscale_section(cluster.dep).metrics_port
+    runner = AutoscaleRunner(str(cluster.redis_url), setup.controller, LocalClusterActuator(cluster, setup.actuator),
+                             on_decision=lambda d: _line(decision_line(d)),
+                             metrics_addr=None if port is None else (cluster.dep.router.host, port))
+    runner.start()
+    cfg = setup.controller.config
+    _line(f"autoscaler: every {cfg.interval_s:g} s over the last {cfg.window_s:g} s, budget "
+          f"{setup.controller.budget.max_instances} instances"
+          + (f"; metrics {runner.metrics_url}" if runner.metrics_url else ""))
+    return runner
+
+
+def _line(text: str) -> None:
+    """One whole line on stdout (read by scripts and people after the fact: never wrapped)."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_endpoints(cluster: object, startup_s: float) -> None:

@@ -7,11 +7,14 @@
 
 Ownership: `apply` returns once the change is *started*; `busy` stays true until it has taken effect (the
 new instance is ready, the drained one is gone), and the controller makes no further change meanwhile.
+A change that fails after `apply` returned (the new instance never gets ready) is reported by an actuator
+that `ReportsOutcomes`: the live loop records it as failed and backs off before the next change.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from trt_disagg.controller.policy import Action, Shape, apply_action
 
@@ -27,6 +30,26 @@ class Actuator(Protocol):
 
     def apply(self, action: Action, now_s: float) -> None:
         """Start `action` (never Action.NONE). Raises on a change that cannot be started."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChangeOutcome:
+    """How one enacted change ended, once it ended."""
+
+    action: Action
+    ok: bool
+    detail: str  # what was done (instance ids, drain time), or why it failed
+    started_s: float
+    finished_s: float
+
+
+@runtime_checkable
+class ReportsOutcomes(Protocol):
+    """An actuator whose changes finish after `apply` returned, and may fail then."""
+
+    def take_outcomes(self) -> list[ChangeOutcome]:
+        """The changes that ended since the last call, oldest first (each reported once)."""
         ...
 
 

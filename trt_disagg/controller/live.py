@@ -9,8 +9,9 @@
 
 Losing Redis never stops the deployment: the controller logs, waits (backing off, doubling up to
 `max_backoff_s`) and tries again; instances and routers go on serving with the shape they have. An actuator
-that fails to enact a change (an instance that does not start in its new role) is logged and recorded; the
-cooldown keeps the controller from retrying at once.
+that fails to enact a change (an instance that does not start in its new role) is logged and recorded as
+failed with the reason, whether `apply` raised or the change failed later (`ReportsOutcomes`); the
+controller then backs off, doubling with each failure in a row, before it changes anything again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from trt_disagg.contract import Role
-from trt_disagg.controller.actuator import Actuator
+from trt_disagg.controller.actuator import Actuator, ReportsOutcomes
 from trt_disagg.controller.observe import FinishedRequest, ObservedWorkload
 from trt_disagg.controller.policy import Action, Controller, Decision, Shape
 from trt_disagg.keys import DECISIONS_MAXLEN, as_text, autoscale_decisions_key, drain_key, finished_key
@@ -82,20 +83,42 @@ class ControllerLoop:
         now = self.clock()
         cfg = self.controller.config
         shape = await read_shape(self.redis)
+        await self._record_outcomes(now, shape)
         observed = ObservedWorkload.from_finished(await read_finished(self.redis, now - cfg.window_s), cfg.window_s,
                                                   self._slo()[0], self._slo()[1])
         decision = self.controller.decide(now, shape, observed, busy=self.actuator.busy(now))
         if decision.action is not Action.NONE and not self.settings.dry_run:
             try:
                 self.actuator.apply(decision.action, now)
-            except Exception as exc:  # the deployment keeps its shape; recorded, retried after the cooldown
-                log.error("could not enact %s: %s", decision.action, exc)
-                decision = Decision(decision.at_s, shape, Action.NONE, f"{decision.action} failed: {exc}",
-                                    decision.predicted_before, None, decision.target_shape, decision.observed)
+            except Exception as exc:  # the deployment keeps its shape; recorded, retried after a back-off
+                decision = self._failed(decision, shape, now, str(exc))
+        await self._emit(decision)
+        return decision
+
+    async def _emit(self, decision: Decision) -> None:
         await record_decision(self.redis, decision)
         if self.on_decision is not None:
             self.on_decision(decision)
-        return decision
+
+    def _failed(self, decision: Decision, shape: Shape, now: float, why: str) -> Decision:
+        """The record of a change that could not be enacted; the controller backs off before the next."""
+        wait_s = self.controller.note_failure(now)
+        log.error("autoscaler: %s failed: %s; the deployment keeps serving as %s; no change for %.0f s",
+                  decision.action, why, shape, wait_s)
+        return Decision(now, shape, Action.NONE, f"{decision.action} failed: {why}; next try in {wait_s:.0f} s",
+                        decision.predicted_before, None, decision.target_shape, decision.observed,
+                        failed=decision.action)
+
+    async def _record_outcomes(self, now: float, shape: Shape) -> None:
+        """Changes that ended since the last interval: a failure is recorded and backs off, a success resets."""
+        if not isinstance(self.actuator, ReportsOutcomes):
+            return
+        for outcome in self.actuator.take_outcomes():
+            if outcome.ok:
+                self.controller.note_success()
+                continue
+            started = Decision(outcome.started_s, shape, outcome.action, "", None, None, None)
+            await self._emit(self._failed(started, shape, now, outcome.detail))
 
     def _slo(self) -> tuple[float, float]:
         slo = getattr(self.controller.predictor, "slo", None)

@@ -11,6 +11,10 @@
                     >= target + down_margin
              ─▶ else none
 
+A change that fails (an instance that does not start) is retried with a growing back-off: after the k-th
+failure in a row no change is made for min(max_failure_backoff_s, max(cooldown_s, interval_s) * 2^(k-1));
+the first change that takes effect resets it (`note_failure` / `note_success`, told by the live loop).
+
 Hysteresis is the gap between the two margins: a shape is grown back only when it misses the target, and
 shrunk only when the smaller shape clears the target by `down_margin`, so a load near a boundary never
 alternates between them. The cooldown bounds changes to one per `cooldown_s` whatever the predictions say.
@@ -72,6 +76,8 @@ class Budget:
     prefill_cost: float = 1.0  # per GPU, as `plan --pool GPU:NxG@COST`
     decode_cost: float = 1.0
     max_gpus: int | None = None
+    min_prefill: int = 1  # never fewer instances of a role than this (and never none)
+    min_decode: int = 1
 
     def __post_init__(self) -> None:
         if self.max_instances < 2:
@@ -90,7 +96,7 @@ class Budget:
                 + shape.num_decode * self.decode_gpus * self.decode_cost)
 
     def allows(self, shape: Shape) -> bool:
-        return (shape.num_prefill >= 1 and shape.num_decode >= 1
+        return (shape.num_prefill >= max(1, self.min_prefill) and shape.num_decode >= max(1, self.min_decode)
                 and shape.num_prefill + shape.num_decode <= self.max_instances
                 and (self.max_gpus is None or self.gpus(shape) <= self.max_gpus))
 
@@ -116,6 +122,12 @@ class ControllerConfig:
     min_requests: int = 20  # fewer finished requests in the window: too little to decide on
     window_s: float = 120.0  # the observed workload is the requests of the last window_s (>= interval_s)
     down_rate_headroom: float = 1.2  # a shrunk shape must also hold the observed rate x this (noise margin)
+    max_failure_backoff_s: float = 1800.0  # the longest wait after failed changes in a row
+
+    def failure_backoff_s(self, num_failures: int) -> float:
+        """How long no change is made after `num_failures` failed changes in a row (doubling)."""
+        base = max(self.cooldown_s, self.interval_s)
+        return min(self.max_failure_backoff_s, base * 2 ** max(0, num_failures - 1))
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
@@ -142,16 +154,21 @@ class Decision:
     predicted_after: float | None  # attainment after the action (None: no action)
     target_shape: Shape | None  # where the steps lead (None: no search ran)
     observed: dict[str, float | int | None] = field(default_factory=dict)
+    failed: Action | None = None  # set on the record of a change that could not be enacted (action is NONE)
 
     @property
     def next_shape(self) -> Shape:
         return apply_action(self.shape, self.action)
 
     def to_json(self) -> dict[str, object]:
-        return {"at_s": self.at_s, "shape": str(self.shape), "action": self.action.value, "reason": self.reason,
-                "next_shape": str(self.next_shape), "predicted_before": self.predicted_before,
-                "predicted_after": self.predicted_after,
-                "target_shape": str(self.target_shape) if self.target_shape else None, "observed": self.observed}
+        out: dict[str, object] = {
+            "at_s": self.at_s, "shape": str(self.shape), "action": self.action.value, "reason": self.reason,
+            "next_shape": str(self.next_shape), "predicted_before": self.predicted_before,
+            "predicted_after": self.predicted_after,
+            "target_shape": str(self.target_shape) if self.target_shape else None, "observed": self.observed}
+        if self.failed is not None:
+            out["failed"] = self.failed.value
+        return out
 
 
 class Controller:
@@ -162,6 +179,19 @@ class Controller:
         self.budget = budget
         self.predictor = predictor
         self.last_change_s: float | None = None
+        self.num_failures = 0  # failed changes in a row
+        self.retry_at_s: float | None = None  # no change before this (back-off after a failure)
+
+    def note_failure(self, now_s: float) -> float:
+        """A change failed at `now_s`: back off (doubling with each failure in a row); the wait, seconds."""
+        self.num_failures += 1
+        wait_s = self.config.failure_backoff_s(self.num_failures)
+        self.retry_at_s = now_s + wait_s
+        return wait_s
+
+    def note_success(self) -> None:
+        """A change took effect: the failures before it no longer count."""
+        self.num_failures, self.retry_at_s = 0, None
 
     def decide(self, now_s: float, shape: Shape, observed: ObservedWorkload, *, busy: bool = False) -> Decision:
         """One decision at `now_s`. `busy`: the actuator is still enacting the previous change."""
@@ -178,6 +208,9 @@ class Controller:
 
         if busy:
             return hold("the previous change is still in progress (one change at a time)")
+        if self.retry_at_s is not None and now_s < self.retry_at_s:
+            return hold(f"back-off: {self.num_failures} failed change(s) in a row; next try in "
+                        f"{self.retry_at_s - now_s:.0f} s")
         if self.last_change_s is not None and now_s - self.last_change_s < cfg.cooldown_s:
             return hold(f"cooldown: last change {now_s - self.last_change_s:.0f} s ago (< {cfg.cooldown_s:.0f} s)")
         if before < cfg.target or (measured is not None and measured < cfg.target):

@@ -11,7 +11,9 @@ the same.
 
 `Grammars` loads the engine's tokenizer and builds xgrammar's tokenizer info on the first guided
 request (~0.3 s for a 49k vocabulary), not at start-up: an engine that never sees one pays nothing.
-Compiled grammars are cached by (type, text). JSON schemas compile without free whitespace
+Compiled grammars are cached by (type, text). A structural tag (tool calls under `tool_choice` auto with a
+chat template that renders tools) is free text until a trigger such as `<tool_call>`, then one function's
+arguments under its JSON schema; the router writes it, the engine only compiles it. JSON schemas compile without free whitespace
 (`any_whitespace=False`): the output is compact JSON, and a small model cannot wander into whitespace
 until its token budget is spent.
 """
@@ -103,6 +105,8 @@ def _compile(compiler: Any, guide: Guide) -> Any:
         return compiler.compile_json_schema(guide.text, any_whitespace=False, strict_mode=True)
     if guide.type is GuideType.REGEX:
         return compiler.compile_regex(guide.text)
+    if guide.type is GuideType.STRUCTURAL_TAG:
+        return compiler.compile_structural_tag(guide.text)
     return compiler.compile_grammar(guide.text)
 
 
@@ -133,5 +137,5 @@ def apply_masks(logits: torch.Tensor, states: Sequence[GuidedState | None]) -> d
             errors[i] = f"the grammar matcher failed: {exc}"
     masked = [i for i in rows if i not in errors]
     if masked:
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=masked)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab, indices=masked)
     return errors

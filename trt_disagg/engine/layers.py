@@ -21,11 +21,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Rotary:
     """cos/sin tables for positions [0, max_positions), computed once per model."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_positions: int, theta: float, device: torch.device | None = None) -> None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, head_dim]."""
@@ -51,5 +51,5 @@ def paged_attention(
         q_pad.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=st.key_mask, enable_gqa=True,
     )  # [B, H, Qmax, d]
-    out = out.transpose(1, 2)[st.query_valid]  # [T, H, d] in flat order
+    out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)[st.query_rows]  # [T, H, d] in flat order
     return out.reshape(num_tokens, num_heads * head_dim)

@@ -79,10 +79,12 @@ class LLMEngine:
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, threads_per_rank: int | None = None,
-                        block_reuse: bool | None = None) -> LLMEngine:
+                        block_reuse: bool | None = None, device: str = "cpu") -> LLMEngine:
+        """The engine of a built directory, its ranks on `device` ("cpu", "cuda", "cuda:N"; the deployment's
+        `device`, a serve-time choice: the weights on disk are the same for every device)."""
         path = Path(engine_dir)
         cfg = EngineConfig.load(path)
-        runner = make_runner(cfg, path, threads_per_rank or cfg.threads_per_rank)
+        runner = make_runner(cfg, path, threads_per_rank or cfg.threads_per_rank, device)
         return cls(cfg, runner, block_reuse, Grammars(lambda: load_tokenizer(path), cfg.shape.vocab_size))
 
     # -- properties -----------------------------------------------------------------------------------------
@@ -303,6 +305,7 @@ class LLMEngine:
                 shards = {rank: t[:, :, skip:] for rank, t in shards.items()}
             slots = slot_indices(seq.block_table, kv.num_tokens, self._pool.tokens_per_block)[skip:]
             self._runner.write_kv(slots, shards)
+        kv.consumed()  # written (write_kv copies): the receiver may reuse the bytes' memory for its next pull
         seq.pending_kv = None
         self._cache.register(seq.block_table, seq.block_hashes, seq.prompt_ids)
         return kv.num_tokens - skip

@@ -8,6 +8,8 @@
 
 Weights arrive already sliced (sharding.py, by the build); names are Hugging Face's with global layer ids.
 q/k/v and gate/up are fused into one matmul each at load time: fewer, larger GEMMs are faster on CPU.
+Weights, KV cache and rotary tables live on `device` (engine/device.py); step tensors are moved there by the
+runner; `read_kv` hands back CPU tensors and `write_kv` takes any device's, because KV leaves through pipes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ from trt_disagg.engine.layers import Rotary, paged_attention, rms_norm
 from trt_disagg.engine.step_input import StepTensors
 
 AllReduce = Callable[[torch.Tensor], None]
+
+
+def _slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first index in `slots`, first slot, length) of each run of consecutive slots."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, slots[start], i - start))
+            start = i
+    return runs
 
 
 def _no_all_reduce(t: torch.Tensor) -> None:
@@ -53,21 +66,23 @@ class RankModel:
         kv_dtype: torch.dtype,
         max_positions: int,
         all_reduce: AllReduce = _no_all_reduce,
+        device: torch.device | None = None,
     ) -> None:
         self.shape = shape
+        self.device = device or torch.device("cpu")
         self.all_reduce = all_reduce
         self.heads = len(tp_slice.q_heads)
         self.kv_heads = len(tp_slice.kv_heads)
         self.head_dim = shape.head_dim
-        self.rotary = Rotary(self.head_dim, max_positions, shape.rope_theta)
+        self.rotary = Rotary(self.head_dim, max_positions, shape.rope_theta, self.device)
         self.embed = weights["model.embed_tokens.weight"] if is_first_stage else None
         self.norm = weights["model.norm.weight"] if is_last_stage else None
         self.lm_head = weights["lm_head.weight"] if is_last_stage else None
         self.layers = [self._load_layer(weights, i) for i in layers]
         # K and V of this rank's layers and KV heads: [layers, slots, kv_heads of this rank, head_dim].
         cache_shape = (len(layers), num_kv_slots, self.kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(cache_shape, dtype=kv_dtype)
-        self.v_cache = torch.zeros(cache_shape, dtype=kv_dtype)
+        self.k_cache = torch.zeros(cache_shape, dtype=kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(cache_shape, dtype=kv_dtype, device=self.device)
 
     @staticmethod
     def _load_layer(w: dict[str, torch.Tensor], i: int) -> _Layer:
@@ -126,11 +141,25 @@ class RankModel:
     # -- KV export / import: this rank's slice of given cache slots ----------------------------------------
 
     def read_kv(self, slots: list[int]) -> torch.Tensor:
-        """[layers_of_stage, 2, len(slots), kv_heads of this rank, head_dim]."""
-        idx = torch.tensor(slots, dtype=torch.long)
-        return torch.stack([self.k_cache[:, idx], self.v_cache[:, idx]], dim=1).clone()
+        """[layers_of_stage, 2, len(slots), kv_heads of this rank, head_dim], a new CPU tensor."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        # Gathered straight into the result: a gather then a stack would copy every byte twice.
+        out = torch.empty((self.k_cache.shape[0], 2, len(slots), *self.k_cache.shape[2:]),
+                          dtype=self.k_cache.dtype, device=self.device)
+        torch.index_select(self.k_cache, 1, idx, out=out[:, 0])
+        torch.index_select(self.v_cache, 1, idx, out=out[:, 1])
+        return out.cpu()
 
     def write_kv(self, slots: list[int], kv: torch.Tensor) -> None:
-        idx = torch.tensor(slots, dtype=torch.long)
+        kv = kv.to(self.device)
+        if self.device.type == "cpu":
+            # A slice copy per run of consecutive slots (a block's tokens at least): on CPU a strided copy
+            # moves the bytes ~1.3-1.9x faster than one indexed scatter (measured, 22.5 MiB: 2.4 -> 1.3 ms
+            # when the blocks are consecutive, 3.8 -> 3.0 ms when each block lies elsewhere).
+            for src, dst, n in _slot_runs(slots):
+                self.k_cache[:, dst:dst + n] = kv[:, 0, src:src + n].to(self.k_cache.dtype)
+                self.v_cache[:, dst:dst + n] = kv[:, 1, src:src + n].to(self.v_cache.dtype)
+            return
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.k_cache[:, idx] = kv[:, 0].to(self.k_cache.dtype)
         self.v_cache[:, idx] = kv[:, 1].to(self.v_cache.dtype)

@@ -2,7 +2,8 @@
 
     driver (scheduler, sampling)                         rank processes (spawned, one per TP x PP rank)
       | ForwardCmd(step) --pipe--> every rank      stage 0: embed + layers --dist.send--> stage 1 ...
-      |                                            TP ranks of a stage all-reduce o/down outputs (gloo)
+      |                                            TP ranks of a stage all-reduce o/down outputs
+      |                                            (gloo on the CPU, NCCL on CUDA: engine/device.py)
       | <--pipe-- logits [B, vocab]                last stage, tp rank 0 replies with the logits
       | <--pipe-- Ack from every other rank        so a failed rank is seen at once, not as a hang
 
@@ -16,6 +17,8 @@ The ranks rendezvous through a FileStore in a private temp dir, not torch's TCP 
 server listens on every interface whatever address `init_method` names, and nothing here should be
 reachable from outside the host. Gloo's own sockets bind the loopback interface (GLOO_SOCKET_IFNAME=lo).
 The store is needed only until every rank has built its groups, so the dir is removed once they are ready.
+On CUDA each rank owns one device (`device.rank_device`) and NCCL's bootstrap sockets bind the loopback too
+(NCCL_SOCKET_IFNAME=lo); what goes back over the pipes (logits, KV) is copied to the host first.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from trt_disagg.contract import pp_layer_ranges, rank_of, tp_slices
+from trt_disagg.engine.device import check_device, collective_backend, rank_device
 from trt_disagg.engine.model import RankModel
 from trt_disagg.engine.step_input import StepInput, build_step_tensors
 from trt_disagg.engine_dir import EngineConfig, rank_file
@@ -67,9 +70,15 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build_rank_model(cfg: EngineConfig, engine_dir: Path, rank: int, all_reduce=None) -> RankModel:
+def build_rank_model(cfg: EngineConfig, engine_dir: Path, rank: int, all_reduce=None,
+                     device: torch.device | None = None) -> RankModel:
+    # Imported here, not at the top: the engine itself runs without safetensors when its weights come from
+    # memory (benchmarks/gpu_profile.py on a machine that has torch and nothing else).
+    from safetensors.torch import load_file
+
+    dev = device or torch.device("cpu")
     tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
-    weights = load_file(str(engine_dir / rank_file(rank)))
+    weights = load_file(str(engine_dir / rank_file(rank)), device=str(dev))
     dtype = _torch_dtype(cfg.dtype)
     weights = {k: v.to(dtype) for k, v in weights.items()}
     kwargs = {"all_reduce": all_reduce} if all_reduce is not None else {}
@@ -80,19 +89,25 @@ def build_rank_model(cfg: EngineConfig, engine_dir: Path, rank: int, all_reduce=
         num_kv_slots=cfg.kv_cache.num_blocks * cfg.kv_cache.tokens_per_block,
         kv_dtype=_torch_dtype(cfg.kv_cache.dtype),
         max_positions=cfg.limits.max_seq_len,
+        device=dev,
         **kwargs,
     )
 
 
 class LocalRunner:
-    """TP1 x PP1: the model runs in the driver's process (no IPC on the hot path)."""
+    """TP1 x PP1: the model runs in the driver's process (no IPC on the hot path); logits stay on its device."""
 
-    def __init__(self, cfg: EngineConfig, engine_dir: Path) -> None:
+    def __init__(self, cfg: EngineConfig, model: RankModel) -> None:
         self.cfg = cfg
-        self.model = build_rank_model(cfg, engine_dir, 0)
+        self.model = model
+
+    @classmethod
+    def load(cls, cfg: EngineConfig, engine_dir: Path, device: str = "cpu") -> LocalRunner:
+        return cls(cfg, build_rank_model(cfg, engine_dir, 0, device=rank_device(device, 0)))
 
     def forward(self, step: StepInput) -> torch.Tensor:
-        return self.model.forward(build_step_tensors(step, self.cfg.kv_cache.tokens_per_block), None)
+        st = build_step_tensors(step, self.cfg.kv_cache.tokens_per_block, self.model.device)
+        return self.model.forward(st, None)
 
     def read_kv(self, slots: list[int]) -> dict[int, torch.Tensor]:
         return {0: self.model.read_kv(slots)}
@@ -146,14 +161,17 @@ class Failed:
     error: str
 
 
-def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int) -> None:
+def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int, device: str) -> None:
     """Entry point of one rank process."""
     torch.set_num_threads(threads)
     cfg = EngineConfig.load(engine_dir)
     tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
+    dev = rank_device(device, rank)
     try:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # NCCL binds each rank's communicator to its current device
         store = dist.FileStore(store_path, cfg.world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=cfg.world_size,
+        dist.init_process_group(collective_backend(device), store=store, rank=rank, world_size=cfg.world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
         # Every rank creates every stage's TP group, in the same order (a torch.distributed rule).
         groups = [dist.new_group([rank_of(t, s, cfg.tp) for t in range(cfg.tp)]) for s in range(cfg.pp)]
@@ -162,7 +180,7 @@ def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int) 
         def all_reduce(t: torch.Tensor) -> None:
             dist.all_reduce(t, group=tp_group)
 
-        model = build_rank_model(cfg, Path(engine_dir), rank, all_reduce if cfg.tp > 1 else None)
+        model = build_rank_model(cfg, Path(engine_dir), rank, all_reduce if cfg.tp > 1 else None, dev)
         conn.send(Ready(rank))
     except Exception:
         conn.send(Failed(rank, traceback.format_exc()))
@@ -178,15 +196,16 @@ def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int) 
             break
         try:
             if isinstance(cmd, ForwardCmd):
-                st = build_step_tensors(cmd.step, tpb)
+                st = build_step_tensors(cmd.step, tpb, dev)
                 hidden = None
                 if pp_rank > 0:
-                    hidden = torch.empty(cmd.step.num_tokens, cfg.shape.hidden_size, dtype=_torch_dtype(cfg.dtype))
+                    hidden = torch.empty(cmd.step.num_tokens, cfg.shape.hidden_size, dtype=_torch_dtype(cfg.dtype),
+                                         device=dev)
                     dist.recv(hidden, src=rank_of(tp_rank, pp_rank - 1, cfg.tp))
                 out = model.forward(st, hidden)
                 if not is_last:
                     dist.send(out, dst=rank_of(tp_rank, pp_rank + 1, cfg.tp))
-                conn.send(Ack(out if is_last and tp_rank == 0 else None))
+                conn.send(Ack(out.cpu() if is_last and tp_rank == 0 else None))
             elif isinstance(cmd, ReadKVCmd):
                 conn.send(Ack(model.read_kv(cmd.slots)))
             elif isinstance(cmd, WriteKVCmd):
@@ -206,7 +225,7 @@ def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int) 
 class DistributedRunner:
     """tp*pp rank processes started with torch.multiprocessing (spawn) and joined on shutdown."""
 
-    def __init__(self, cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> None:
+    def __init__(self, cfg: EngineConfig, engine_dir: Path, threads_per_rank: int, device: str = "cpu") -> None:
         self.cfg = cfg
         ctx = mp.get_context("spawn")
         self._rdzv_dir: Path | None = Path(tempfile.mkdtemp(prefix="trtd-rdzv-"))
@@ -217,7 +236,7 @@ class DistributedRunner:
             for rank in range(cfg.world_size):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, store_path, child,
-                                                            threads_per_rank),
+                                                            threads_per_rank, device),
                                    name=f"trt-disagg-rank{rank}", daemon=True)
                 proc.start()
                 child.close()
@@ -296,9 +315,13 @@ class DistributedRunner:
         self._remove_rendezvous()
 
 
-def make_runner(cfg: EngineConfig, engine_dir: Path, threads_per_rank: int) -> ModelRunner:
+def make_runner(cfg: EngineConfig, engine_dir: Path, threads_per_rank: int, device: str = "cpu") -> ModelRunner:
+    """The runner for `cfg`'s layout on `device` ("cpu", "cuda" or "cuda:N"); UserError when that device
+    is not here (checked before any rank starts)."""
+    check_device(device, cfg.world_size)
     if cfg.world_size == 1:
         torch.set_num_threads(threads_per_rank)
-        return LocalRunner(cfg, engine_dir)
+        return LocalRunner.load(cfg, engine_dir, device)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return DistributedRunner(cfg, engine_dir, threads_per_rank)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return DistributedRunner(cfg, engine_dir, threads_per_rank, device)

@@ -11,6 +11,9 @@ and only a row whose nucleus is wider than that (a flat distribution) bisects fo
 Sampling by inverse CDF (`cumsum` + `searchsorted`) with one uniform number per row keeps seeded
 requests reproducible whatever they are batched with.
 
+Logits may be on any device (a CUDA engine's stay on the GPU): the few small tensors made here follow
+them, and each request's generator stays on the host, so a seed draws the same numbers on every device.
+
 One row's failure (NaN logits, sampling values that slipped past validation, a grammar that allows no
 token) fails that row alone: it is reported in `BatchSample.errors`, the other rows get their tokens.
 """
@@ -90,11 +93,11 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 def _sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int | str]:
     """Sampled rows only. Returns a token per row, or a message for a row whose distribution is broken."""
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
     scaled = logits / temps.unsqueeze(1)
     scaled = _cut_top_k(scaled, [p.top_k for p in params])
     probs = torch.softmax(scaled, dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators]).to(logits.device)
     top_p = [p.top_p for p in params]
     nucleus = [i for i, p in enumerate(top_p) if p < 1.0]
     out: list[int | str] = [0] * len(params)
@@ -116,7 +119,8 @@ def _cut_top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     if min(ks) >= vocab:
         return scaled
     values = torch.topk(scaled, max(k for k in ks if k < vocab), dim=-1).values
-    kth = torch.tensor([values[i, k - 1].item() if k < vocab else float("-inf") for i, k in enumerate(ks)])
+    kth = torch.tensor([values[i, k - 1].item() if k < vocab else float("-inf") for i, k in enumerate(ks)],
+                       device=scaled.device)
     return scaled.masked_fill(scaled < kth.unsqueeze(1), float("-inf"))
 
 
@@ -134,7 +138,7 @@ def _sample_nucleus(probs: torch.Tensor, top_p: list[float], uniform: torch.Tens
     """Top-p: the smallest set of most likely tokens whose mass reaches top_p (the first one always stays)."""
     k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
     values, index = torch.topk(probs, k, dim=-1)
-    p = torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
+    p = torch.tensor(top_p, dtype=probs.dtype, device=probs.device).unsqueeze(1)
     inside = (torch.cumsum(values, dim=-1)[:, -1:] >= p).squeeze(1).tolist()
     wide = [i for i, ok in enumerate(inside) if not ok]
     keep = (torch.cumsum(values, dim=-1) - values) < p
@@ -142,7 +146,7 @@ def _sample_nucleus(probs: torch.Tensor, top_p: list[float], uniform: torch.Tens
     picks = _inverse_cdf(values * keep, uniform)
     out = [pick if isinstance(pick, str) else int(index[i, pick]) for i, pick in enumerate(picks)]
     if wide:  # a flat distribution: its nucleus is wider than the candidates
-        rows = torch.tensor(wide)
+        rows = torch.tensor(wide, device=probs.device)
         for i, pick in zip(wide, _wide_nucleus(probs[rows], p[rows], uniform[rows]), strict=True):
             out[i] = pick
     return out

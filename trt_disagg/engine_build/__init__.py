@@ -5,4 +5,5 @@
     tensorrtllm.py    convert_checkpoint.py + trtllm-build: rendered always, run when installed
     staging.py        atomic dirs: write to .<role>.tmp-<pid>, rename when complete, clean leftovers
     digest.py         the inputs digest that decides "up to date"
+    xgrammar_info.py  xgrammar_tokenizer_info.json, the vocabulary the tensorrtllm backend's guided decoding reads
 """

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from trt_disagg.config import Deployment, ModelSource, ServerGroup
 from trt_disagg.contract import ModelShape, Role
+from trt_disagg.engine.device import check_device
 from trt_disagg.engine.sharding import shard_state_dict, validate_parallelism
 from trt_disagg.engine.weights import (
     LoadedModel,
@@ -35,6 +36,7 @@ from trt_disagg.errors import UserError
 from . import python_engine, tensorrtllm
 from .digest import inputs_digest
 from .staging import clean_stale, scratch_dir, staged_dir
+from .xgrammar_info import XGRAMMAR_TOKENIZER_INFO, write_tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ def plan_build(dep: Deployment, *, engines_root: Path | None = None, roles: list
 def _validate_static(dep: Deployment, plans: list[RolePlan], dry_run: bool) -> None:
     """The checks that need no weights (KV sizes, TensorRT-LLM flags and tools), before loading anything."""
     for plan in plans:
+        if plan.backend == "python" and not dry_run:  # the engines it builds are served on that device
+            check_device(plan.group.device, plan.group.world_size, f"{plan.where}.device")
         if plan.up_to_date:
             continue
         if plan.backend == "python":
@@ -194,19 +198,28 @@ def _build_trtllm(dep: Deployment, plan: RolePlan, observer: BuildObserver) -> N
         cmds = tensorrtllm.render_commands(dep.model, plan.group, model_dir=model_dir, checkpoint_dir=ckpt,
                                            engine_dir=tmp)
         tensorrtllm.run_commands(cmds, on_step=lambda desc: observer.role_step(plan.role, desc))
-        _copy_tokenizer(model_dir, tmp / TOKENIZER_DIR)
+        _copy_tokenizer(model_dir, tmp)
         tensorrtllm.write_build_info(tmp, inputs_digest=plan.inputs_digest, role=plan.role.value,
                                      tp=plan.group.tp, pp=plan.group.pp, cmds=cmds)
         observer.role_step(plan.role, "tokenizer + build info")
 
 
-def _copy_tokenizer(model_dir: str, dest: Path) -> None:
+def _copy_tokenizer(model_dir: str, engine_dir: Path) -> None:
+    """The tokenizer into engine_dir/tokenizer, and the xgrammar_tokenizer_info.json the tensorrtllm backend's
+    guided decoding reads (structured output, tool calls) next to the engine."""
     from transformers import AutoTokenizer
 
     try:
-        AutoTokenizer.from_pretrained(model_dir, local_files_only=True).save_pretrained(str(dest))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer.save_pretrained(str(engine_dir / TOKENIZER_DIR))
     except Exception as exc:  # noqa: BLE001 - best effort: transformers raises many types for odd dirs
         log.warning("no tokenizer copied from %s (%s); point Triton's tokenizer_dir at it", model_dir, exc)
+        return
+    try:
+        write_tokenizer_info(engine_dir, tokenizer)
+    except ValueError as exc:
+        log.warning("no %s written (%s): the tensorrtllm backend loads this engine only once it exists",
+                    XGRAMMAR_TOKENIZER_INFO, exc)
 
 
 def build_deployment(dep: Deployment, *, engines_root: Path | None = None, roles: list[str] | None = None,

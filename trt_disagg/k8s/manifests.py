@@ -6,11 +6,19 @@
     20-prefill.yaml     per role: headless Service, StatefulSet(s), PodDisruptionBudget
     21-decode.yaml
     30-router.yaml      router Deployment + Service + PodDisruptionBudget
+    40-autoscaler.yaml  ServiceAccount + Role + RoleBinding for `trt-disagg autoscale --k8s` (optional: only
+                        what the controller needs, scaling the two StatefulSets and reading the ConfigMap)
 
 Why StatefulSets for instances: an instance's identity matters. `trt-disagg serve CONFIG --instance ROLE:N`
 starts instance N, and the pod's ordinal is N (the `apps.kubernetes.io/pod-index` label, Kubernetes >= 1.28),
 with a stable DNS name (<sts>-N.<service>) that the ConfigMap's `urls` advertise to routers and to the
 decode instances that pull KV. Each pod asks for its instance's TP x PP GPUs as `nvidia.com/gpu`.
+
+Headroom for the autoscaler: `serve --instance prefill:N` starts only an instance its config lists, so the
+ConfigMap lists `max_instances_per_role` instances of prefill and of decode (default SCALE_LIMIT_PER_ROLE)
+while each StatefulSet starts with `num_instances` replicas. Routers find instances in Redis, not in the
+config, so the listed ordinals that have no pod cost nothing; a pod the controller adds (the next ordinal)
+finds its instance there. The actuator reads the ConfigMap and never scales a role past what it lists.
 
 Placement: when the plan says where instances run (`ServerGroup.nodes`, written by `plan -o` for a multi-
 node cluster), each instance gets its own StatefulSet pinned by node affinity to the node label
@@ -51,6 +59,9 @@ ENGINES_MOUNT = "/engines"
 NODE_LABEL = "trt-disagg.io/node"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 FILE_FOR_ROLE = {Role.PREFILL: "20-prefill.yaml", Role.DECODE: "21-decode.yaml", Role.COLOCATED: "22-colocated.yaml"}
+AUTOSCALER_FILE = "40-autoscaler.yaml"
+SCALABLE_ROLES = (Role.PREFILL, Role.DECODE)  # the roles the autoscaler shapes (DistServe's two phases)
+SCALE_LIMIT_PER_ROLE = 8  # instances of each scalable role the ConfigMap lists by default (one 8-GPU node's worth)
 
 Obj = dict[str, Any]
 
@@ -63,6 +74,13 @@ class K8sOptions:
     redis_image: str = "valkey/valkey:8.0"
     engines_claim: str | None = None  # PVC with the built engines; default <name>-engines
     router_replicas: int = 2
+    # Prefill and decode instances the ConfigMap lists (pods up to this ordinal can start); None:
+    # max(num_instances, SCALE_LIMIT_PER_ROLE). Groups pinned to nodes list exactly their instances.
+    max_instances_per_role: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_instances_per_role is not None and self.max_instances_per_role < 1:
+            raise UserError(f"max_instances_per_role must be >= 1, got {self.max_instances_per_role}")
 
 
 @dataclass
@@ -105,7 +123,7 @@ def k8s_name(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Names:
+class ObjectNames:
     """Object names and labels of one deployment, and what every pod of it is given."""
 
     base: str
@@ -136,20 +154,48 @@ class _Names:
         return f"{self.base}-{role.value}"
 
 
+def object_names(dep: Deployment, opts: K8sOptions | None = None) -> ObjectNames:
+    """The names of `dep`'s objects: what render_k8s writes and what the autoscaler's actuator targets."""
+    opts = opts or K8sOptions()
+    base = k8s_name(dep.name)
+    return ObjectNames(base, opts.image, redis_url_template(dep.redis.url, f"{base}-redis"))
+
+
+def instance_id(role: Role, ordinal: int) -> str:
+    """The id instance `ordinal` of `role` registers under in Redis: the pod runs `serve --instance ROLE:N`,
+    which starts the config's instance "<role>-<N>" (triton.render.plan_instances names them)."""
+    return f"{role.value}-{ordinal}"
+
+
+def role_capacity(group: ServerGroup, role: Role, opts: K8sOptions) -> int:
+    """Instances of `role` the ConfigMap lists: the most its StatefulSet may be scaled to."""
+    if group.nodes or role not in SCALABLE_ROLES:
+        return group.num_instances
+    limit = opts.max_instances_per_role if opts.max_instances_per_role is not None else SCALE_LIMIT_PER_ROLE
+    return max(group.num_instances, limit)
+
+
+def scalable(dep: Deployment) -> bool:
+    """Prefill and decode each run as one StatefulSet (no node pinning): replica counts can shape them."""
+    groups = dep.groups()
+    return all(r in groups and not groups[r].nodes for r in SCALABLE_ROLES)
+
+
 def render_k8s(dep: Deployment, opts: K8sOptions | None = None) -> ManifestSet:
     """Every object of `dep` on Kubernetes; raises UserError for what cannot be expressed."""
     opts = opts or K8sOptions()
-    base = k8s_name(dep.name)
-    names = _Names(base, opts.image, redis_url_template(dep.redis.url, f"{base}-redis"))
+    names = object_names(dep, opts)
     _check_renderable(dep)
     out = ManifestSet()
     out.files[SECRET_FILE] = [_secret(names)]
-    out.files["01-config.yaml"] = [_config_map(names, in_cluster_deployment(dep, names))]
+    out.files["01-config.yaml"] = [_config_map(names, in_cluster_deployment(dep, names, opts))]
     if dep.redis.url is None:
         out.files["10-redis.yaml"] = _redis(names, opts)
     for role, group in dep.groups().items():
         out.files[FILE_FOR_ROLE[role]] = _role_objects(names, role, group, dep, opts)
     out.files["30-router.yaml"] = _router(names, dep, opts)
+    if scalable(dep):
+        out.files[AUTOSCALER_FILE] = autoscaler_rbac(names)
     return out
 
 
@@ -172,13 +218,21 @@ def redis_url_template(external_url: str | None, service: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/0", parts.query, ""))
 
 
-def in_cluster_deployment(dep: Deployment, names: _Names) -> Deployment:
+def in_cluster_deployment(dep: Deployment, names: ObjectNames, opts: K8sOptions | None = None) -> Deployment:
     """`dep` as pods see it: each instance advertised at its pod's stable DNS name, engines on the volume,
-    the router listening on the pod's address (set here, explicitly), Redis by its Service name."""
+    the router listening on the pod's address (set here, explicitly), Redis by its Service name, and the
+    autoscaler's headroom listed (`role_capacity`)."""
+    opts = opts or K8sOptions()
     groups: dict[str, ServerGroup] = {}
     for role, group in dep.groups().items():
-        urls = [f"{_pod_dns(names, role, group, i)}:{GRPC_PORT}" for i in range(group.num_instances)]
-        groups[_FIELD[role]] = group.model_copy(update={"urls": urls})
+        n = role_capacity(group, role, opts)
+        urls = [f"{_pod_dns(names, role, group, i)}:{GRPC_PORT}" for i in range(n)]
+        # A pod sees only the GPUs it asked for (TP x PP), numbered from 0: device ids are taken modulo that,
+        # not modulo a node's count (instance N of a role would otherwise get ids its pod does not have).
+        update: dict[str, object] = {"urls": urls, "num_instances": n}
+        if group.backend == "tensorrtllm":
+            update["gpus_per_node"] = group.world_size
+        groups[_FIELD[role]] = group.model_copy(update=update)
     # The password-less URL, for the reader: pods get REDIS_URL (which wins) with the password.
     redis_url = without_password(dep.redis.url or f"redis://{names.redis}:{REDIS_PORT}/0")
     return dep.model_copy(update={
@@ -191,17 +245,17 @@ def in_cluster_deployment(dep: Deployment, names: _Names) -> Deployment:
 _FIELD = {Role.PREFILL: "context_servers", Role.DECODE: "generation_servers", Role.COLOCATED: "colocated_servers"}
 
 
-def _sts_name(names: _Names, role: Role, group: ServerGroup, index: int) -> str:
+def statefulset_name(names: ObjectNames, role: Role, group: ServerGroup, index: int) -> str:
     """One StatefulSet per role (pod ordinal = instance index), or per instance when the plan pins nodes."""
     return f"{names.role(role)}-{index}" if group.nodes else names.role(role)
 
 
-def _pod_dns(names: _Names, role: Role, group: ServerGroup, index: int) -> str:
-    pod = f"{_sts_name(names, role, group, index)}-0" if group.nodes else f"{names.role(role)}-{index}"
+def _pod_dns(names: ObjectNames, role: Role, group: ServerGroup, index: int) -> str:
+    pod = f"{statefulset_name(names, role, group, index)}-0" if group.nodes else f"{names.role(role)}-{index}"
     return f"{pod}.{names.role(role)}"
 
 
-def _secret(names: _Names) -> Obj:
+def _secret(names: ObjectNames) -> Obj:
     return {"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": names.secret, "labels": names.labels("secrets")},
             "type": "Opaque",
@@ -209,17 +263,17 @@ def _secret(names: _Names) -> Obj:
                            "admin-token": secrets.token_urlsafe(24)}}
 
 
-def _config_map(names: _Names, dep: Deployment) -> Obj:
+def _config_map(names: ObjectNames, dep: Deployment) -> Obj:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": names.config, "labels": names.labels("config")},
             "data": {"deployment.yaml": dump_deployment(dep)}}
 
 
-def _secret_env(names: _Names, var: str, key: str) -> Obj:
+def _secret_env(names: ObjectNames, var: str, key: str) -> Obj:
     return {"name": var, "valueFrom": {"secretKeyRef": {"name": names.secret, "key": key}}}
 
 
-def _redis(names: _Names, opts: K8sOptions) -> list[Obj]:
+def _redis(names: ObjectNames, opts: K8sOptions) -> list[Obj]:
     labels = names.labels("redis")
     container = {
         "name": "redis", "image": opts.redis_image,
@@ -253,7 +307,7 @@ def _pdb(name: str, labels: dict[str, str]) -> Obj:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}}}
 
 
-def _role_objects(names: _Names, role: Role, group: ServerGroup, dep: Deployment, opts: K8sOptions) -> list[Obj]:
+def _role_objects(names: ObjectNames, role: Role, group: ServerGroup, dep: Deployment, opts: K8sOptions) -> list[Obj]:
     labels = names.labels(role.value)
     objs: list[Obj] = [_service(names.role(role), labels, [("http", HTTP_PORT), ("grpc", GRPC_PORT),
                                                            ("metrics", METRICS_PORT), ("kv", KV_PORT)],
@@ -267,13 +321,13 @@ def _role_objects(names: _Names, role: Role, group: ServerGroup, dep: Deployment
     return objs
 
 
-def _statefulset(names: _Names, role: Role, group: ServerGroup, dep: Deployment, opts: K8sOptions,
+def _statefulset(names: ObjectNames, role: Role, group: ServerGroup, dep: Deployment, opts: K8sOptions,
                  index: int | None, node: str | None) -> Obj:
     """Pods of `role`: all instances (index None, ordinal = instance), or instance `index` pinned to `node`."""
     labels = names.labels(role.value)
     pod_labels = dict(labels)
     if index is not None:
-        pod_labels["trt-disagg.io/instance-id"] = f"{role.value}-{index}"
+        pod_labels["trt-disagg.io/instance-id"] = instance_id(role, index)
     spec: Obj = {"containers": [_instance_container(names, role, group, index)],
                  "volumes": [{"name": "config", "configMap": {"name": names.config}},
                              {"name": "engines", "persistentVolumeClaim": {
@@ -298,7 +352,7 @@ def _resources(group: ServerGroup) -> Obj:
     return {"requests": {"cpu": cpus, "memory": "4Gi"}, "limits": {"cpu": cpus}}
 
 
-def _instance_container(names: _Names, role: Role, group: ServerGroup, index: int | None) -> Obj:
+def _instance_container(names: ObjectNames, role: Role, group: ServerGroup, index: int | None) -> Obj:
     which = "$(INSTANCE_INDEX)" if index is None else str(index)
     env: list[Obj] = []
     if index is None:
@@ -337,6 +391,31 @@ def _instance_container(names: _Names, role: Role, group: ServerGroup, index: in
 
 
 
+def autoscaler_rbac(names: ObjectNames) -> list[Obj]:
+    """What `trt-disagg autoscale --k8s` may do, and nothing more: read and scale the prefill and decode
+    StatefulSets (`kubectl scale --current-replicas` reads the scale and updates it) and read the ConfigMap
+    (how many instances it lists). Bound to a ServiceAccount for a controller run inside the cluster; an
+    operator running it outside binds the Role to their own user or group instead."""
+    labels = names.labels("autoscaler")
+    name = f"{names.base}-autoscaler"
+    statefulsets = [names.role(r) for r in SCALABLE_ROLES]
+    rules = [
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": statefulsets, "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "resourceNames": statefulsets,
+         "verbs": ["get", "patch", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.config], "verbs": ["get"]},
+    ]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "labels": labels}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name, "labels": labels},
+         "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "labels": labels},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name}]},
+    ]
+
+
 def without_password(url: str) -> str:
     """`url` with any user:password removed (a ConfigMap is readable by anyone who can read the namespace)."""
     parts = urlsplit(url)
@@ -346,7 +425,7 @@ def without_password(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _router(names: _Names, dep: Deployment, opts: K8sOptions) -> list[Obj]:
+def _router(names: ObjectNames, dep: Deployment, opts: K8sOptions) -> list[Obj]:
     """Routers are stateless apart from their id (records in Redis): a Deployment, any number of replicas."""
     labels = names.labels("router")
     port = dep.router.port or 8000

@@ -1,8 +1,10 @@
 """Cross-host KV pulls over TCP: the decode side connects to the prefill instance's KV endpoint.
 
 `fetch` sends the signed handle, receives the layout and shard shapes, then the raw bytes layer by layer
-straight into preallocated tensors (`recv_into`, no intermediate copies), and ACKs so that the prefill side
-frees its blocks. Every failure becomes a KVTransferError that names the source instance and its URL.
+straight into the shards (`recv_into`, no intermediate copies), and ACKs so that the prefill side frees its
+blocks. The shards are views into a receive buffer reused across pulls (kv/buffers.py): the consumer's
+`ExportedKV.consumed()` gives it back. Every failure becomes a KVTransferError that names the source
+instance and its URL.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from trt_disagg.contract import KVLayout
 from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv import wire
+from trt_disagg.kv.buffers import RECEIVE_BUFFERS, Lease, ShardSpec
 from trt_disagg.kv.errors import KVTransferError, SourceUnreachableError, error_from_wire
 from trt_disagg.kv.handle import KVHandle, encode_handle
 from trt_disagg.kv.wire import parse_kv_url
@@ -44,10 +47,12 @@ class TcpKVReceiver:
 
     mode = "tcp"
 
-    def __init__(self, secret: bytes, connect_timeout_s: float = 5.0, io_timeout_s: float = 30.0) -> None:
+    def __init__(self, secret: bytes, connect_timeout_s: float = 5.0, io_timeout_s: float = 30.0,
+                 reuse_buffers: bool = True) -> None:
         self._secret = secret
         self._connect_timeout_s = connect_timeout_s
         self._io_timeout_s = io_timeout_s
+        self._reuse = reuse_buffers  # False: fresh tensors and mappings per pull (the bench's comparison)
         self.last_timing: FetchTiming | None = None
 
     def fetch(self, handle: KVHandle) -> ExportedKV:
@@ -67,10 +72,13 @@ class TcpKVReceiver:
             t1 = time.perf_counter()
             meta = self._expect(sock, "meta")
             t2 = time.perf_counter()
-            shards = {int(s["rank"]): torch.empty(tuple(s["shape"]), dtype=wire.dtype_of(s["dtype"]))
-                      for s in meta["shards"]}
-            self._receive_shards(sock, [shards[r] for r in sorted(shards)])
-            end = self._expect(sock, "end")
+            lease = self._take_buffers(meta)
+            try:
+                self._receive_shards(sock, [lease.shards[r] for r in sorted(lease.shards)])
+                end = self._expect(sock, "end")
+            except BaseException:
+                lease.give_back()  # nobody holds these bytes: the next pull may have them
+                raise
             t3 = time.perf_counter()
             wire.send_header(sock, {"op": "ack"})
             try:
@@ -81,7 +89,7 @@ class TcpKVReceiver:
             self.last_timing = FetchTiming(t1 - t0, t2 - t1, t3 - t2, t4 - t3, float(end.get("export_s", 0.0)),
                                            float(end.get("stage_s", 0.0)), t4 - t0)
             return ExportedKV(layout=KVLayout.from_dict(meta["layout"]), num_tokens=int(meta["num_tokens"]),
-                              shards=shards)
+                              shards=lease.shards, recycle=lease.give_back)
         except KVTransferError:
             raise
         except TimeoutError:
@@ -92,6 +100,14 @@ class TcpKVReceiver:
                                          f"{handle.request_id} ({exc})") from None
         finally:
             sock.close()
+
+    def _take_buffers(self, meta: dict) -> Lease:
+        """The shards the meta announces, as views into a (reused) receive buffer."""
+        specs = [ShardSpec(int(s["rank"]), tuple(int(d) for d in s["shape"]), wire.dtype_of(str(s["dtype"])))
+                 for s in meta["shards"]]
+        if len({s.rank for s in specs}) != len(specs) or any(d < 0 for s in specs for d in s.shape):
+            raise ValueError("KV protocol error: duplicate ranks or negative sizes in the shard list")
+        return RECEIVE_BUFFERS.take(specs, reuse=self._reuse)
 
     def _expect(self, sock: socket.socket, op: str) -> dict:
         msg = wire.recv_header(sock)

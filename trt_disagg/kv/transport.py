@@ -6,7 +6,8 @@ Ownership (the rule that keeps KV from leaking, after vLLM's connector and SGLan
         │                              expires after handle_ttl_s ──▶ release (engine frees)
         ▼
     decode: KVReceiver.fetch(handle) pulls the bytes, ACKs ──▶ sender releases (engine frees)
-            the receiver's copy is the decode engine's to import (add_decode_request)
+            the receiver's copy is the decode engine's to import (add_decode_request); once written into
+            its pool, ExportedKV.consumed() gives the memory back to the receiver (kv/buffers.py)
 
 `release()` is idempotent and is the only way blocks go back: after an ACK, on expiry, on cancel, on
 shutdown, and on the router's release op (`release_handle`, kv/release.py: a request given up between its
@@ -136,6 +137,17 @@ def resolve_receiver_name(backend: str, handle: KVHandle) -> str:
     if backend not in RECEIVERS:
         raise KVTransferError(f"unknown KV transport {backend!r} (one of {', '.join(RECEIVERS)}, auto)")
     return backend
+
+
+def drop_receive_caches() -> None:
+    """Free what pulls keep for the next one in this process: idle receive buffers (kv/buffers.py) and kept
+    mappings of peers' shm segments (kv/shm.py). A decode instance calls it when it stops; pulls still in
+    flight keep theirs until they end."""
+    from trt_disagg.kv.buffers import RECEIVE_BUFFERS
+    from trt_disagg.kv.shm import SEGMENT_MAPS
+
+    RECEIVE_BUFFERS.clear()
+    SEGMENT_MAPS.clear()
 
 
 def make_receiver(name: str, **kwargs) -> KVReceiver:

@@ -57,7 +57,8 @@ def conversation_workload(trace: ConversationTrace, rate: float | None = None) -
         mean_gap = starts[-1] / len(starts) if len(starts) and starts[-1] > 0 else 1.0
         arrival[first] = starts / mean_gap / rate
     arrival[~first & np.isnan(arrival)] = 0.0  # closed loop: set when the previous turn finishes
-    links = ConversationLinks(trace.previous, trace.shared_prefix_len, trace.think_s, closed_loop=not trace.replay)
+    links = ConversationLinks(trace.previous, trace.shared_prefix_len, trace.think_s, closed_loop=not trace.replay,
+                              common_prefix_len=trace.common_prefix_len)
     return SimWorkload(arrival, trace.input_len, trace.output_len, links)
 
 

@@ -4,8 +4,9 @@ links or a `PrefixReuse` is enabled (otherwise the plain loop in `loop.py` runs,
 What it adds to `loop.py`:
 - Block reuse: every decode-capable instance (colocated, decode) and every prefill instance holds a
   `BlockCache` of its KV capacity; lanes come from `reuse_lanes.py`; requests are routed by
-  `routing.ROUTERS[reuse.routing]`; with `local_prefill_max_tokens`, a prompt whose unmatched suffix on its
-  best decode instance is that short is prefilled there (conditional disaggregation).
+  `routing.make_router(reuse.routing)` (one per role, as the router keeps its turns per role); with
+  `local_prefill_max_tokens`, a prompt whose unmatched suffix on the decode instance holding most of it is
+  that short is prefilled there (conditional disaggregation, as router/kv_routing.py `local_target`).
 - Closed-loop arrivals: a conversation's next turn arrives `think_s` after its previous turn finished.
   Lanes are advanced lazily, so a finish is only seen when a lane is advanced past it. To never dispatch an
   arrival into a lane already advanced beyond it, the lanes are advanced in steps of at most the shortest
@@ -40,7 +41,7 @@ from trt_disagg.sim.reuse_lanes import (
     ReusePrefillInstance,
     ReuseState,
 )
-from trt_disagg.sim.routing import ROUTERS
+from trt_disagg.sim.routing import Router, make_router
 from trt_disagg.sim.spec import ColocatedPolicy, ColocatedSpec, DisaggSpec, PrefixReuse, Routing, SimWorkload
 
 MIN_HORIZON_S = 1e-3
@@ -106,6 +107,8 @@ class Driver:
         self.flow = Flow(workload)
         self.state = new_state(workload, reuse, self.inp, self.out)
         self.reuse = reuse or PrefixReuse(enabled=False)
+        self.decode_router: Router = make_router(self.reuse.routing)  # decode-capable instances
+        self.prefill_router: Router = make_router(self.reuse.routing)
         self.rec = HookedRecorder(len(self.inp), self._finished)
         self.advanced_s = 0.0  # every lane has been advanced to here
         self.push: Callable[[float, int], None] = lambda t, i: None
@@ -182,8 +185,7 @@ def run_colocated(spec: ColocatedSpec, workload: SimWorkload, reuse: PrefixReuse
 def _pick_lane(d: Driver, lanes: Sequence[DecodeLane], i: int, max_blocks: int) -> DecodeLane:
     if d.state is None:
         return min(lanes, key=_lane_load)
-    router = ROUTERS[d.reuse.routing]
-    lane, _ = router(lanes, d.state.names.names(i), max_blocks, d.inp[i], d.reuse)  # type: ignore[arg-type]
+    lane, _ = d.decode_router(lanes, d.state.names.names(i), max_blocks, d.inp[i], d.reuse)  # type: ignore[arg-type]
     return lane  # type: ignore[return-value]
 
 
@@ -263,16 +265,20 @@ def _decode_lanes(spec: DisaggSpec, d: Driver) -> list[DecodeLane]:
 
 
 def _prefilled_locally(d: Driver, i: int, now: float) -> bool:
-    """Conditional disaggregation: send request i straight to the decode instance that holds all but a short
-    suffix of its prompt (the kv-aware choice among decode instances), skipping prefill and transfer."""
+    """Conditional disaggregation: send request i straight to the decode instance that holds the most of its
+    prompt when all but a short suffix is held there (the router's `local_target`: the longest match, the
+    first such lane on a tie), skipping prefill and transfer."""
     st = d.state
-    if st is None or d.reuse.local_prefill_max_tokens <= 0:
+    if st is None or d.reuse.local_prefill_max_tokens <= 0 or d.reuse.routing is not Routing.KV_AWARE:
         return False
     d.advance_to(now)
-    lane, matched = ROUTERS[Routing.KV_AWARE](d.lanes, st.names.names(i), st.prefill_match_limit(d.inp[i]),  # type: ignore[arg-type]
-                                              d.inp[i], d.reuse)
-    if d.inp[i] - matched > d.reuse.local_prefill_max_tokens:
+    names, limit = st.names.names(i), st.prefill_match_limit(d.inp[i])
+    matched_blocks = [lane.cache.match(names, limit) for lane in d.lanes]  # type: ignore[attr-defined]
+    best = max(matched_blocks, default=0)
+    matched = best * st.tokens_per_block
+    if best == 0 or d.inp[i] - matched > d.reuse.local_prefill_max_tokens:
         return False
+    lane = d.lanes[matched_blocks.index(best)]
     st.local_prefill[i] = True
     lane.add(i, now)  # type: ignore[attr-defined]
     return True
@@ -282,8 +288,8 @@ def _pick_prefill(d: Driver, prefills: list[PrefillInstance], i: int) -> int:
     st = d.state
     if st is None or d.reuse.routing is Routing.LEAST_LOADED:
         return min(range(len(prefills)), key=lambda j: (prefills[j].queued_tokens, prefills[j].busy, j))
-    chosen, _ = ROUTERS[d.reuse.routing](prefills, st.names.names(i), st.prefill_match_limit(d.inp[i]),  # type: ignore[arg-type]
-                                         d.inp[i], d.reuse)
+    chosen, _ = d.prefill_router(prefills, st.names.names(i), st.prefill_match_limit(d.inp[i]),  # type: ignore[arg-type]
+                                 d.inp[i], d.reuse)
     return prefills.index(chosen)  # type: ignore[arg-type]
 
 

@@ -70,6 +70,10 @@ class PrefillInstance:
         self.queue.append(i)
         self.queued_tokens += self.input_len[i]
 
+    def least_loaded_key(self) -> tuple[int, ...]:
+        """The router's least-loaded order for a prefill instance: fewest queued prompt tokens."""
+        return (self.queued_tokens,)
+
     def try_start_batch(self) -> PrefillBatch | None:
         """FCFS batch under the token budget (one over-budget prompt runs alone); None when nothing waits."""
         if not self.queue:
@@ -110,6 +114,19 @@ class DecodeLane:
     @property
     def load(self) -> int:
         return self.reserved + self.waiting_tokens
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences running or waiting here: what the router's least-loaded policy counts first."""
+        return self.batch + len(self.waiting)
+
+    def free_kv_tenths(self) -> int:
+        """Free KV in tenths of the pool: the router's least-loaded tie-break (a few blocks are noise)."""
+        return 10 * max(0, self.capacity - self.reserved) // max(1, self.capacity)
+
+    def least_loaded_key(self) -> tuple[int, ...]:
+        """The router's least-loaded order for a decode or colocated instance (router.dispatch.LeastLoaded)."""
+        return (self.num_sequences, -self.free_kv_tenths())
 
     def add(self, i: int, now: float) -> None:
         """A request whose first token exists joins (at the next step start)."""
@@ -234,6 +251,10 @@ class ChunkedLane(ColocatedLane):
     @property
     def load(self) -> int:
         return self.reserved + self.waiting_tokens + sum(self.input_len[p.request] for p in self.prefilling)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.batch + len(self.waiting) + len(self.prefilling)
 
     def _admit_prompts(self) -> None:
         waiting, inp, out = self.waiting, self.input_len, self.output_len

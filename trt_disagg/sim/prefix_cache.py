@@ -8,7 +8,9 @@
 
 A block's *name* stands for the engine's hash chain: `BlockNames` gives block b of request i the name of
 block b of its conversation's previous turn when the block lies wholly inside the shared prefix, else a
-fresh one. So two requests share block b exactly when the engine's hashes would match.
+fresh one; a first turn's blocks wholly inside the prefix every prompt shares (`common_prefix_len`: a chat
+template's system prompt) get the same names in every conversation. So two requests share block b exactly
+when the engine's hashes would match.
 
 The engine's rules, kept: a prefill matches at most (prompt - 1) // block full blocks (it computes at least
 the last prompt token); imported KV may match every full prompt block. Prompt blocks are named once their KV
@@ -39,6 +41,9 @@ class BlockNames:
         n = len(input_len)
         self.previous = links.previous.tolist() if links is not None else [-1] * n
         self.shared = links.shared_prefix_len.tolist() if links is not None else [0] * n
+        # Names of the blocks every prompt starts with: negative, never one of the fresh names counted from 0.
+        common = links.common_prefix_len // tokens_per_block if links is not None else 0
+        self._common = [-1 - b for b in range(common)]
         self._names: dict[int, list[int]] = {}
         self._done: set[int] = set()  # finished, names kept for a later turn not yet named
         self._next = 0
@@ -53,7 +58,7 @@ class BlockNames:
         if got is not None:
             return got
         p = self.previous[i]
-        inherited: list[int] = []
+        inherited = self._common[: self.input_len[i] // self.block]
         if p >= 0:
             inherited = self.names(p)[: self.shared[i] // self.block]
             self._pending_children[p] -= 1

@@ -69,6 +69,11 @@ class _ReuseMixin:
         st.prefill_tokens[i] = n_in - st.matched_tokens[i]
         return st.matched_tokens[i]
 
+    def free_kv_tenths(self) -> int:
+        """Free KV in tenths of the pool, cached blocks counted free (as the instance publishes its load)."""
+        cache = self.cache
+        return 10 * max(0, cache.capacity - cache.in_use) // max(1, cache.capacity)
+
     def _suffix_if_admitted(self, i: int) -> int:
         st = self.state
         matched = self.cache.match(st.names.names(i), st.prefill_match_limit(self.input_len[i]))

@@ -68,18 +68,21 @@ class ConversationLinks:
     Request i's first `shared_prefix_len[i]` prompt tokens are the prompt + answer of request `previous[i]`
     (-1: a first turn, nothing shared). `closed_loop`: a later turn arrives `think_s[i]` after its previous
     turn finished (its `arrival_s` is ignored); else every `arrival_s` is a fixed send time (a replayed trace).
+    Every prompt's first `common_prefix_len` tokens are the same across conversations (a chat template's
+    default system prompt), so its whole blocks are cached once per instance for every conversation.
     """
 
     previous: np.ndarray  # int64
     shared_prefix_len: np.ndarray  # int64
     think_s: np.ndarray  # float64
     closed_loop: bool = True
+    common_prefix_len: int = 0
 
 
 class Routing(enum.StrEnum):
-    """How a request picks its decode-capable instance when prefixes are cached (`routing.ROUTERS`)."""
+    """How a request picks its decode-capable instance when prefixes are cached (`routing.make_router`)."""
 
-    LEAST_LOADED = "least_loaded"  # fewest KV tokens reserved or waiting (what the simulator always did)
+    LEAST_LOADED = "least_loaded"  # the router's: fewest sequences, then most free KV; ties take turns
     KV_AWARE = "kv_aware"  # unmatched prompt tokens x overlap_weight + load: cached prefix against load
 
 

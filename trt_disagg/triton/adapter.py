@@ -63,6 +63,7 @@ class InstanceSettings:
     kv_shm_prefix: str | None  # names of this instance's /dev/shm KV segments (serve removes them after a kill)
     iteration_log: str | None = None  # append one JSON line per engine step here
     kv_event_buffer: int = 10000  # kv_cache_config.event_buffer_max_size: the KV event stream's length; 0: none
+    device: str = "cpu"  # the group's `device`: where the engine's ranks run (cpu, cuda, cuda:N)
 
     @classmethod
     def from_model_config(cls, model_config: dict, env: dict[str, str] | None = None) -> InstanceSettings:
@@ -92,16 +93,17 @@ class InstanceSettings:
             redis_url=env.get("REDIS_URL") or None, kv_shm_prefix=env.get("TRTD_KV_SHM_PREFIX") or None,
             iteration_log=env.get("TRTD_ITERATION_LOG") or None,
             kv_event_buffer=int(event_buffer) if event_buffer else 10000,
+            device=params.get("DEVICE") or "cpu",
         )
 
 
-def load_engine(engine_dir: str, threads_per_rank: int | None) -> Engine:
+def load_engine(engine_dir: str, threads_per_rank: int | None, device: str = "cpu") -> Engine:
     """The real engine, or the fake one for ENGINE_DIR "fake:<role>[:tp:pp]" (tests)."""
     if engine_dir.startswith(FAKE_PREFIX):
         return FakeEngine.from_spec(engine_dir)
     from trt_disagg.engine.llm_engine import LLMEngine
 
-    return LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank)
+    return LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank, device=device)
 
 
 class RunningInstance:
@@ -122,7 +124,7 @@ class RunningInstance:
         self._server_alive = server_alive
         self._stopping = threading.Event()
         secret = self._secret()
-        engine = load_engine(settings.engine_dir, settings.threads_per_rank)
+        engine = load_engine(settings.engine_dir, settings.threads_per_rank, settings.device)
         try:
             sender = None
             if settings.role is Role.PREFILL:

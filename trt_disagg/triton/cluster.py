@@ -9,6 +9,15 @@ A start that fails (port taken, engine missing, model fails to load) stops what 
 UserError with the reason and the failing instance's log tail. After start-up, each process it owns is
 named (`supervised()`: "redis", "router", the instance ids) and can be checked (`why_down`) and replaced
 in place (`restart`, same ports, returns at once); `triton.supervise` decides when.
+
+Scaling (the autoscaler's actuator, from its own thread; one change at a time):
+    add_instance(role)      a new id (<role>-<next index>, never reused), new ports, launched; supervised only
+                            once `wait_instance_ready` saw its model ready (it registers itself then, and only
+                            then takes work)
+    retire_instance(id)     out of supervision at once (its stop is no crash to repair), then triton.retire:
+                            drain, wait until idle (bounded), deregister; stop the process; clear its keys
+    discard_instance(id)    stop one that never became ready, and forget it
+A lock guards the process table: the supervisor's tick and the actuator's thread both read and change it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +37,7 @@ from trt_disagg.contract import Role
 from trt_disagg.engine_dir import CONFIG_FILE
 from trt_disagg.errors import UserError
 from trt_disagg.kv.handle import new_secret, secret_from_env
-from trt_disagg.triton import launch, listen
+from trt_disagg.triton import launch, listen, retire
 from trt_disagg.triton.fake_engine import FAKE_PREFIX
 from trt_disagg.triton.redis_server import EmbeddedRedis, configured_redis_url
 from trt_disagg.triton.registry import get_or_create_secret
@@ -71,10 +81,14 @@ class LocalCluster:
         self.router_url: str | None = None
         self._router_port: int | None = None
         self._plans: dict[str, InstancePlan] = {}
+        self._next_index: dict[Role, int] = {}  # ids are never reused
         self._redis: EmbeddedRedis | None = None
         self.run_dir: Path | None = run_dir  # repositories and logs; a temp dir (removed on stop) when None
         self._own_run_dir = run_dir is None
         self._iteration_logs = iteration_logs  # each instance writes <run_dir>/<id>.iterations.jsonl
+        self._lock = threading.RLock()  # the process table: supervisor tick vs the actuator's thread
+        self._starting: set[str] = set()  # launched by add_instance, not ready yet: not supervised
+        self._retiring: set[str] = set()  # being drained and stopped on purpose: not supervised
 
     # ---- plan ----
     def plans(self) -> list[InstancePlan]:
@@ -86,16 +100,17 @@ class LocalCluster:
                 raise UserError(f"--instance {', '.join(unknown)}: not in this deployment "
                                 f"(instances: {', '.join(sorted(known))})")
             plans = [p for p in plans if p.instance_id in self._only]
-        out = []
-        for p in plans:
-            override = self._engine_overrides.get(p.role)
-            if override is not None:
-                p = replace(p, engine_dir=Path(override))
-            if self._transport is not None:
-                ct = p.group.cache_transceiver_config.model_copy(update={"backend": self._transport})
-                p = replace(p, group=p.group.model_copy(update={"cache_transceiver_config": ct}))
-            out.append(p)
-        return out
+        return [self._adjusted(p) for p in plans]
+
+    def _adjusted(self, p: InstancePlan) -> InstancePlan:
+        """A plan with this cluster's engine override and KV transport applied."""
+        override = self._engine_overrides.get(p.role)
+        if override is not None:
+            p = replace(p, engine_dir=Path(override))
+        if self._transport is not None:
+            ct = p.group.cache_transceiver_config.model_copy(update={"backend": self._transport})
+            p = replace(p, group=p.group.model_copy(update={"cache_transceiver_config": ct}))
+        return p
 
     def _check_engines(self, plans: list[InstancePlan]) -> None:
         for p in plans:
@@ -132,6 +147,7 @@ class LocalCluster:
             self.redis_url = self._redis.start()
         self.secret_hex = self._secret()
         self._plans = {p.instance_id: p for p in plans}
+        self._next_index = {role: 1 + max((p.index for p in plans if p.role is role), default=-1) for role in Role}
         launched = [(p, self._launch(p)) for p in plans]  # all start loading in parallel
         self.processes = [proc for _, proc in launched]
         for i, (plan, proc) in enumerate(launched):
@@ -214,7 +230,8 @@ class LocalCluster:
         logf = open(self.run_dir / "router.log", "ab")  # noqa: SIM115 - owned by the process below
         self.router_proc = subprocess.Popen(
             [sys.executable, "-m", "router", str(self._config_path),
-             "--redis-url", str(self.redis_url), "--port", str(self._router_port)],
+             "--redis-url", str(self.redis_url), "--port", str(self._router_port),
+             *(["--engines-dir", str(self._engines_root)] if self._engines_root is not None else [])],
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         logf.close()
 
@@ -254,7 +271,9 @@ class LocalCluster:
     # ---- supervision: each owned process by name ----
     def supervised(self) -> dict[str, Role | None]:
         """Every process this cluster owns and can restart, by name, with the role it serves (instances)."""
-        names: dict[str, Role | None] = {p.instance_id: self._plans[p.instance_id].role for p in self.processes}
+        with self._lock:
+            names: dict[str, Role | None] = {p.instance_id: self._plans[p.instance_id].role for p in self.processes
+                                             if p.instance_id not in self._starting | self._retiring}
         if self._redis is not None:
             names["redis"] = None
         if self.router_proc is not None:
@@ -286,13 +305,113 @@ class LocalCluster:
                 launch.stop_process(self.router_proc, timeout_s=1.0)
             self._spawn_router()
         else:
-            old = self._process(name)
-            ports = None if old.port_conflict() else old.ports  # taken meanwhile by someone else: new ones
-            old.stop(timeout_s=1.0)  # gone already: kills what is left of its group, removes its shm
-            self.processes[self.processes.index(old)] = self._launch(self._plans[name], ports)
+            with self._lock:
+                if name in self._retiring or name not in self._plans:
+                    return  # retired on purpose meanwhile: nothing to repair
+                old = self._process(name)
+                ports = None if old.port_conflict() else old.ports  # taken meanwhile by someone else: new ones
+                old.stop(timeout_s=1.0)  # gone already: kills what is left of its group, removes its shm
+                self.processes[self.processes.index(old)] = self._launch(self._plans[name], ports)
 
     def _process(self, instance_id: str) -> launch.TritonProcess:
-        return next(p for p in self.processes if p.instance_id == instance_id)
+        with self._lock:
+            return next(p for p in self.processes if p.instance_id == instance_id)
+
+    # ---- scaling: the autoscaler's actuator adds and retires instances ----
+    def serving(self, role: Role) -> list[str]:
+        """Instances of `role` that are up and supervised (not starting, not being retired), by id."""
+        return sorted(name for name, r in self.supervised().items() if r is role)
+
+    def add_instance(self, role: Role) -> str:
+        """Launch a new instance of `role` (its group's engine and limits); returns its id at once. It takes
+        no work until its model is ready (it registers itself then); supervised after `wait_instance_ready`."""
+        with self._lock:
+            plan = self._new_plan(role)
+            self._check_engines([plan])
+            self._plans[plan.instance_id] = plan
+            self._starting.add(plan.instance_id)
+            try:
+                self.processes.append(self._launch(plan))
+            except BaseException:
+                self._starting.discard(plan.instance_id)
+                del self._plans[plan.instance_id]
+                raise
+        log.info("started %s (%s engine %s)", plan.instance_id, role.value, plan.engine_dir)
+        return plan.instance_id
+
+    def _new_plan(self, role: Role) -> InstancePlan:
+        group = self.dep.groups().get(role)
+        if group is None:
+            raise UserError(f"this deployment has no {role.value} servers to add one of")
+        if group.urls:
+            raise UserError(f"{role.value} servers have fixed `urls`: an instance cannot be added on this host")
+        index = self._next_index.get(role, 0)
+        self._next_index[role] = index + 1
+        world = group.world_size
+        used_gpus = {g for p in self._plans.values() for g in p.gpu_device_ids}
+        free = [g for g in range(group.gpus_per_node) if g not in used_gpus]
+        gpus = tuple(free[:world]) if len(free) >= world else tuple(range(world))
+        first = 1 + max((q for p in self._plans.values() for q in p.participant_ids), default=0)
+        engine_dir = self.dep.engine_dir(role, self._engines_root).resolve()
+        return self._adjusted(InstancePlan(f"{role.value}-{index}", role, index, group, engine_dir, gpus,
+                                           tuple(range(first, first + world))))
+
+    def wait_instance_ready(self, instance_id: str, timeout_s: float, abort: threading.Event | None = None) -> None:
+        """Until an added instance's model is ready (then it is supervised); UserError with its log tail if it
+        exits, does not get ready in `timeout_s`, or `abort` is set."""
+        deadline = time.monotonic() + timeout_s
+        proc = self._process(instance_id)
+        while True:
+            if abort is not None and abort.is_set():
+                raise UserError(f"instance {instance_id}: start-up abandoned (stopping)")
+            left = deadline - time.monotonic()
+            try:
+                proc.wait_ready(max(0.1, min(1.0, left)))  # in slices, so that `abort` is seen
+                break
+            except UserError:
+                if not proc.alive() or left <= 1.0:
+                    raise
+        with self._lock:
+            self._starting.discard(instance_id)
+
+    def discard_instance(self, instance_id: str) -> None:
+        """Stop an added instance that never became ready, and forget it (it never registered)."""
+        proc = self._process(instance_id)
+        proc.stop(timeout_s=5.0)
+        self._forget(instance_id)
+
+    def retire_instance(self, instance_id: str, drain_timeout_s: float,
+                        abort: threading.Event | None = None) -> retire.DrainResult:
+        """Drain (bounded by `drain_timeout_s`), deregister, stop and clear one instance; never the last
+        serving instance of its role. The supervisor stops watching it first: this stop is on purpose."""
+        import redis
+
+        with self._lock:
+            role = self._plans[instance_id].role
+            others = [i for i in self.serving(role) if i != instance_id]
+            if not others:
+                raise UserError(f"{instance_id} is the last {role.value} instance serving: not retiring it")
+            self._retiring.add(instance_id)
+        client = redis.Redis.from_url(str(self.redis_url))
+        try:
+            result = retire.drain(client, instance_id, drain_timeout_s, abort)
+            retire.deregister(client, instance_id, role)
+            self._process(instance_id).stop()
+            retire.clear(client, instance_id)
+        finally:
+            client.close()
+            self._forget(instance_id)
+        if not result.idle:
+            log.warning("%s retired after its %.0f s drain deadline (still in flight: %s); that work fails over "
+                        "through the router", instance_id, drain_timeout_s, result.in_flight)
+        return result
+
+    def _forget(self, instance_id: str) -> None:
+        with self._lock:
+            self.processes = [p for p in self.processes if p.instance_id != instance_id]
+            self._plans.pop(instance_id, None)
+            self._starting.discard(instance_id)
+            self._retiring.discard(instance_id)
 
     def endpoints(self) -> list[Endpoint]:
         return [Endpoint(p.instance_id, Role(p.model_name), p.model_name, p.grpc_url, p.http_url, p.ports.kv,

@@ -30,7 +30,13 @@ from trt_disagg.engine_dir import EngineConfig
 from trt_disagg.exported_kv import ExportedKV
 from trt_disagg.kv.errors import InvalidHandleError, KVTransferError
 from trt_disagg.kv.handle import KVHandle, decode_handle, encode_handle
-from trt_disagg.kv.transport import KVSender, check_layout, make_receiver, resolve_receiver_name
+from trt_disagg.kv.transport import (
+    KVSender,
+    check_layout,
+    drop_receive_caches,
+    make_receiver,
+    resolve_receiver_name,
+)
 from trt_disagg.triton.tensors import InstanceRequest
 
 log = logging.getLogger(__name__)
@@ -133,6 +139,7 @@ class InstanceServer:
             self._thread.join(timeout=30)
             self._thread = None
         self._fetch_pool.shutdown(wait=True, cancel_futures=True)
+        drop_receive_caches()
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:

@@ -21,11 +21,9 @@ from pathlib import Path
 
 from trt_disagg.config import Deployment, ServerGroup
 from trt_disagg.contract import Role
+from trt_disagg.engine_build.xgrammar_info import XGRAMMAR_TOKENIZER_INFO
 from trt_disagg.engine_dir import tokenizer_dir
 from trt_disagg.errors import UserError
-
-# What TensorRT-LLM's guided decoding reads to know the engine's vocabulary (xgrammar's tokenizer info).
-XGRAMMAR_TOKENIZER_INFO = "xgrammar_tokenizer_info.json"
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "model_repo"
 ROLE_FIELD = {Role.PREFILL: "context_servers", Role.DECODE: "generation_servers",
@@ -96,6 +94,18 @@ def _check_group(role: Role, group: ServerGroup) -> None:
         raise UserError(f"{field}: {backend} is a python-backend transport; TensorRT-LLM uses UCX, NIXL or MPI")
 
 
+def check_devices(dep: Deployment, roles: set[Role] | None = None) -> None:
+    """UserError naming `<group>.device` when a python group (of `roles`; None: all) asks for a CUDA device
+    this host does not have. torch is imported only when some group asks for one: a CPU deployment's serve
+    stays torch-free here."""
+    for role, group in dep.groups().items():
+        if group.backend != "python" or group.device == "cpu" or (roles is not None and role not in roles):
+            continue
+        from trt_disagg.engine.device import check_device
+
+        check_device(group.device, group.world_size, f"{ROLE_FIELD[role]}.device")
+
+
 def template_values(plan: InstancePlan, decoupled: bool = True) -> dict[str, str]:
     """Placeholders of the templates. Prefill answers once, so it is never decoupled (unary infer works)."""
     g = plan.group
@@ -110,6 +120,7 @@ def template_values(plan: InstancePlan, decoupled: bool = True) -> dict[str, str
         "handle_ttl_s": repr(float(ct.handle_ttl_s)),
         "max_pending_tokens": "" if ct.max_pending_tokens is None else str(ct.max_pending_tokens),
         "threads_per_rank": str(g.threads_per_instance),
+        "device": g.device,
         "kv_cache_free_gpu_mem_fraction": repr(float(kv.free_gpu_memory_fraction)),
         "enable_kv_cache_reuse": "true" if kv.enable_block_reuse else "false",
         "event_buffer_max_size": str(kv.event_buffer_max_size),

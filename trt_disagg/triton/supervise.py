@@ -10,6 +10,9 @@
       `max_restarts` times in a row is given up, and when that leaves a role with no instance (or the
       deployment without its Redis or router) tick() raises DeploymentFailed.
 
+The set of processes is re-read every tick (`supervised()`): an instance the autoscaler added is watched
+once it is ready, and one it retires on purpose drops out before it is stopped, so it is never "restarted".
+
 A failure counts as "in a row" until the restarted process has stayed up for `stable_s`: a crash loop costs
 little, while a rare crash is repaired after `backoff_s`. Only processes this host started are touched: an
 external Redis (REDIS_URL) is not ours to restart; the instances re-register in it when it comes back.
@@ -89,10 +92,20 @@ class Supervisor:
     def tick(self) -> None:
         """Check every process once; restart what is due; raise DeploymentFailed when nothing can help."""
         now = self.clock()
+        self._sync(now)
         for w in self._watches.values():
             if not w.given_up:
                 self._check(w, now)
         self._check_enough_left()
+
+    def _sync(self, now: float) -> None:
+        """Watch what the deployment owns now: added instances in, retired ones out."""
+        current = self.cluster.supervised()
+        for name in [n for n in self._watches if n not in current]:
+            del self._watches[name]
+        for name, role in current.items():
+            if name not in self._watches:
+                self._watches[name] = _Watch(name, role, now)
 
     def _check(self, w: _Watch, now: float) -> None:
         reason = self.cluster.why_down(w.name)

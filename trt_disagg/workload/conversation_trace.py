@@ -20,6 +20,7 @@ A trace dumped by a live run (JSON, `load_conversation_trace`) carries measured 
 replays exactly the requests the benchmark sent:
 
     {"tokens_per_block": 16,                                   (optional)
+     "common_prefix_len": 24,                                  (optional: leading tokens every prompt shares)
      "requests": [{"conversation": 0, "turn": 0, "arrival_s": 0.0, "input_len": 120, "output_len": 40,
                    "shared_prefix_len": 0, "think_s": 1.0}, ...]}   (or the list alone)
 
@@ -65,6 +66,8 @@ class ConversationTrace:
     # the policy label (`planner.conversations.Policy.label`) it was measured under.
     measured_ttft_s: np.ndarray | None = None
     measured_policy: str | None = None
+    # Leading prompt tokens every conversation shares (a chat template's default system prompt).
+    common_prefix_len: int = 0
 
     def __len__(self) -> int:
         return len(self.input_len)
@@ -76,12 +79,15 @@ class ConversationTrace:
     def ideal_matched_tokens(self, tokens_per_block: int) -> int:
         """Prompt tokens an infinite cache with perfect routing would match: whole blocks of the shared prefix,
         within the KV the previous turn left (its prompt + answer but the last token, whose KV is never
-        computed) and short of the last prompt token (a prefill computes at least one token)."""
+        computed) and short of the last prompt token (a prefill computes at least one token). A first turn may
+        match the prefix every prompt shares (`common_prefix_len`), the first of all included."""
         prev = self.previous
         has = prev != NO_PREVIOUS
-        left = np.where(has, self.input_len[np.maximum(prev, 0)] + self.output_len[np.maximum(prev, 0)] - 1, 0)
-        tokens = np.minimum(np.minimum(self.shared_prefix_len, left), self.input_len - 1)
-        return int(np.sum(np.where(has, tokens // tokens_per_block * tokens_per_block, 0)))
+        left = np.where(has, self.input_len[np.maximum(prev, 0)] + self.output_len[np.maximum(prev, 0)] - 1,
+                        self.common_prefix_len)
+        shared = np.where(has, self.shared_prefix_len, self.common_prefix_len)
+        tokens = np.minimum(np.minimum(shared, left), self.input_len - 1)
+        return int(np.sum(tokens // tokens_per_block * tokens_per_block))
 
 
 def conversation_turns(messages: Sequence[str], count: Callable[[str], int], max_seq_len: int | None,
@@ -149,6 +155,10 @@ def load_conversation_trace(path: str | Path) -> ConversationTrace:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"--trace {p}: request {n}: missing or bad field {exc}") from None
     trace = _trace(rows, replay=True)
+    common = data.get("common_prefix_len", 0) if isinstance(data, dict) else 0
+    if not isinstance(common, int) or common < 0:
+        raise UserError(f"--trace {p}: common_prefix_len must be an integer >= 0, got {common!r}")
+    trace = replace(trace, common_prefix_len=common)
     if all(np.isnan(measured)):
         return trace
     order = sorted(range(len(rows)), key=lambda k: (rows[k][2], rows[k][0], rows[k][1]))  # as `_trace` sorts

@@ -100,3 +100,15 @@ def test_a_wide_nucleus_is_the_sorted_one() -> None:
         assert len(expected) > sampling.NUCLEUS_CANDIDATES
         draws = {sampling._wide_nucleus(probs[row:row + 1], top_p[row:row + 1], torch.rand(1))[0] for _ in range(300)}
         assert draws <= expected
+
+
+def test_logits_on_the_engines_device_sample_as_on_the_cpu(device) -> None:
+    """A CUDA engine's logits stay on the GPU: greedy and seeded rows give the CPU's tokens (the draws come
+    from each request's host generator whatever the device)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 500) * 3
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=20, seed=3),
+              SamplingParams(temperature=1.0, top_p=0.8, seed=4), SamplingParams(temperature=0.5, seed=5)]
+    on_cpu = sample_batch(logits, params, [make_generator(p) for p in params])
+    on_device = sample_batch(logits.to(device), params, [make_generator(p) for p in params])
+    assert on_device.errors == {} and on_device.tokens == on_cpu.tokens

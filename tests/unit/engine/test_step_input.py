@@ -18,4 +18,5 @@ def test_mixed_prefill_and_decode_rows_see_exactly_their_causal_context() -> Non
     assert mask[1, 0].tolist() == [True] * 5
     assert st.last_token_index.tolist() == [2, 3]
     assert st.query_valid.tolist() == [[True, True, True], [True, False, False]]
+    assert st.query_rows.tolist() == [0, 1, 2, 3]  # seq 1's token is row 1 * Qmax(3) + 0 of the padded queries
     assert torch.equal(st.token_ids, torch.tensor([10, 11, 12, 20]))

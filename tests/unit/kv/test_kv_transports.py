@@ -65,16 +65,6 @@ def shm_segments() -> set[str]:
 
 
 @pytest.fixture
-def secret():
-    return new_secret()
-
-
-@pytest.fixture
-def prefill():
-    return FakeEngine(role=Role.PREFILL, tp=2, pp=1)
-
-
-@pytest.fixture
 def sender(prefill, secret):
     s = transport.make_sender("tcp", source=LockedSource(prefill), secret=secret, instance_id="prefill-0",
                               layout=prefill.config.kv_layout(), handle_ttl_s=30.0, max_pending_tokens=64,

@@ -11,13 +11,16 @@ Tightening the per-field maxima until every combination fits (max_tokens <= max_
 min_tokens 0 only) would make the schema refuse requests the router rightly serves, and schemathesis'
 negative checks would then fail on those instead. So the schema stays exact per field, and this hook
 skips the *positive* cases that break one of these rules: nothing claims they are valid. The prompt is
-counted exactly as the route counts it (the route's own message rendering, the test router's tokenizer);
+counted exactly as the route counts it (the route's own message rendering, the router's tokenizer: the
+fake one, or the real engines' from TRTD_SCHEMATHESIS_ENGINE_DIR);
 negative cases are left alone: the router must refuse them whichever rule they break.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import schemathesis
@@ -25,13 +28,22 @@ from pydantic import ValidationError
 from schemathesis import GenerationMode
 
 from router.errors import BadRequest
-from router.routes.chat import prompt_messages
+from router.routes.chat import plan_tools, prompt_messages
 from router.schemas import ChatRequest, CompletionRequest
-from router.structured import called_tools, guide_for
+from router.structured import guide_for
+from router.tokenizer import HFTokenizer, TextTokenizer
 from tests.unit.router.router_testkit import FakeTokenizer
 
 MAX_INPUT_LEN = int(os.environ.get("TRTD_SCHEMATHESIS_MAX_INPUT_LEN", "256"))
 MAX_SEQ_LEN = int(os.environ.get("TRTD_SCHEMATHESIS_MAX_SEQ_LEN", "512"))
+# The router's tokenizer when it serves real engines (their engine dir); unset: the fake instances' tokenizer.
+ENGINE_DIR = os.environ.get("TRTD_SCHEMATHESIS_ENGINE_DIR")
+
+
+@functools.cache
+def router_tokenizer() -> TextTokenizer:
+    """The tokenizer the router under test counts and renders prompts with (its chat template included)."""
+    return HFTokenizer.from_engine_dir(Path(ENGINE_DIR)) if ENGINE_DIR else FakeTokenizer()
 
 
 @schemathesis.hook
@@ -63,9 +75,9 @@ def within_cross_field_rules(path: str, body: dict[str, Any]) -> bool:
 
 def tool_rules_hold(req: ChatRequest) -> bool:
     """Chat's tool rules compare fields too: tool_choice against tools, response_format against a tool
-    call, and `auto` is refused while the model's chat template renders no tools (the test router's)."""
+    call, and `auto` is refused while the model's chat template renders no tools (the router's tokenizer's)."""
     try:
-        guide_for(req.response_format, called_tools(req.tools, req.tool_choice))
+        guide_for(req.response_format, plan_tools(req, router_tokenizer()))
     except BadRequest:
         return False
     return True
@@ -80,12 +92,18 @@ def as_int(value: Any) -> int | None:
 
 def prompt_tokens(req: ChatRequest | CompletionRequest) -> int:
     """The prompt's token count as the route computes it (its message rendering, the test router's tokenizer)."""
-    tokenizer = FakeTokenizer()
+    tokenizer = router_tokenizer()
     if isinstance(req, ChatRequest):
-        return len(tokenizer.chat_prompt_ids(prompt_messages(req)))
+        plan = plan_tools(req, tokenizer)
+        return len(tokenizer.chat_prompt_ids(prompt_messages(req, plan), **tools_kwarg(plan.template_tools())))
     prompt = req.prompt
     if isinstance(prompt, str):
         return len(tokenizer.encode(prompt))
     if prompt and isinstance(prompt[0], str):
         return len(tokenizer.encode(str(prompt[0])))
     return len(prompt)
+
+
+def tools_kwarg(tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """`tools=` only for a template that renders them (the fake tokenizer takes no such argument)."""
+    return {} if tools is None else {"tools": tools}

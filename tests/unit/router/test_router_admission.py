@@ -57,6 +57,40 @@ def test_a_short_queue_is_admitted():
     adm.check(ServePath.DISAGGREGATED, 300)  # (50 + 300) / 200 = 1.75 s
 
 
+def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():
+    """First tokens come back in clumps (1000 tokens at once, every second): the wait depends on how long until
+    the next clump, which a rate alone cannot tell; a 429's Retry-After is when the router admits again."""
+    now = [0.0]
+    queue = FakeDispatcher(queued=[5000])
+    adm = Admission(queue, target_s=0.5, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for second in range(9):  # (1) a busy pool: 5 x 200 tokens complete together at each whole second
+        now[0] = float(second)
+        for _ in range(5):
+            adm.prefilled(ServePath.DISAGGREGATED, 200, 0.5)
+    queue.queued[:] = [800]
+    now[0] = 8.25  # (2) a quarter second after the last clump, 1000 tokens ahead: served by the next one
+    assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 200) == pytest.approx(0.75)
+    assert 1000 / adm.rate_tokens_per_s(ServePath.DISAGGREGATED) > 0.9  # (the fluid estimate: 0.9 s)
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 200)
+    assert refused.value.retry_after_s == pytest.approx(0.25)
+    now[0] += refused.value.retry_after_s  # (3) back after Retry-After, nothing admitted meanwhile: admitted
+    adm.check(ServePath.DISAGGREGATED, 200)
+    assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 1200) == pytest.approx(1.5)  # (4) two clumps ahead
+
+
+def test_moments_when_the_pool_ran_out_of_work_are_not_replayed():
+    """A lightly loaded pool finishes each prompt and idles: its pace is the arrivals', so the replay has no
+    answer and the fluid estimate (queue over the measured rate) stands."""
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[0]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for second in range(9):
+        now[0] = float(second)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 0.25)
+    assert adm.replayed_drain_s(ServePath.DISAGGREGATED, 300) is None
+    assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 300) == pytest.approx(300 / 400)
+
+
 async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, redis):
     await register_pd(redis)
     app = make_router(valkey_url, FakeInstanceClient(), admission_target_s=1.0, refresh_interval_s=30.0)

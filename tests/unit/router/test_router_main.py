@@ -29,3 +29,38 @@ def test_a_bad_config_is_a_clear_message_and_exit_code_2(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "error:" in done.stderr and "port" in done.stderr
+
+
+def test_engines_dir_flag_moves_the_routers_tokenizer_and_limits_with_the_served_engines(tmp_path):
+    from trt_disagg.config import load_deployment
+
+    dep = load_deployment(TINY)
+    default = settings_for(TINY, "redis://r:6379/0")
+    assert default.engine_dir == dep.engine_dir(next(iter(dep.groups())))
+    moved = settings_for(TINY, "redis://r:6379/0", engines_dir=tmp_path / "elsewhere")
+    assert moved.engine_dir == tmp_path / "elsewhere" / dep.name / next(iter(dep.groups())).value
+
+
+class _RecordingPopen:
+    """Stands in for subprocess.Popen in the cluster module: records the router's argv, starts nothing."""
+
+    argv: list[str] = []
+
+    def __init__(self, argv: list[str], **kwargs: object) -> None:
+        type(self).argv = list(argv)
+
+
+def test_serve_passes_its_engines_dir_to_the_router_process(tmp_path, monkeypatch):
+    from trt_disagg.config import load_deployment
+    from trt_disagg.triton import cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod.subprocess, "Popen", _RecordingPopen)
+    for root, expected in ((tmp_path / "engines-b", ["--engines-dir", str(tmp_path / "engines-b")]), (None, [])):
+        c = cluster_mod.LocalCluster(load_deployment(TINY), config_path=TINY, engines_root=root,
+                                     run_dir=tmp_path)
+        c.redis_url, c._router_port = "redis://127.0.0.1:1/0", 8999
+        c._spawn_router()
+        argv = _RecordingPopen.argv
+        assert argv[argv.index("router") + 1] == str(TINY)
+        flag = argv[argv.index("--engines-dir"):argv.index("--engines-dir") + 2] if "--engines-dir" in argv else []
+        assert flag == expected

@@ -1,5 +1,5 @@
 """Conversations in the simulator: a later turn's TTFT drops with reuse, kv-aware routing returns a
-conversation to the instance holding its prefix, closed-loop turns follow their answer, and without reuse the
+conversation to the instance holding its prefix, least-loaded takes turns between idle instances, closed-loop turns follow their answer, and without reuse the
 conversation loop reproduces the plain loop."""
 
 from __future__ import annotations
@@ -56,6 +56,18 @@ def test_kv_aware_routing_returns_a_conversation_to_the_instance_holding_its_pre
     assert least.matched_tokens[2] == 0
     assert aware.matched_tokens[2] == 599 // 16 * 16
     assert aware.ttft_s[2] < least.ttft_s[2]
+
+
+def test_least_loaded_alternates_idle_instances_as_the_router_does():
+    # one conversation, each turn sent when both instances are idle: the router's least-loaded sees a tie every
+    # time and takes turns, so turn 1 lands on the other instance (no hit) and turn 2 back on the first, where
+    # only turn 0's prompt + answer is cached; kv-aware keeps the conversation on one instance.
+    spec = ColocatedSpec(make_instance(prefill=QUADRATIC), 2)
+    wl = _conv([0.0, 20.0, 40.0], [300, 400, 500], [20, 20, 20], [-1, 0, 1], [0, 320, 420])
+    least = simulate(spec, wl, reuse=PrefixReuse(routing="least_loaded"))
+    aware = simulate(spec, wl, reuse=PrefixReuse(routing="kv_aware"))
+    assert least.matched_tokens.tolist() == [0, 0, 319 // 16 * 16]
+    assert aware.matched_tokens.tolist() == [0, 319 // 16 * 16, 419 // 16 * 16]
 
 
 def test_closed_loop_turns_arrive_think_time_after_their_answer():

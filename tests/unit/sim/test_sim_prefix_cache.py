@@ -86,3 +86,18 @@ def test_block_names_are_shared_over_whole_blocks_of_the_shared_prefix():
     names.done(0)
     names.done(1)
     assert names._names == {}
+
+
+def test_first_turns_share_the_blocks_of_the_prefix_every_prompt_starts_with():
+    # two conversations whose prompts start with the same 10 tokens (a system prompt): 2 whole blocks of 4
+    links = ConversationLinks(np.array([-1, -1, 0]), np.array([0, 0, 28]), np.zeros(3), common_prefix_len=10)
+    names = BlockNames(links, [20, 6, 40], [8, 2, 4], 4)
+    a, b, a2 = names.names(0), names.names(1), names.names(2)
+    # a prompt shorter than the common prefix shares only the common blocks wholly inside it
+    assert len(a) == 7 and len(b) == 2 and b[0] == a[0] and b[1] not in a
+    assert a2[:7] == a[:7] and not set(a2[7:]) & (set(a) | set(b))
+    cache = BlockCache(64)
+    assert cache.try_admit(0, a, 4, len(a), force=False) == 0
+    cache.name_blocks(0, a, 5)
+    assert cache.match(b, 2) == 1  # the other conversation finds the common block
+    assert cache.match(names.names(1)[:1] + a[1:2], 2) == 2

@@ -112,3 +112,20 @@ def test_redis_that_keeps_failing_stops_the_deployment(setup):
         for _ in range(40):
             clock.now += 1.0
             sup.tick()
+
+
+def test_added_instances_are_watched_and_retired_ones_never_restarted(setup):
+    dep, clock, sup = setup
+    dep.roles["decode-2"] = Role.DECODE  # (1) the autoscaler added one; ready: supervised from now on
+    sup.tick()
+    dep.down["decode-2"] = "killed by SIGKILL"
+    sup.tick()
+    clock.now = 1.0
+    sup.tick()
+    assert dep.restarted == ["decode-2"]
+    del dep.roles["decode-1"]  # (2) retired on purpose: out of supervision before its stop
+    dep.down["decode-1"] = "exit code 0"
+    for t in (2.0, 10.0, 60.0):
+        clock.now = t
+        sup.tick()
+    assert dep.restarted == ["decode-2"]

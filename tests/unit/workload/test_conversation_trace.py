@@ -55,6 +55,19 @@ def test_a_dumped_trace_is_replayed_in_send_order_with_default_shared_prefixes(t
     assert trace.ideal_matched_tokens(8) == 72  # min(80, 50 + 30 - 1) // 8 * 8
 
 
+def test_a_dumped_trace_names_the_prefix_every_prompt_shares(tmp_path: Path):
+    path = tmp_path / "trace.json"
+    requests = [{"conversation": 0, "turn": 0, "arrival_s": 0.0, "input_len": 50, "output_len": 30},
+                {"conversation": 1, "turn": 0, "arrival_s": 1.0, "input_len": 10, "output_len": 2}]
+    path.write_text(json.dumps({"common_prefix_len": 8, "requests": requests}))
+    trace = load_conversation_trace(path)
+    assert trace.common_prefix_len == 8
+    assert trace.ideal_matched_tokens(8) == 16  # one whole block of the common prefix per first turn
+    path.write_text(json.dumps({"common_prefix_len": -1, "requests": requests}))
+    with pytest.raises(UserError, match="common_prefix_len"):
+        load_conversation_trace(path)
+
+
 @pytest.mark.parametrize("content, message", [
     ("not json", "cannot read"),
     ("[]", "non-empty list"),
