@@ -290,6 +290,8 @@ def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) 
             "announced_p50_s": pct([r for _, _, r, _, _, _ in refusals], 0.5),
             "drain_p50_s": pct([d for _, _, _, _, d, _ in refusals], 0.5),
             "refusals": refusals,
+            "admitted_sent_at_ttft_s": [[round(o.sent_at, 4), round(o.ttft_s, 4)] for o in admitted
+                                        if o.ttft_s is not None],
             "other": dict(Counter(o.kind for o in outcomes if o.retry_after_s is None and o.kind != "ok"))}
 
 

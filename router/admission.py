@@ -25,12 +25,15 @@ the forecast. On a smooth pool it is the fluid estimate; on a clumped one it fol
 comes from the same forecast as the refusal, so a client back after it finds the router admitting again
 unless other arrivals took the room first (under sustained overload, most of it).
 
+
 The rate (for the fluid fallback) is the larger of two measured lower bounds of the pool's capacity: the
 prompt tokens it finished per second between its first and last completion of the window (exact while it
 is saturated), and the tokens per second of its recent prefill calls, queueing included (exact while it is
 not). Both are measured, not modelled: they follow the engine as served on this machine, whatever its
-load. With no prefill finished in the window there is no evidence of a queue that does not move, and
-everything is admitted.
+load. A pool that finished nothing within the window keeps the rate it last showed: a burst after idle
+time is forecast from the capacity the pool had, not admitted whole until its first prefill comes back.
+With no prefill ever finished there is no evidence of a queue that does not move, and everything is
+admitted.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Admission:
         self.target_s = target_s
         self._window_s = window_s
         self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
+        self._last_rate: dict[ServePath, float] = {}  # the rate of the latest window that had completions
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
@@ -84,16 +88,18 @@ class Admission:
 
     def rate_tokens_per_s(self, path: ServePath) -> float | None:
         done = self._expire(path)
-        if not done:
-            return None
+        if not done:  # idle for a window: the capacity it last showed, not none (a burst's first second)
+            return self._last_rate.get(path)
         per_call = sum(c.prompt_tokens for c in done) / max(1e-6, sum(c.duration_s for c in done))
         if len(done) < 2:
+            self._last_rate[path] = per_call
             return per_call
         # what the pool served between its first and last completion in the window: idle time before a
         # burst would otherwise dilute the rate and inflate every wait (and Retry-After) it is used for
         span_s = done[-1].at_s - done[0].at_s
         served = sum(c.prompt_tokens for c in list(done)[1:]) / max(span_s, 1e-6)
-        return max(served, per_call)
+        self._last_rate[path] = rate = max(served, per_call)
+        return rate
 
     def _expire(self, path: ServePath) -> deque[Prefilled]:
         done, oldest_s = self._done[path], self._clock() - self._window_s
@@ -133,22 +139,25 @@ class Admission:
         replayed = self.replayed_drain_s(path, ahead)
         return replayed if replayed is not None else ahead / rate
 
-    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> None:
+    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> float | None:
         """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
         request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in.
         `waited_s` is how long the request has already spent in the router (its event loop, body, tokenizer):
         under overload that is part of the client's wait too, and only this request can see it.
         Retry-After comes from the same forecast as the refusal (not a more optimistic one): the router's
-        later checks use that forecast too, so this is when they find the wait down to the target."""
+        later checks use that forecast too, so this is when they find the wait down to the target.
+        Returns the forecast time to first token of an admitted request (None: not forecast)."""
         if path not in POOL_ROLE:
-            return
+            return None
         wait_s = self.estimated_wait_s(path, prompt_tokens)
-        total_s = max(0.0, waited_s) + (wait_s or 0.0)
+        if wait_s is None:
+            return None
+        total_s = max(0.0, waited_s) + wait_s
         if total_s <= self.target_s:
-            return
-        # the pool's part drains for the next request; the router's own lag passes with this one, so a
+            return total_s
+        # the pool's part drains for the next request; the lag before admission passes with this one, so a
         # refusal it alone caused announces the least wait Retry-After can carry
-        retry_after_s = max(0.0, (wait_s or 0.0) - self.target_s)
+        retry_after_s = max(0.0, wait_s - self.target_s)
         raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
                          f"of it in the router already (admission target {self.target_s:g}s)",
                          retry_after_s=retry_after_s)

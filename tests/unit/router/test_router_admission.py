@@ -57,6 +57,20 @@ def test_a_short_queue_is_admitted():
     adm.check(ServePath.DISAGGREGATED, 300)  # (50 + 300) / 200 = 1.75 s
 
 
+def test_time_already_spent_in_the_router_counts_and_an_idle_pool_keeps_the_capacity_it_showed():
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[50]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 0.5)  # 200 tokens/s
+    assert adm.check(ServePath.DISAGGREGATED, 300) == pytest.approx(1.75)  # the forecast time to first token
+    with pytest.raises(Overloaded) as late:  # 0.5 s lost in the router before admission: 2.25 s in all
+        adm.check(ServePath.DISAGGREGATED, 300, waited_s=0.5)
+    assert late.value.retry_after_s == 0.0  # that lag was this request's: the pool itself has room
+    now[0] = 60.0  # idle for longer than the window, then a burst: forecast from the 200 tokens/s it showed
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(200.0)
+    with pytest.raises(Overloaded):
+        adm.check(ServePath.DISAGGREGATED, 500)  # (50 + 500) / 200 = 2.75 s
+
+
 def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():
     """First tokens come back in clumps (1000 tokens at once, every second): the wait depends on how long until
     the next clump, which a rate alone cannot tell; a 429's Retry-After is when the router admits again."""
