@@ -105,7 +105,7 @@ def profile_engine_dir(engine_dir: Path, out_dir: Path) -> Path:
     from trt_disagg.planner.profile import ProfileGrid, fit_profile, profile_engine, write_profile
 
     grid = ProfileGrid(**PROFILE_GRID)  # type: ignore[arg-type]  # the decode engine: batches up to 32
-    with LLMEngine.from_engine_dir(engine_dir, threads_per_rank=1) as engine:
+    with LLMEngine.from_engine_dir(engine_dir, threads_per_rank=1, block_reuse=False) as engine:  # compute only
         data = profile_engine(engine, grid)
         fit = fit_profile(data, engine.config.tp, "tiny", "cpu", f"profile:{engine_dir}")
     write_profile(out_dir, data, fit, grid, str(engine_dir))

@@ -239,7 +239,9 @@ def profile_cmd(
     if not (engine_dir / "config.json").is_file():
         raise UserError(f"ENGINE_DIR {engine_dir}: no config.json (build one with `trt-disagg build`)")
     grid = ProfileGrid(_ints(batch_sizes, "--batch-sizes"), _ints(lengths, "--lengths"), repeats, warmup, decode_steps)
-    engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank, device=device)
+    # block reuse off: the profile times compute; a prefix cache hit would time a lookup instead
+    engine = LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads_per_rank, device=device,
+                                       block_reuse=False)
     try:
         with Progress(console=Console(stderr=True)) as progress:
             task = progress.add_task("profiling", total=None)

@@ -60,7 +60,8 @@ def profile(engine_dir: Path, model_name: str, threads: int, out_dir: Path,
     """Profile one engine as it is served (`threads` torch threads per rank) and write profile.{csv,json}."""
     from trt_disagg.engine.llm_engine import LLMEngine
 
-    with LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads) as engine:
+    # block reuse off: the profile times compute; a prefix cache hit would time a lookup instead
+    with LLMEngine.from_engine_dir(engine_dir, threads_per_rank=threads, block_reuse=False) as engine:
         data = profile_engine(engine, grid, progress)
         fit = fit_profile(data, engine.config.tp, model_name, "cpu", f"profile:{engine_dir}")
         import_s = profile_kv_import(engine, grid.prompt_lens)
