@@ -345,7 +345,8 @@ def _statefulset(names: ObjectNames, role: Role, group: ServerGroup, dep: Deploy
 
 
 def _resources(group: ServerGroup) -> Obj:
-    if group.backend == "tensorrtllm":
+    """GPUs for a TensorRT-LLM group or a python group on CUDA (one per rank), else CPU cores."""
+    if group.backend == "tensorrtllm" or group.device.startswith("cuda"):
         gpus = group.world_size
         return {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}}
     cpus = str(group.threads_per_instance * group.world_size)

@@ -141,3 +141,16 @@ def test_plan_for_two_nodes_then_render_k8s(tmp_path):
         dep.generation_servers.num_instances * dep.generation_servers.world_size
     nodes = {n for g in (dep.context_servers, dep.generation_servers) for inst in g.nodes for n in inst}
     assert nodes == {"node-0", "node-1"}
+
+
+def test_a_python_group_on_cuda_asks_for_a_gpu_per_rank_and_one_on_cpu_for_cores():
+    dep = load_deployment(REPO / "configs" / "tiny.yaml")
+    assert dep.context_servers is not None
+    on_cuda = dep.model_copy(update={"context_servers": dep.context_servers.model_copy(update={"device": "cuda"})})
+    objs = render_k8s(on_cuda).objects()
+    validate_all(objs)
+    sts = {o["metadata"]["name"]: o for o in by_kind(objs, "StatefulSet")}
+    (prefill,) = containers(sts["tiny-prefill"])
+    assert prefill["resources"]["limits"]["nvidia.com/gpu"] == dep.context_servers.world_size
+    (decode,) = containers(sts["tiny-decode"])
+    assert "nvidia.com/gpu" not in decode["resources"]["limits"] and "cpu" in decode["resources"]["limits"]
