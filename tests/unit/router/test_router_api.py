@@ -23,6 +23,7 @@ from tests.unit.router.router_testkit import (
     records_of,
     register,
     register_pd,
+    requests_of,
     serve,
 )
 from trt_disagg.contract import Role
@@ -114,6 +115,7 @@ async def test_first_token_is_streamed_before_decode_runs(valkey_url, redis):
                         break
                 assert text_of("Hi", 1) in first_chunk
                 rid = resp.headers["x-request-id"]
+                await requests_of(app).active[rid].record.flush()  # record writes are queued off the token path
                 rec = await records_of(app).get(rid)
                 assert rec.state in (S.PREFILLING, S.PREFILL_DONE, S.DECODE_DISPATCHED)  # no decode token yet
                 gate.set()
