@@ -41,12 +41,13 @@ from typing import Any
 import yaml
 
 from trt_disagg.config import Deployment, parse_deployment
-from trt_disagg.contract import Role, decode_load
+from trt_disagg.contract import Role
 from trt_disagg.controller.actuator import ChangeOutcome
 from trt_disagg.controller.policy import Action, Shape, apply_action
 from trt_disagg.errors import UserError
 from trt_disagg.k8s.manifests import SCALABLE_ROLES, instance_id, object_names, scalable
-from trt_disagg.keys import drain_key, instance_key, load_key, role_set_key
+from trt_disagg.keys import drain_key, instance_key, role_set_key
+from trt_disagg.triton.retire import in_flight
 
 log = logging.getLogger(__name__)
 
@@ -363,12 +364,9 @@ class KubernetesActuator:
                     and not self.redis.exists(drain_key(iid)))
 
     def _idle(self, iid: str) -> bool:
-        """Nothing queued, running or waiting for its KV to be pulled; an instance gone from Redis is idle."""
-        raw = self.redis.get(load_key(iid))
-        if raw is None:
-            return True
-        load = decode_load(raw)
-        return load.queued_prompt_tokens == 0 and load.running_sequences == 0 and load.pending_kv_handoffs == 0
+        """Nothing queued, running or waiting for its KV to be pulled (the same test a local retirement
+        makes, triton/retire.py); an instance gone from Redis is idle."""
+        return not in_flight(self.redis, iid)
 
     def _fail(self, now_s: float, message: str) -> None:
         """Logged and reported once per change (the live loop records it and backs off)."""
