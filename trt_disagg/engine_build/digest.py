@@ -21,7 +21,9 @@ BUILDER_VERSION = 1
 
 ENGINE_FIELDS = ("backend", "tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
                  "max_input_len", "max_seq_len", "max_num_tokens", "threads_per_instance")
-KV_FIELDS = ("dtype", "tokens_per_block", "max_tokens")
+# Every KV field the python builder writes into the engine's config.json: the engine reads block reuse from
+# there, so a deployment that turns reuse off must get an engine that has it off.
+KV_FIELDS = ("dtype", "tokens_per_block", "max_tokens", "enable_block_reuse")
 
 
 def engine_fields(group: ServerGroup) -> dict:

@@ -35,6 +35,14 @@ def test_changed_engine_field_rebuilds_that_role_only(make_dep: Callable[..., De
     assert EngineConfig.load(dep.engine_dir(Role.DECODE)).limits.max_batch_size == 16
 
 
+def test_block_reuse_is_an_engine_field(make_dep: Callable[..., Deployment], loads: LoadCounter) -> None:
+    """The engine reads block reuse from its own config: turning it off in the deployment rebuilds the role."""
+    build_deployment(make_dep(), roles=["colocated"])
+    dep = make_dep(colocated_servers={"kv_cache_config": {"enable_block_reuse": False}})
+    assert statuses(build_deployment(dep, roles=["colocated"])) == {Role.COLOCATED: BuildStatus.BUILT}
+    assert EngineConfig.load(dep.engine_dir(Role.COLOCATED)).kv_cache.enable_block_reuse is False
+
+
 def test_serve_only_fields_do_not_rebuild(make_dep: Callable[..., Deployment], loads: LoadCounter) -> None:
     build_deployment(make_dep(), roles=["prefill"])
     dep = make_dep(context_servers={"num_instances": 3,
