@@ -60,6 +60,8 @@ def demo_cmd(
                                                                 "from the profile")] = False,
     tpot_multiple: Annotated[float, typer.Option(help="TPOT SLO = this x profiled decode step")] = 1.6,
     ttft_multiple: Annotated[float, typer.Option(help="TTFT SLO = this x profiled prefill of the prompt")] = 4.0,
+    temperature: Annotated[float, typer.Option(help="sent with every request: 0 greedy (the default; what the "
+                                                    "profile times), e.g. 1.0 for OpenAI's default sampling")] = 0.0,
     seed: int = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="results: JSON, CSV, PNG")] = Path("runs/demo"),
     engines_dir: Annotated[Path | None, typer.Option("--engines-dir")] = None,
@@ -73,7 +75,7 @@ def demo_cmd(
     started = time.perf_counter()
     rule = None if fixed_slo else SloRule(tpot_multiple=tpot_multiple, ttft_multiple=ttft_multiple)
     options = DemoOptions(config, workload, input_len, output_len, _rates(rates), num_requests, seed, out_dir,
-                          engines_dir, full=full, slo_rule=rule)
+                          engines_dir, full=full, slo_rule=rule, temperature=temperature)
     progress = _ConsoleProgress()
     try:
         result = run_demo(options, lambda dep, root: build_with_progress(dep, engines_root=root), progress)
@@ -136,7 +138,9 @@ def _print_result(result: DemoResult, options: DemoOptions) -> None:
     requests = result.requests
     out.print(f"workload: {options.workload}, {len(requests)} requests per rate, "
               f"mean input {sum(r.input_len for r in requests) / len(requests):.0f} tokens, "
-              f"output {options.output_len} tokens; rates run {[round(r, 3) for r in result.rates]} req/s "
+              f"output {options.output_len} tokens, "
+              + ("greedy (temperature 0)" if options.temperature == 0 else f"temperature {options.temperature:g}")
+              + f"; rates run {[round(r, 3) for r in result.rates]} req/s "
               f"(Poisson); prefill capacity {result.capacity_rps:.3g} req/s per core")
     for p in result.paths:
         out.print(f"  wrote {p}")

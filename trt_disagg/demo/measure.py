@@ -32,8 +32,8 @@ from trt_disagg.workload import WorkloadRequest
 
 log = logging.getLogger(__name__)
 
-# The demo measures greedy decoding, as the README's figures say; `trt-disagg bench --temperature` measures
-# sampled decoding too
+# The demo measures greedy decoding unless told otherwise (`trt-disagg demo --temperature`): the profile it
+# predicts from times greedy steps, and the README's figures say which sampling each run used
 DEMO_TEMPERATURE = 0.0
 
 
@@ -56,7 +56,7 @@ class Measured:
 def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequence[float] | SearchSpec, slo: SLO,
             *, engines_root: Path, run_dir: Path, arrival: str = "poisson", seed: int = 0,
             request_timeout_s: float = 120.0, handoff_samples: int = 5, handoff_warmup: int = 2,
-            after_rate: AfterRate | None = None) -> Measured:
+            after_rate: AfterRate | None = None, temperature: float = DEMO_TEMPERATURE) -> Measured:
     """Serve `variant` and run the load generator at `rates` (a list: each in order; a SearchSpec: a
     goodput bisection that stops once the crossing is known to `rel_tol` or after `max_runs` rates)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
             with RunProgress() as bar:  # one bar per rate, advanced as each request finishes
                 run = (await run_rates(url, model, requests, [rate], slo, arrival=arrival, seed=seed,
                                        request_timeout_s=request_timeout_s, on_run=bar.on_run,
-                                       on_record=bar.on_record, temperature=DEMO_TEMPERATURE))[0]
+                                       on_record=bar.on_record, temperature=temperature))[0]
             runs.append(run)
             if after_rate is not None:
                 after_rate(run, logs)
@@ -88,7 +88,7 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
             handoffs = []
             if disaggregated:
                 probes = [requests[i % len(requests)] for i in range(handoff_warmup + handoff_samples)]
-                handoffs = (await observe_handoffs(url, model, probes, request_timeout_s))[handoff_warmup:]
+                handoffs = (await observe_handoffs(url, model, probes, request_timeout_s, temperature))[handoff_warmup:]
             if isinstance(rates, SearchSpec):
                 await search_rates(lambda rate: one_rate(model, rate), rates)
             else:
@@ -101,8 +101,8 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
                                      for i in range(len(handoffs))], logs)
 
 
-async def observe_handoffs(url: str, model: str, requests: Sequence[WorkloadRequest],
-                           timeout_s: float) -> list[HandoffSample]:
+async def observe_handoffs(url: str, model: str, requests: Sequence[WorkloadRequest], timeout_s: float,
+                           temperature: float = DEMO_TEMPERATURE) -> list[HandoffSample]:
     """Send each request alone (4 output tokens) and read its Redis record: PREFILL_DONE -> DECODING.
 
     The time between the first token (prefill) and the second (the decode instance's first step) is what a
@@ -115,7 +115,7 @@ async def observe_handoffs(url: str, model: str, requests: Sequence[WorkloadRequ
     async with make_client(timeout_s) as client:
         for i, req in enumerate(requests):
             rec = RequestRecord(index=i, input_len=req.input_len, expected_output_len=4, scheduled_s=0.0, sent_s=0.0)
-            body = completion_body(model, replace(req, output_len=4), temperature=DEMO_TEMPERATURE)
+            body = completion_body(model, replace(req, output_len=4), temperature=temperature)
             await send_request(client, base, body, rec, timeout_s)
             if not rec.ok or rec.request_id is None:
                 raise RuntimeError(f"hand-off probe request failed: {rec.error or 'no request id in the stream'}")

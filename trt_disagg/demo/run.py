@@ -79,6 +79,7 @@ class DemoOptions:
     full: bool = False  # the thorough run: full profile grid, five rates
     slo_rule: SloRule | None = SloRule()  # None: the deployment's fixed SLO
     busy_threshold: float = 1.3  # served / profiled step time above which the machine counts as busy
+    temperature: float = 0.0  # sent with every request: 0 greedy (what the profile times), else sampled
 
     @property
     def requests_per_rate(self) -> int:
@@ -123,6 +124,8 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     """Build, profile, serve and benchmark both variants, predict them, and write the report files."""
     if options.requests_per_rate < 1:
         raise UserError("--num-requests must be >= 1")
+    if not 0 <= options.temperature <= 2:  # OpenAI's range; NaN fails too
+        raise UserError(f"--temperature must be in [0, 2], got {options.temperature}")
     dep = load_deployment(options.config)
     variants = split_variants(dep)
     engines_root = options.engines_dir or Path(dep.engines_dir)
@@ -154,7 +157,8 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
         progress.step(step, NUM_STEPS, f"serve and benchmark: {variant.label} ({variant.describe()})")
         measured[variant.label] = measure(
             variant, requests, plan, slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
-            seed=options.seed, after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
+            seed=options.seed, temperature=options.temperature,
+            after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
         served += [r for path in measured[variant.label].iteration_logs for r in step_ratios(path, coeffs)]
 
     progress.step(NUM_STEPS, NUM_STEPS, "predict and report")

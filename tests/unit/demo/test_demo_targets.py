@@ -116,3 +116,15 @@ def test_verdict_never_shows_zero_vs_zero_as_a_result() -> None:
     assert "no result" in _verdict(result(0.0, 0.0, 1.6)) and "busy while serving" in _verdict(result(0, 0, 1.6))
     assert result(0.0, 0.0, 1.0).ratio is None
     assert "2.00x" in _verdict(result(0.6, 0.3, 1.0)) and "busy" not in _verdict(result(0.6, 0.3, 1.0))
+
+
+@pytest.mark.parametrize("temperature", [-0.1, 2.5, float("nan")])
+def test_a_temperature_outside_openais_range_is_refused_before_any_work(temperature: float) -> None:
+    from trt_disagg.demo.run import DemoOptions, run_demo
+    from trt_disagg.errors import UserError
+
+    def never(*args: object) -> None:
+        raise AssertionError("the demo built or reported before checking its options")
+
+    with pytest.raises(UserError, match="--temperature"):
+        run_demo(DemoOptions(Path("missing.yaml"), temperature=temperature), never, never)  # type: ignore[arg-type]
