@@ -91,10 +91,12 @@ class _ConsoleProgress:
 
     def __init__(self) -> None:
         self._status: Status | None = None
+        self._started = time.perf_counter()
 
     def step(self, number: int, total: int, title: str) -> None:
         self.stop_status()
-        err.rule(f"{number}/{total} {title}")
+        elapsed = int(time.perf_counter() - self._started)
+        err.rule(f"{number}/{total} {title} [{elapsed // 60}:{elapsed % 60:02d} in]")
 
     def profiling(self, done: int, total: int) -> None:
         if not err.is_terminal:  # a log or a pipe: a plain line every tenth of the grid, no spinner

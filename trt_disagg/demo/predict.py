@@ -28,14 +28,16 @@ from trt_disagg.engine_dir import EngineConfig
 from trt_disagg.planner.latency_model import InstanceTiming, LatencyModel
 from trt_disagg.planner.profile import ProfileFit, ProfileGrid, fit_profile, profile_engine, write_profile
 from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, DisaggSpec, InstanceSpec, SimWorkload, simulate
+from trt_disagg.sim.result import SimResult
 from trt_disagg.workload import WorkloadRequest, make_arrivals
 
 # What `trt-disagg profile` measures for the demo: the lengths and batches the workload produces.
 DEMO_GRID = ProfileGrid(batch_sizes=(1, 2, 3, 4, 6, 8), prompt_lens=(64, 256, 512), repeats=2, warmup=1,
                         decode_steps=4)
-# The quick default's grid: the same lengths, fewer batches, no separate warm-up round (the fastest of two
-# repeats already drops a cold first round): ~1/3 of DEMO_GRID's prefill tokens.
-QUICK_GRID = ProfileGrid(batch_sizes=(1, 2, 4, 8), prompt_lens=(64, 256, 512), repeats=2, warmup=0, decode_steps=4)
+# The quick default's grid: the shortest and the longest length, fewer batches, no separate warm-up round
+# (the fastest of two repeats already drops a cold first round): ~1/4 of DEMO_GRID's prefill tokens. Prefill
+# time is a quadratic in the batch's tokens, and the batches spread those from 64 to 2048 anyway.
+QUICK_GRID = ProfileGrid(batch_sizes=(1, 2, 4, 8), prompt_lens=(64, 512), repeats=2, warmup=0, decode_steps=4)
 # KV hand-off between two processes on this host (DESIGN.md: /dev/shm ~6 GiB/s, sockets ~3-4 GiB/s).
 LOCAL_KV_LINK_BYTES_PER_S = 3 * 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -141,10 +143,27 @@ def sim_spec(variant: Variant, engine_configs: dict[Role, EngineConfig], model: 
 def predict_attainment(spec: DisaggSpec | ColocatedSpec, requests: Sequence[WorkloadRequest], rates: Sequence[float],
                        ttft_s: float, tpot_s: float, *, arrival: str = "poisson", seed: int = 0) -> list[float]:
     """Simulated attainment of exactly the runs the load generator makes (same requests, same arrivals)."""
+    return [simulate_run(spec, requests, rate, arrival=arrival, seed=seed).attainment(ttft_s, tpot_s)
+            for rate in rates]
+
+
+def simulate_run(spec: DisaggSpec | ColocatedSpec, requests: Sequence[WorkloadRequest], rate: float, *,
+                 arrival: str = "poisson", seed: int = 0) -> SimResult:
+    """One simulated run of exactly what the load generator sends at `rate` (same requests, same arrivals)."""
     inp = np.array([r.input_len for r in requests])
     out = np.array([r.output_len for r in requests])
-    return [
-        simulate(spec, SimWorkload.from_lengths(make_arrivals(arrival, rate, len(requests), seed=seed), inp, out))
-        .attainment(ttft_s, tpot_s)
-        for rate in rates
-    ]
+    return simulate(spec, SimWorkload.from_lengths(make_arrivals(arrival, rate, len(requests), seed=seed), inp, out))
+
+
+def predicted_goodput_rps(spec: DisaggSpec | ColocatedSpec, requests: Sequence[WorkloadRequest], target: float,
+                          ttft_s: float, tpot_s: float, lo_rps: float, hi_rps: float, *, steps: int = 24,
+                          seed: int = 0) -> float:
+    """The highest rate on a geometric grid from lo_rps up whose simulated attainment reaches `target`, stopping
+    at the first rate that misses it (what a measured bisection would find); 0.0 when lo_rps already misses."""
+    best = 0.0
+    for rate in np.geomspace(lo_rps, hi_rps, steps):
+        if simulate_run(spec, requests, float(rate), seed=seed).attainment(ttft_s, tpot_s) < target:
+            break
+        best = float(rate)
+    return best
+

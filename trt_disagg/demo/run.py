@@ -38,18 +38,21 @@ from trt_disagg.demo.predict import (
     HandoffCosts,
     handoff_latency_s,
     predict_attainment,
+    predicted_goodput_rps,
     profile,
     sim_spec,
+    simulate_run,
 )
 from trt_disagg.demo.report import VariantOutcome, plot_predicted_vs_measured
 from trt_disagg.demo.served_steps import StepRatios, step_ratios
 from trt_disagg.demo.targets import (
     FULL_FRACTIONS,
+    QUICK_MAX_FRACTION,
     QUICK_MIN_FRACTION,
-    QUICK_START_FRACTION,
     Busy,
     SloRule,
     busy_from,
+    decode_batch_seen,
     prefill_capacity_rps,
     scaled_model,
 )
@@ -142,21 +145,13 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     coeffs = prof.fit.latency_model.for_tp(1)
     mean_input = sum(r.input_len for r in requests) / len(requests)
     capacity = prefill_capacity_rps(coeffs, mean_input)
-    plan = _rate_plan(options, capacity, dep.slo.attainment)
-    max_rate = max(plan) if isinstance(plan, tuple) else capacity * max(FULL_FRACTIONS)
-    slo, rule = (options.slo_rule.derive(coeffs, mean_input, options.output_len, max_rate, dep.slo.attainment)
-                 if options.slo_rule is not None else (dep.slo, f"fixed SLOs from {options.config}"))
-    progress.note(f"  {rule}")
-    progress.note(f"  prefill capacity {capacity:.3g} req/s per core (prompt {mean_input:.0f} tokens); rates: "
-                  + (", ".join(f"{r:.3g}" for r in plan) if isinstance(plan, tuple) else
-                     f"goodput bisection from {plan.start_rps:.3g} req/s, at most {plan.max_runs} rates")
-                  + f", {options.requests_per_rate} requests each")
+    slo, rule, plans = _targets(options, dep, variants, engine_cfgs, prof, requests, capacity, progress)
 
     measured, served = {}, []
     for step, variant in enumerate(variants, start=3):
         progress.step(step, NUM_STEPS, f"serve and benchmark: {variant.label} ({variant.describe()})")
         measured[variant.label] = measure(
-            variant, requests, plan, slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
+            variant, requests, plans[variant.label], slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
             seed=options.seed, temperature=options.temperature,
             after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
         served += [r for path in measured[variant.label].iteration_logs for r in step_ratios(path, coeffs)]
@@ -182,18 +177,62 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
                       disagg.handoffs, coeffs.decode_step_s(1, probe_ctx + 1), busy)
 
 
+def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], engine_cfgs: dict[Role, EngineConfig],
+             prof: EngineProfile, requests: list[WorkloadRequest], capacity: float,
+             progress: DemoProgress) -> tuple[SLO, str, dict[str, tuple[float, ...] | SearchSpec]]:
+    """The SLO and each variant's rates, from the profile: both simulated on the requests and arrivals the
+    benchmark sends. The TPOT target uses the p90 decode batch of the disaggregated deployment at the highest
+    rate (targets.py); the quick bisection starts each variant at its predicted goodput, so a good prediction
+    brackets the measured one in two runs."""
+    fixed = _rate_plan(options, capacity)
+    max_rate = max(fixed) if fixed is not None else capacity * max(FULL_FRACTIONS)
+    model = prof.fit.latency_model
+    specs = {v.label: sim_spec(v, engine_cfgs, model, HandoffCosts(prof.import_s_per_token)) for v in variants}
+    mean_input = sum(r.input_len for r in requests) / len(requests)
+    if options.slo_rule is None:
+        slo, rule = dep.slo, f"fixed SLOs from {options.config}"
+    else:
+        sim = simulate_run(specs[variants[0].label], requests, max_rate, seed=options.seed)
+        slo, rule = options.slo_rule.derive(model.for_tp(1), mean_input, options.output_len,
+                                            decode_batch_seen(sim.first_token_s, sim.finish_s), dep.slo.attainment)
+    progress.note(f"  {rule}")
+    progress.note(f"  prefill capacity {capacity:.3g} req/s per core (prompt {mean_input:.0f} tokens); "
+                  f"{options.requests_per_rate} requests per rate")
+    plans: dict[str, tuple[float, ...] | SearchSpec] = {}
+    for v in variants:
+        if fixed is not None:
+            plans[v.label] = fixed
+            progress.note(f"  {v.label}: rates {', '.join(f'{r:.3g}' for r in fixed)} req/s")
+            continue
+        predicted = predicted_goodput_rps(specs[v.label], requests, slo.attainment, slo.ttft_s, slo.tpot_s,
+                                          QUICK_MIN_FRACTION * capacity, QUICK_MAX_FRACTION * capacity,
+                                          seed=options.seed)
+        plans[v.label] = spec = _quick_search(predicted, capacity, slo.attainment)
+        progress.note(f"  {v.label}: predicted goodput {predicted:.3g} req/s; goodput bisection from "
+                      f"{spec.start_rps:.3g} req/s, at most {spec.max_runs} rates")
+    return slo, rule, plans
+
+
 def _load_changed(busy: Busy) -> str:
     return "the machine was busy while serving" if busy.is_busy else "the machine was busy while profiling"
 
 
-def _rate_plan(options: DemoOptions, capacity_rps: float, target: float) -> tuple[float, ...] | SearchSpec:
-    """Explicit rates; the full run's five fractions of the capacity; or the quick goodput bisection."""
+def _rate_plan(options: DemoOptions, capacity_rps: float) -> tuple[float, ...] | None:
+    """Explicit rates; the full run's five fractions of the capacity; None: the quick goodput bisection."""
     if options.rates is not None:
         return options.rates
     if options.full:
         return tuple(round(f * capacity_rps, 3) for f in FULL_FRACTIONS)
-    return SearchSpec(target=target, start_rps=round(QUICK_START_FRACTION * capacity_rps, 3), growth=1.6,
-                      rel_tol=0.35, max_runs=3, min_rps=QUICK_MIN_FRACTION * capacity_rps)
+    return None
+
+
+def _quick_search(predicted_rps: float, capacity_rps: float, target: float) -> SearchSpec:
+    """A bisection from the predicted goodput in steps of 1.3x, stopping once the crossing is bracketed that
+    closely: two runs when the prediction holds, three when it is a step off. With no predicted goodput it
+    starts at the lowest rate worth running."""
+    min_rps = QUICK_MIN_FRACTION * capacity_rps
+    return SearchSpec(target=target, start_rps=round(max(predicted_rps, min_rps), 3), growth=1.3, rel_tol=0.35,
+                      max_runs=3, min_rps=min_rps)
 
 
 def _watch(run: RunResult, logs: list[Path], coeffs: PhaseCoefficients, options: DemoOptions,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from trt_disagg.bench.goodput import SearchSpec
 from trt_disagg.demo.handoff import HandoffSample, from_record, handoff_table, with_phases
 from trt_disagg.demo.served_steps import StepRatios, step_ratios
 from trt_disagg.demo.targets import (
     SloRule,
     busy_from,
-    decode_batch,
+    decode_batch_seen,
     prefill_capacity_rps,
     scaled_model,
 )
@@ -25,16 +25,24 @@ COEFFS = PhaseCoefficients(Coefficients(0.01, 0.0015, 0.0), Coefficients(0.05, 0
 
 
 def test_slo_is_a_stated_multiple_of_the_profiled_steps() -> None:
-    slo, rule = SloRule(tpot_multiple=2.0, ttft_multiple=3.0).derive(COEFFS, 512, 16, 0.5, 0.9)
+    slo, rule = SloRule(tpot_multiple=2.0, ttft_multiple=3.0).derive(COEFFS, 512, 16, 1.0, 0.9)
     assert slo.ttft_s == pytest.approx(3.0 * 0.778, abs=1e-3)
-    assert slo.tpot_s == pytest.approx(2.0 * 0.055, abs=1e-4)  # batch 1: 0.5 req/s x 16 x 55 ms < 1
+    assert slo.tpot_s == pytest.approx(2.0 * 0.055, abs=1e-4)  # batch 1: 50 ms + 5 ms per sequence
     assert slo.attainment == 0.9
     assert "3 x prefill" in rule and "2 x decode step at batch 1" in rule
+    between, _ = SloRule(tpot_multiple=1.0).derive(COEFFS, 512, 16, 1.5, 0.9)
+    assert between.tpot_s == pytest.approx(0.0575, abs=1e-4)  # halfway between batch 1 and 2
 
 
-def test_decode_batch_follows_littles_law_and_is_at_least_one() -> None:
-    assert decode_batch(COEFFS, 512, 16, 0.01) == 1
-    assert decode_batch(COEFFS, 512, 100, 1.0) >= 5  # 1 req/s x 100 tokens x >= 55 ms
+def test_decode_batch_is_the_percentile_of_what_requests_decode_beside() -> None:
+    # four answers alone one after the other, then two that decode side by side all along
+    start = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 8.0])
+    end = start + 1.0
+    assert decode_batch_seen(start, end, quantile=0.5) == pytest.approx(1.0)
+    assert decode_batch_seen(start, end, quantile=0.9) == pytest.approx(2.0)
+    # one answer half of whose decode overlaps another: it saw batch 1.5 on average
+    assert decode_batch_seen(np.array([0.0, 0.5]), np.array([1.0, 1.5]), quantile=1.0) == pytest.approx(1.5)
+    assert decode_batch_seen(np.array([]), np.array([])) == 1.0
 
 
 def test_rates_scale_with_the_prefill_capacity() -> None:
@@ -85,15 +93,34 @@ def test_handoff_without_a_log_line_has_no_phases() -> None:
     assert HandoffSample("x", 0.1, 0.0).beyond_first_step_s == pytest.approx(0.1)
 
 
-def test_quick_plan_is_a_bisection_from_half_the_capacity_and_full_is_five_rates() -> None:
-    from trt_disagg.demo.run import DemoOptions, _rate_plan
+def test_quick_plan_is_a_bisection_from_the_predicted_goodput_and_full_is_five_rates() -> None:
+    from trt_disagg.demo.run import DemoOptions, _quick_search, _rate_plan
 
-    quick = _rate_plan(DemoOptions(Path("c.yaml")), 1.0, 0.9)
-    assert isinstance(quick, SearchSpec) and quick.start_rps == 0.5 and quick.max_runs == 3
+    assert _rate_plan(DemoOptions(Path("c.yaml")), 1.0) is None  # quick: a bisection per variant
+    quick = _quick_search(0.42, 1.0, 0.9)
+    assert quick.start_rps == 0.42 and quick.growth == 1.3 and quick.max_runs == 3 and quick.target == 0.9
+    assert quick.start_rps * quick.growth <= quick.start_rps * (1 + quick.rel_tol)  # one step brackets it
+    assert _quick_search(0.0, 1.0, 0.9).start_rps == 0.15  # nothing predicted: the lowest rate worth running
     assert DemoOptions(Path("c.yaml")).requests_per_rate == 20
     full = DemoOptions(Path("c.yaml"), full=True)
-    assert _rate_plan(full, 1.0, 0.9) == (0.15, 0.3, 0.5, 0.7, 0.9) and full.requests_per_rate == 40
-    assert _rate_plan(DemoOptions(Path("c.yaml"), rates=(0.2,)), 1.0, 0.9) == (0.2,)
+    assert _rate_plan(full, 1.0) == (0.15, 0.3, 0.5, 0.7, 0.9) and full.requests_per_rate == 40
+    assert _rate_plan(DemoOptions(Path("c.yaml"), rates=(0.2,)), 1.0) == (0.2,)
+
+
+def test_predicted_goodput_is_the_highest_simulated_rate_that_meets_the_target() -> None:
+    from trt_disagg.demo.predict import predict_attainment, predicted_goodput_rps
+    from trt_disagg.planner.latency_model import InstanceTiming
+    from trt_disagg.sim import ColocatedPolicy, ColocatedSpec, InstanceSpec
+    from trt_disagg.workload import WorkloadRequest
+
+    timing = InstanceTiming(COEFFS, 1, 576, 3 * 2**30, 4)
+    spec = ColocatedSpec(InstanceSpec(timing, 16384, 8, 2048), 1, ColocatedPolicy.PREFILL_FIRST)
+    requests = [WorkloadRequest(prompt=None, prompt_ids=None, input_len=512, output_len=16) for _ in range(20)]
+    g = predicted_goodput_rps(spec, requests, 0.9, 4.0, 0.2, 0.05, 3.0)
+    assert 0.05 < g < 3.0
+    at = predict_attainment(spec, requests, [g], 4.0, 0.2)[0]
+    assert at >= 0.9
+    assert predicted_goodput_rps(spec, requests, 0.9, 0.01, 0.2, 0.05, 3.0) == 0.0  # a TTFT no prefill meets
 
 
 def test_verdict_never_shows_zero_vs_zero_as_a_result() -> None:
