@@ -152,15 +152,18 @@ def _verdict(result: DemoResult) -> str:
     """The one line that says what the tables mean, busy machine and missing baseline included."""
     busy = result.busy
     lines = []
-    if busy is not None and busy.use_served_times:
+    if busy is not None and (busy.is_busy or busy.profile_was_busy):
         when = "while serving" if busy.is_busy else "while profiling (served steps ran faster)"
         lines.append(f"the machine was busy {when}: {busy.describe()}; the prediction used the served step "
                      "times (the profiled latency model scaled per phase)")
+    elif busy is not None and busy.use_served_times:
+        lines.append(f"{busy.describe()}: the prediction used the served step times (the profiled latency "
+                     f"model scaled per phase; more than {busy.rescale_above - 1:.0%} off the profile)")
     labels = [o.variant.label for o in result.outcomes]
     goodputs = [result.goodputs[label].goodput_rps for label in labels]
     if max(goodputs) == 0:
         lines.append("no result: neither deployment reached the attainment target at any rate run"
-                     + (" on this busy machine" if busy is not None and busy.use_served_times else "")
+                     + (" on this busy machine" if busy is not None and busy.is_busy else "")
                      + "; rerun on a quiet machine, or with lower --rates")
     elif result.ratio is None:
         lines.append(f"{labels[0]} reached {goodputs[0]:.3g} req/s; {labels[-1]} reached the target at no rate "

@@ -214,7 +214,9 @@ def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], eng
 
 
 def _load_changed(busy: Busy) -> str:
-    return "the machine was busy while serving" if busy.is_busy else "the machine was busy while profiling"
+    if busy.is_busy:
+        return "the machine was busy while serving"
+    return "the machine was busy while profiling" if busy.profile_was_busy else "served steps differ from the profile"
 
 
 def _rate_plan(options: DemoOptions, capacity_rps: float) -> tuple[float, ...] | None:
