@@ -147,23 +147,29 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     capacity = prefill_capacity_rps(coeffs, mean_input)
     slo, rule, plans = _targets(options, dep, variants, engine_cfgs, prof, requests, capacity, progress)
 
-    measured, served = {}, []
+    measured: dict[str, Measured] = {}
+    served: dict[str, list[StepRatios]] = {}
     for step, variant in enumerate(variants, start=3):
         progress.step(step, NUM_STEPS, f"serve and benchmark: {variant.label} ({variant.describe()})")
         measured[variant.label] = measure(
             variant, requests, plans[variant.label], slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
             seed=options.seed, temperature=options.temperature,
             after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
-        served += [r for path in measured[variant.label].iteration_logs for r in step_ratios(path, coeffs)]
+        served[variant.label] = [r for path in measured[variant.label].iteration_logs
+                                 for r in step_ratios(path, coeffs)]
 
     progress.step(NUM_STEPS, NUM_STEPS, "predict and report")
-    busy = busy_from(served, options.busy_threshold)
-    model = prof.fit.latency_model
-    if busy.use_served_times:
-        model = scaled_model(model, 1, busy)
-        progress.note(f"  {_load_changed(busy)}: {busy.describe()}; predicting with the served step times")
+    all_served = [r for rows in served.values() for r in rows]
+    busy = busy_from(all_served, options.busy_threshold)
     outcomes, handoff_notes = [], []
     for variant in variants:
+        # each deployment predicted on its own served steps: the disaggregated decode core shares the memory
+        # bus with a prefill core, a colocated one mostly with another decode
+        own = busy_from(served[variant.label], options.busy_threshold)
+        model = scaled_model(prof.fit.latency_model, 1, own) if own.use_served_times else prof.fit.latency_model
+        if own.use_served_times:
+            progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting with its served "
+                          "step times")
         outcome, note = _predict(variant, measured[variant.label], engine_cfgs, prof, model, requests, slo, options)
         outcomes.append(outcome)
         handoff_notes += [note] if note else []
@@ -173,7 +179,7 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     rates = tuple(sorted({r.rate_rps for m in measured.values() for r in m.runs}))
     disagg = measured[variants[0].label]
     probe_ctx = disagg.handoff_input_lens[0] if disagg.handoff_input_lens else int(mean_input)
-    return DemoResult(outcomes, slo, goodputs, handoff_notes, served, requests, rates, paths, rule, capacity,
+    return DemoResult(outcomes, slo, goodputs, handoff_notes, all_served, requests, rates, paths, rule, capacity,
                       disagg.handoffs, coeffs.decode_step_s(1, probe_ctx + 1), busy)
 
 
