@@ -30,7 +30,7 @@ from trt_disagg.bench.report import write_report
 from trt_disagg.config import SLO, Deployment, load_deployment
 from trt_disagg.contract import Role
 from trt_disagg.demo.handoff import HandoffSample
-from trt_disagg.demo.measure import Measured, measure
+from trt_disagg.demo.measure import DEMO_TEMPERATURE, Measured, measure
 from trt_disagg.demo.predict import (
     DEMO_GRID,
     QUICK_GRID,
@@ -82,7 +82,7 @@ class DemoOptions:
     full: bool = False  # the thorough run: full profile grid, five rates
     slo_rule: SloRule | None = SloRule()  # None: the deployment's fixed SLO
     busy_threshold: float = 1.3  # served / profiled step time above which the machine counts as busy
-    temperature: float = 0.0  # sent with every request: 0 greedy (what the profile times), else sampled
+    temperature: float = DEMO_TEMPERATURE  # sent with every request: 0 greedy (what the profile times)
 
     @property
     def requests_per_rate(self) -> int:
@@ -145,15 +145,15 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     coeffs = prof.fit.latency_model.for_tp(1)
     mean_input = sum(r.input_len for r in requests) / len(requests)
     capacity = prefill_capacity_rps(coeffs, mean_input)
-    slo, rule, plans = _targets(options, dep, variants, engine_cfgs, prof, requests, capacity, progress)
+    slo, rule, plans = _targets(options, dep, variants, engine_cfgs, prof, requests, mean_input, capacity, progress)
 
     measured: dict[str, Measured] = {}
     served: dict[str, list[StepRatios]] = {}
     for step, variant in enumerate(variants, start=3):
         progress.step(step, NUM_STEPS, f"serve and benchmark: {variant.label} ({variant.describe()})")
         measured[variant.label] = measure(
-            variant, requests, plans[variant.label], slo, engines_root=engines_root, run_dir=options.out_dir / variant.label,
-            seed=options.seed, temperature=options.temperature,
+            variant, requests, plans[variant.label], slo, engines_root=engines_root,
+            run_dir=options.out_dir / variant.label, seed=options.seed, temperature=options.temperature,
             after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
         served[variant.label] = [r for path in measured[variant.label].iteration_logs
                                  for r in step_ratios(path, coeffs)]
@@ -184,7 +184,7 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
 
 
 def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], engine_cfgs: dict[Role, EngineConfig],
-             prof: EngineProfile, requests: list[WorkloadRequest], capacity: float,
+             prof: EngineProfile, requests: list[WorkloadRequest], mean_input: float, capacity: float,
              progress: DemoProgress) -> tuple[SLO, str, dict[str, tuple[float, ...] | SearchSpec]]:
     """The SLO and each variant's rates, from the profile: both simulated on the requests and arrivals the
     benchmark sends. The TPOT target uses the p90 decode batch of the disaggregated deployment at the highest
@@ -194,7 +194,6 @@ def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], eng
     max_rate = max(fixed) if fixed is not None else capacity * max(FULL_FRACTIONS)
     model = prof.fit.latency_model
     specs = {v.label: sim_spec(v, engine_cfgs, model, HandoffCosts(prof.import_s_per_token)) for v in variants}
-    mean_input = sum(r.input_len for r in requests) / len(requests)
     if options.slo_rule is None:
         slo, rule = dep.slo, f"fixed SLOs from {options.config}"
     else:
