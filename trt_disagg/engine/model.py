@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from trt_disagg.contract import ModelShape, TPSlice
 from trt_disagg.engine.layers import Rotary, paged_attention, rms_norm
+from trt_disagg.engine.linear import Linear
 from trt_disagg.engine.step_input import StepTensors
 
 AllReduce = Callable[[torch.Tensor], None]
@@ -45,11 +46,11 @@ def _no_all_reduce(t: torch.Tensor) -> None:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(heads + 2 kv_heads of this rank) * d, hidden]
-    o: torch.Tensor  # [hidden, heads of this rank * d]
+    qkv: Linear  # [(heads + 2 kv_heads of this rank) * d, hidden]
+    o: Linear  # [hidden, heads of this rank * d]
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * MLP columns of this rank, hidden]
-    down: torch.Tensor  # [hidden, MLP columns of this rank]
+    gate_up: Linear  # [2 * MLP columns of this rank, hidden]
+    down: Linear  # [hidden, MLP columns of this rank]
 
 
 class RankModel:
@@ -77,7 +78,7 @@ class RankModel:
         self.rotary = Rotary(self.head_dim, max_positions, shape.rope_theta, self.device)
         self.embed = weights["model.embed_tokens.weight"] if is_first_stage else None
         self.norm = weights["model.norm.weight"] if is_last_stage else None
-        self.lm_head = weights["lm_head.weight"] if is_last_stage else None
+        self.lm_head = Linear(weights["lm_head.weight"]) if is_last_stage else None
         self.layers = [self._load_layer(weights, i) for i in layers]
         # K and V of this rank's layers and KV heads: [layers, slots, kv_heads of this rank, head_dim].
         cache_shape = (len(layers), num_kv_slots, self.kv_heads, self.head_dim)
@@ -90,11 +91,11 @@ class RankModel:
         attn, mlp = p + "self_attn.", p + "mlp."
         return _Layer(
             input_norm=w[p + "input_layernorm.weight"],
-            qkv=torch.cat([w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]]),
-            o=w[attn + "o_proj.weight"],
+            qkv=Linear(torch.cat([w[attn + "q_proj.weight"], w[attn + "k_proj.weight"], w[attn + "v_proj.weight"]])),
+            o=Linear(w[attn + "o_proj.weight"]),
             post_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
-            down=w[mlp + "down_proj.weight"],
+            gate_up=Linear(torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]])),
+            down=Linear(w[mlp + "down_proj.weight"]),
         )
 
     @torch.inference_mode()
@@ -115,11 +116,11 @@ class RankModel:
         if self.norm is None or self.lm_head is None:  # not the last stage
             return x
         last = rms_norm(x[st.last_token_index], self.norm, self.shape.rms_norm_eps)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
 
     def _attention(self, local: int, layer: _Layer, x: torch.Tensor, st: StepTensors) -> torch.Tensor:
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = F.linear(x, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = self.rotary.apply(q.reshape(-1, self.heads, self.head_dim), st.positions)
         k = self.rotary.apply(k.reshape(-1, self.kv_heads, self.head_dim), st.positions)
         self.k_cache[local, st.new_slots] = k.to(self.k_cache.dtype)
@@ -128,13 +129,13 @@ class RankModel:
         if k_all.dtype != q.dtype:  # a narrower KV dtype than the compute dtype: widen for the matmuls
             k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
         attn = paged_attention(q, k_all, v_all, st)
-        out = F.linear(attn, layer.o)
+        out = layer.o(attn)
         self.all_reduce(out)
         return out
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)
+        out = layer.down(F.silu(gate) * up)
         self.all_reduce(out)
         return out
 
