@@ -7,9 +7,14 @@ computed from the queue, instead of admitting work that cannot be served in time
     estimated wait = the time the pool takes to prefill (queue + this prompt) tokens from now, replayed from
                      its completions of the last window_s (below), at p90 (the target is met at p90); the
                      fluid (queue + prompt) / prefill rate while the window holds too few of them
-    refuse when the estimated wait > target (request_timeout_s, or the TTFT SLO with admission_target=ttft);
-    Retry-After    = estimated wait - target: with nothing admitted meanwhile, a request sent then waits
-                     exactly the target, so that is when the router admits again (whole seconds;
+    lag margin     = the p90 of (time to first token - forecast) over the admitted requests of the last window_s:
+                     what passes after admission that the pool's queue does not show (the router's own event
+                     loop under a burst, the prefill call's set-up, the first token's way back); 0 until
+                     MIN_REPLAYS have come back, at most half the target
+    refuse when the estimated wait + lag margin > target (request_timeout_s, or the TTFT SLO with
+                     admission_target=ttft);
+    Retry-After    = estimated wait + lag margin - target: with nothing admitted meanwhile, a request sent then
+                     waits exactly the target, so that is when the router admits again (whole seconds;
                      `retry-after-ms` has it to the millisecond)
 
 Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
@@ -74,6 +79,26 @@ class Admission:
         self._window_s = window_s
         self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
         self._last_rate: dict[ServePath, float] = {}  # the rate of the latest window that had completions
+        self._misses: dict[ServePath, deque[tuple[float, float]]] = {p: deque() for p in ServePath}
+
+    def first_token(self, path: ServePath, forecast_s: float, ttft_s: float) -> None:
+        """An admitted request's first token reached the router `ttft_s` after it arrived; `check` had
+        forecast `forecast_s`. The misses are the lag margin's evidence."""
+        misses, now = self._misses[path], self._clock()
+        misses.append((now, ttft_s - forecast_s))
+        while misses and misses[0][0] < now - self._window_s:
+            misses.popleft()
+
+    def lag_margin_s(self, path: ServePath) -> float:
+        """How much later than forecast admitted requests got their first token, at WAIT_QUANTILE, over the
+        window (module docstring): the forecast covers the pool's queue, this the rest of the way."""
+        misses = self._misses[path]
+        while misses and misses[0][0] < self._clock() - self._window_s:
+            misses.popleft()
+        if len(misses) < MIN_REPLAYS:
+            return 0.0
+        late_s = sorted(m for _, m in misses)[int(WAIT_QUANTILE * (len(misses) - 1))]
+        return min(max(0.0, late_s), self.target_s / 2)
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
@@ -153,11 +178,12 @@ class Admission:
         if wait_s is None:
             return None
         total_s = max(0.0, waited_s) + wait_s
-        if total_s <= self.target_s:
+        margin_s = self.lag_margin_s(path)
+        if total_s + margin_s <= self.target_s:
             return total_s
         # the pool's part drains for the next request; the lag before admission passes with this one, so a
         # refusal it alone caused announces the least wait Retry-After can carry
-        retry_after_s = max(0.0, wait_s - self.target_s)
-        raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
-                         f"of it in the router already (admission target {self.target_s:g}s)",
-                         retry_after_s=retry_after_s)
+        retry_after_s = max(0.0, wait_s + margin_s - self.target_s)
+        raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s + margin_s:.1f}s, "
+                         f"{waited_s:.1f}s of it in the router already and {margin_s:.1f}s after admission "
+                         f"(admission target {self.target_s:g}s)", retry_after_s=retry_after_s)

@@ -118,3 +118,32 @@ async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, 
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "overloaded"
     assert int(resp.headers["Retry-After"]) == math.ceil(wait_s - 1.0)
     assert int(resp.headers["retry-after-ms"]) == pytest.approx(1000 * (wait_s - 1.0), rel=0.01)
+
+
+def test_first_tokens_later_than_forecast_tighten_admission_by_their_p90():
+    """The forecast covers the pool's queue; what passes after admission (the router's own loop under a burst)
+    shows as first tokens later than forecast, and admission leaves that much of the target for it."""
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[50]), target_s=2.0, window_s=10.0,  # type: ignore[arg-type]
+                    clock=lambda: now[0])
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 0.5)  # 200 tokens/s
+    assert adm.check(ServePath.DISAGGREGATED, 300) == pytest.approx(1.75)  # no evidence yet: admitted
+    for late_s in (0.1, 0.2, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4, 0.5):  # p90 of the misses: 0.4 s
+        adm.first_token(ServePath.DISAGGREGATED, 1.0, 1.0 + late_s)
+    assert adm.lag_margin_s(ServePath.DISAGGREGATED) == pytest.approx(0.4)
+    with pytest.raises(Overloaded) as refused:  # 1.75 s forecast + 0.4 s after admission > 2 s
+        adm.check(ServePath.DISAGGREGATED, 300)
+    assert refused.value.retry_after_s == pytest.approx(1.75 + 0.4 - 2.0)
+    adm.check(ServePath.DISAGGREGATED, 200)  # 1.25 + 0.4 s: admitted
+    now[0] = 11.0  # the misses left the window: no margin
+    assert adm.lag_margin_s(ServePath.DISAGGREGATED) == 0.0
+
+
+def test_the_lag_margin_never_takes_more_than_half_the_target_nor_credits_early_first_tokens():
+    adm = Admission(FakeDispatcher(queued=[0]), target_s=2.0, clock=lambda: 0.0)  # type: ignore[arg-type]
+    for _ in range(10):
+        adm.first_token(ServePath.COLOCATED, 0.5, 9.0)
+    assert adm.lag_margin_s(ServePath.COLOCATED) == 1.0
+    for _ in range(100):
+        adm.first_token(ServePath.DISAGGREGATED, 2.0, 0.5)  # earlier than forecast: no credit beyond the target
+    assert adm.lag_margin_s(ServePath.DISAGGREGATED) == 0.0
