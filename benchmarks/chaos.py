@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -271,6 +272,14 @@ def overload_report(overload: dict) -> list[str]:
                     f"{100 * overload['retry_after_within_2x']:.0f}% of the 429s (from the 429's request: p50 "
                     f"{overload['retry_after_over_drain_from_send_p50']:.2f}, within 2x "
                     f"{100 * overload['retry_after_within_2x_from_send']:.0f}%)")
+        if overload.get("retry_after_within_2x_of_backlog") is not None:
+            rows.append("  backlog drain of a 429: until the work admitted before it has drained to the target "
+                        f"(p10/p50/p90 {overload['backlog_drain_p10_s']:.2f}/{overload['backlog_drain_p50_s']:.2f}/"
+                        f"{overload['backlog_drain_p90_s']:.2f}s); retry-after-ms - backlog drain p10/p50/p90 "
+                        f"{overload['retry_after_minus_backlog_p10_s']:+.2f}/"
+                        f"{overload['retry_after_minus_backlog_p50_s']:+.2f}/"
+                        f"{overload['retry_after_minus_backlog_p90_s']:+.2f}s; within 2x (or 0.1 s) for "
+                        f"{100 * overload['retry_after_within_2x_of_backlog']:.0f}% of the 429s")
         rows.append(f"  Retry-After (whole seconds) / actual drain: p50 "
                     f"{overload['retry_after_whole_s_over_drain_p50']:.1f}; the first request sent after a 429's "
                     f"retry-after-ms was admitted for {100 * overload['back_at_retry_after_admitted']:.0f}%")
@@ -278,9 +287,17 @@ def overload_report(overload: dict) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> dict:
+    """The whole scenario in a scratch directory (engines, configs, instance logs: ~0.4 GB), removed after."""
+    root = Path(tempfile.mkdtemp(prefix="trtd-chaos-"))
+    try:
+        return await run_in(root, args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def run_in(root: Path, args: argparse.Namespace) -> dict:
     from trt_disagg.engine_build.builder import build_deployment
 
-    root = Path(tempfile.mkdtemp(prefix="trtd-chaos-"))
     config = write_config(root, free_port(), args.ttft_slo_s)
     dep = load_deployment(config)
     print("building the tiny engines ...", flush=True)
@@ -304,7 +321,7 @@ async def run(args: argparse.Namespace) -> dict:
                 big = await oversized(cluster)
             print("overload ...", flush=True)
             capacity = await capacity_rps(str(cluster.router_url), args)
-            overload = await burst(str(cluster.router_url), 4 * capacity, args)
+            overload = await burst(str(cluster.router_url), 4 * capacity, args, capacity)
             await until(lambda: idle(cluster), 60, "instances idle after the run")
             restarts = [asdict(r) for r in sup.supervisor.restarts]
     finally:

@@ -168,6 +168,7 @@ def args_with(args: argparse.Namespace, **changes: object) -> argparse.Namespace
     return argparse.Namespace(**{**vars(args), **changes})
 
 
+BACKLOG_TOLERANCE_S = 0.1
 PROBE_GAP_S = 0.02  # after the burst: the resolution of "when did the router admit again"
 
 
@@ -213,7 +214,7 @@ async def lean_request(url: str, body: bytes, phase: str) -> Outcome:
     return out
 
 
-async def burst(url: str, rate_rps: float, args: argparse.Namespace) -> dict:
+async def burst(url: str, rate_rps: float, args: argparse.Namespace, capacity_rps: float) -> dict:
     """Open-loop Poisson arrivals at `rate_rps` for burst_s, then one probe every PROBE_GAP_S (while the
     burst's admitted requests are still running) until the router admits one: every 429 has a next
     admission, seen at the resolution of the arrivals, to measure its Retry-After against."""
@@ -238,10 +239,21 @@ async def burst(url: str, rate_rps: float, args: argparse.Namespace) -> dict:
     for o in outcomes:
         o.sent_at -= start
         o.answered_at = None if o.answered_at is None else o.answered_at - start
-    return overload_summary(outcomes, rate_rps, args.ttft_slo_s)
+    return overload_summary(outcomes, rate_rps, args.ttft_slo_s, capacity_rps)
 
 
-def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) -> dict:
+def backlog_drain_s(admitted: list[Outcome], at_s: float, target_s: float, capacity_rps: float) -> float | None:
+    """When the work admitted before `at_s` has drained to the target: a request sent `d` later, with nothing
+    admitted in between, gets its first token one request's service time (1 / capacity) after the last of
+    that work's, i.e. exactly at the target when d = that moment - at_s - target. This is what the router's
+    Retry-After announces (router/admission.py), measured from the first tokens the clients saw."""
+    firsts = [a.sent_at + a.ttft_s for a in admitted if a.sent_at <= at_s and a.ttft_s is not None]
+    if not firsts:
+        return None
+    return max(0.0, max(firsts) + 1 / capacity_rps - at_s - target_s)
+
+
+def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float, capacity_rps: float) -> dict:
     """Admitted TTFT p90 vs the target; for each 429, what it announced (`retry-after-ms`) vs its actual drain
     time: from the moment the client had the 429 until the router admitted a request sent after that moment
     (the earliest a client coming back could have been admitted). Coming back at the announced time, it finds
@@ -262,6 +274,11 @@ def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) 
         if drain is not None and drain_from_send is not None and o.retry_after_s is not None:
             refusals.append((round(o.sent_at, 4), round(answered_at, 4), o.retry_after_s,
                              o.retry_after_header_s or 0, round(drain, 4), round(drain_from_send, 4)))
+    # the same 429s against the backlog they were refused for (backlog_drain_s); a difference under
+    # BACKLOG_TOLERANCE_S counts as agreement: a client cannot act on less, and Retry-After has whole seconds
+    backlog = [(r, b) for _, t, r, _, _, _ in refusals
+               if (b := backlog_drain_s(admitted, t, target_s, capacity_rps)) is not None]
+    backlog_ok = [0.5 * b - BACKLOG_TOLERANCE_S <= r <= 2 * b + BACKLOG_TOLERANCE_S for r, b in backlog]
     ratios = [r / max(0.001, d) for _, _, r, _, d, _ in refusals]
     from_send = [r / max(0.001, d) for _, _, r, _, _, d in refusals]
     whole_s = [h / max(0.001, d) for _, _, _, h, d, _ in refusals]
@@ -289,6 +306,13 @@ def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float) 
             "back_at_retry_after_admitted": sum(back) / len(back) if back else None,
             "announced_p50_s": pct([r for _, _, r, _, _, _ in refusals], 0.5),
             "drain_p50_s": pct([d for _, _, _, _, d, _ in refusals], 0.5),
+            "backlog_drain_p10_s": pct([b for _, b in backlog], 0.1),
+            "backlog_drain_p50_s": pct([b for _, b in backlog], 0.5),
+            "backlog_drain_p90_s": pct([b for _, b in backlog], 0.9),
+            "retry_after_minus_backlog_p10_s": pct([r - b for r, b in backlog], 0.1),
+            "retry_after_minus_backlog_p50_s": pct([r - b for r, b in backlog], 0.5),
+            "retry_after_minus_backlog_p90_s": pct([r - b for r, b in backlog], 0.9),
+            "retry_after_within_2x_of_backlog": sum(backlog_ok) / len(backlog_ok) if backlog_ok else None,
             "refusals": refusals,
             "admitted_sent_at_ttft_s": [[round(o.sent_at, 4), round(o.ttft_s, 4)] for o in admitted
                                         if o.ttft_s is not None],

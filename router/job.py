@@ -36,7 +36,6 @@ class Job:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     first_token_s: float | None = None
-    forecast_ttft_s: float | None = None  # admission's forecast (seconds after received_s), when it made one
     last_token_s: float | None = None
 
     @property

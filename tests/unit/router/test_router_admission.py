@@ -128,22 +128,48 @@ def test_first_tokens_later_than_forecast_tighten_admission_by_their_p90():
                     clock=lambda: now[0])
     adm.prefilled(ServePath.DISAGGREGATED, 100, 0.5)  # 200 tokens/s
     assert adm.check(ServePath.DISAGGREGATED, 300) == pytest.approx(1.75)  # no evidence yet: admitted
-    for late_s in (0.1, 0.2, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4, 0.5):  # p90 of the misses: 0.4 s
-        adm.first_token(ServePath.DISAGGREGATED, 1.0, 1.0 + late_s)
+    for i, late_s in enumerate((0.1, 0.2, 0.2, 0.3, 0.3, 0.3, 0.4, 0.4, 0.4, 0.5)):  # p90 of the misses: 0.4 s
+        assert adm.check(ServePath.DISAGGREGATED, 100, request_id=f"r{i}") == pytest.approx(0.75)
+        now[0] += 0.75 + late_s
+        adm.first_token(f"r{i}")
     assert adm.lag_margin_s(ServePath.DISAGGREGATED) == pytest.approx(0.4)
     with pytest.raises(Overloaded) as refused:  # 1.75 s forecast + 0.4 s after admission > 2 s
         adm.check(ServePath.DISAGGREGATED, 300)
     assert refused.value.retry_after_s == pytest.approx(1.75 + 0.4 - 2.0)
     adm.check(ServePath.DISAGGREGATED, 200)  # 1.25 + 0.4 s: admitted
-    now[0] = 11.0  # the misses left the window: no margin
+    now[0] += 11.0  # the misses left the window: no margin
     assert adm.lag_margin_s(ServePath.DISAGGREGATED) == 0.0
 
 
+def test_requests_still_waiting_past_their_forecast_count_before_their_first_token():
+    """A lag that grows shows at once in the requests still waiting, not a whole wait later."""
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[0]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    adm.prefilled(ServePath.COLOCATED, 100, 0.5)  # 200 tokens/s
+    for i in range(6):
+        adm.check(ServePath.COLOCATED, 100, waited_s=0.25, request_id=f"w{i}")  # forecast 0.25 + 0.5 s
+    now[0] = 0.5  # before the forecast: not late yet
+    assert adm.lag_margin_s(ServePath.COLOCATED) == 0.0
+    now[0] = 1.1  # 0.6 s past the forecast, no first token yet
+    assert adm.lag_margin_s(ServePath.COLOCATED) == pytest.approx(0.6)
+    assert adm.lag_margin_s(ServePath.DISAGGREGATED) == 0.0  # the other pool's lag is its own
+    for i in range(6):
+        adm.forget(f"w{i}")  # ended without a first token: no evidence left behind
+    assert adm.lag_margin_s(ServePath.COLOCATED) == 0.0
+
+
 def test_the_lag_margin_never_takes_more_than_half_the_target_nor_credits_early_first_tokens():
-    adm = Admission(FakeDispatcher(queued=[0]), target_s=2.0, clock=lambda: 0.0)  # type: ignore[arg-type]
-    for _ in range(10):
-        adm.first_token(ServePath.COLOCATED, 0.5, 9.0)
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[0]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    adm.prefilled(ServePath.COLOCATED, 1000, 0.5)  # 2000 tokens/s: forecast 0.05 s for 100 tokens
+    adm.prefilled(ServePath.DISAGGREGATED, 1000, 0.5)
+    for i in range(10):
+        adm.check(ServePath.COLOCATED, 100, request_id=f"slow{i}")
+        adm.check(ServePath.DISAGGREGATED, 100, request_id=f"fast{i}")
+    for i in range(10):
+        adm.first_token(f"fast{i}")  # earlier than forecast: no credit beyond the target
+    now[0] = 9.0
+    for i in range(10):
+        adm.first_token(f"slow{i}")
     assert adm.lag_margin_s(ServePath.COLOCATED) == 1.0
-    for _ in range(100):
-        adm.first_token(ServePath.DISAGGREGATED, 2.0, 0.5)  # earlier than forecast: no credit beyond the target
     assert adm.lag_margin_s(ServePath.DISAGGREGATED) == 0.0
