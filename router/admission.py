@@ -7,15 +7,9 @@ computed from the queue, instead of admitting work that cannot be served in time
     estimated wait = the time the pool takes to prefill (queue + this prompt) tokens from now, replayed from
                      its completions of the last window_s (below), at p90 (the target is met at p90); the
                      fluid (queue + prompt) / prefill rate while the window holds too few of them
-    lag margin     = the p90 of (time to first token - forecast) over the admitted requests of the last window_s,
-                     counting those still waiting past their forecast as late as they already are: what passes
-                     after admission that the pool's queue does not show (the router's own event loop under a
-                     burst, the prefill call's set-up, the first token's way back); 0 with fewer than
-                     MIN_REPLAYS of them, at most half the target
-    refuse when the estimated wait + lag margin > target (request_timeout_s, or the TTFT SLO with
-                     admission_target=ttft);
-    Retry-After    = estimated wait + lag margin - target: with nothing admitted meanwhile, a request sent then
-                     waits exactly the target, so that is when the router admits again (whole seconds;
+    refuse when the estimated wait > target (request_timeout_s, or the TTFT SLO with admission_target=ttft);
+    Retry-After    = estimated wait - target: with nothing admitted meanwhile, a request sent then waits
+                     exactly the target, so that is when the router admits again (whole seconds;
                      `retry-after-ms` has it to the millisecond)
 
 Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
@@ -80,35 +74,6 @@ class Admission:
         self._window_s = window_s
         self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
         self._last_rate: dict[ServePath, float] = {}  # the rate of the latest window that had completions
-        self._misses: dict[ServePath, deque[tuple[float, float]]] = {p: deque() for p in ServePath}
-        self._due: dict[str, tuple[ServePath, float]] = {}  # admitted, no first token yet: when it was forecast
-
-    def first_token(self, request_id: str) -> None:
-        """An admitted request's first token reached the router: how much later than forecast it came is
-        evidence for the lag margin (a no-op for a request admitted without a forecast)."""
-        due = self._due.pop(request_id, None)
-        if due is not None:
-            path, due_s = due
-            now = self._clock()
-            self._misses[path].append((now, now - due_s))
-
-    def forget(self, request_id: str) -> None:
-        """An admitted request ended before its first token (cancelled, failed)."""
-        self._due.pop(request_id, None)
-
-    def lag_margin_s(self, path: ServePath) -> float:
-        """How much later than forecast first tokens come, at WAIT_QUANTILE (module docstring): the misses of
-        the window, and of the requests still waiting, how late each already is. Those show a growing lag
-        at once, where first tokens alone would show it only a whole wait later, after admitting into it."""
-        now = self._clock()
-        misses = self._misses[path]
-        while misses and misses[0][0] < now - self._window_s:
-            misses.popleft()
-        late = [m for _, m in misses] + [now - due_s for p, due_s in self._due.values() if p is path and now > due_s]
-        if len(late) < MIN_REPLAYS:
-            return 0.0
-        late_s = sorted(late)[int(WAIT_QUANTILE * (len(late) - 1))]
-        return min(max(0.0, late_s), self.target_s / 2)
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
@@ -174,30 +139,25 @@ class Admission:
         replayed = self.replayed_drain_s(path, ahead)
         return replayed if replayed is not None else ahead / rate
 
-    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0,
-              request_id: str | None = None) -> float | None:
+    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> float | None:
         """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
         request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in.
         `waited_s` is how long the request has already spent in the router (its event loop, body, tokenizer):
         under overload that is part of the client's wait too, and only this request can see it.
         Retry-After comes from the same forecast as the refusal (not a more optimistic one): the router's
         later checks use that forecast too, so this is when they find the wait down to the target.
-        Returns the forecast time to first token of an admitted request (None: not forecast); with a
-        `request_id` the forecast is kept until `first_token` or `forget` names it."""
+        Returns the forecast time to first token of an admitted request (None: not forecast)."""
         if path not in POOL_ROLE:
             return None
         wait_s = self.estimated_wait_s(path, prompt_tokens)
         if wait_s is None:
             return None
         total_s = max(0.0, waited_s) + wait_s
-        margin_s = self.lag_margin_s(path)
-        if total_s + margin_s <= self.target_s:
-            if request_id is not None:
-                self._due[request_id] = (path, self._clock() - max(0.0, waited_s) + total_s)
+        if total_s <= self.target_s:
             return total_s
         # the pool's part drains for the next request; the lag before admission passes with this one, so a
         # refusal it alone caused announces the least wait Retry-After can carry
-        retry_after_s = max(0.0, wait_s + margin_s - self.target_s)
-        raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s + margin_s:.1f}s, "
-                         f"{waited_s:.1f}s of it in the router already and {margin_s:.1f}s after admission "
-                         f"(admission target {self.target_s:g}s)", retry_after_s=retry_after_s)
+        retry_after_s = max(0.0, wait_s - self.target_s)
+        raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
+                         f"of it in the router already (admission target {self.target_s:g}s)",
+                         retry_after_s=retry_after_s)

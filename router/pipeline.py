@@ -119,8 +119,7 @@ class RequestRunner:
         if path is None:
             raise InstanceUnavailable("no prefill+decode pair and no colocated instance is up")
         job.path = path
-        self.admission.check(path, len(job.prompt_ids), waited_s=time.monotonic() - job.received_s,
-                             request_id=job.request_id)
+        self.admission.check(path, len(job.prompt_ids), waited_s=time.monotonic() - job.received_s)
         self._metrics.in_flight.labels(pool=path.value).inc()
         self._queued[path].inc()  # until its first token (_accept) or its end
         leg = {ServePath.COLOCATED: self._colocated, ServePath.LOCAL: self._local}.get(path, self._disaggregated)
@@ -132,7 +131,6 @@ class RequestRunner:
             self._metrics.in_flight.labels(pool=path.value).dec()
             if job.first_token_s is None:
                 self._queued[path].dec()
-                self.admission.forget(job.request_id)
 
     # ---- the two paths --------------------------------------------------------------------------------
 
@@ -322,7 +320,6 @@ class RequestRunner:
         else:
             job.first_token_s = now
             self._ttft[path].observe(now - job.received_s)
-            self.admission.first_token(job.request_id)
             self._queued[path].dec()
         job.last_token_s = now
         job.generated.append(token)
