@@ -33,6 +33,9 @@ class SearchSpec:
     rel_tol: float = 0.1  # stop bisecting when hi / lo <= 1 + rel_tol
     max_runs: int = 8
     min_rps: float | None = None  # lowest rate worth probing; default start_rps / growth**(max_runs - 1)
+    # Until a rate passes, each this many points of attainment a probe missed by adds a growth step down
+    # (None: one step): a start far above the goodput is left in one probe, not max_runs of them.
+    miss_step: float | None = None
 
     def validate(self) -> None:
         if not 0 < self.target <= 1:
@@ -45,6 +48,8 @@ class SearchSpec:
             raise UserError(f"rel_tol must be > 0, got {self.rel_tol}")
         if self.max_runs < 1:
             raise UserError(f"--max-runs must be >= 1, got {self.max_runs}")
+        if self.miss_step is not None and not 0 < self.miss_step <= 1:
+            raise UserError(f"miss_step must be in (0, 1], got {self.miss_step}")
 
 
 @dataclass(frozen=True)
@@ -78,17 +83,20 @@ async def search_rates(measure: Callable[[float], Awaitable[float]], spec: Searc
             lo = rate if lo is None else max(lo, rate)
         else:
             hi = rate if hi is None else min(hi, rate)
-        rate = _next_rate(lo, hi, spec, min_rps)
+        rate = _next_rate(lo, hi, spec, min_rps, spec.target - value)
     return SearchTrace(goodput_rps=lo if lo is not None else 0.0, probes=probes)
 
 
-def _next_rate(lo: float | None, hi: float | None, spec: SearchSpec, min_rps: float) -> float | None:
-    """The next rate to probe, or None when the answer is known well enough."""
+def _next_rate(lo: float | None, hi: float | None, spec: SearchSpec, min_rps: float,
+               missed_by: float = 0.0) -> float | None:
+    """The next rate to probe, or None when the answer is known well enough; `missed_by`: how far the last
+    probe's attainment fell short of the target."""
     if hi is None:
         return lo * spec.growth if lo is not None else None
     if lo is None:
-        lower = hi / spec.growth
-        return lower if lower >= min_rps * (1 - 1e-9) else None
+        steps = 1 + (int(max(0.0, missed_by) / spec.miss_step + 1e-9) if spec.miss_step else 0)
+        lower = max(hi / spec.growth ** steps, min_rps)
+        return lower if lower < hi and hi / spec.growth >= min_rps * (1 - 1e-9) else None
     if hi <= lo * (1 + spec.rel_tol):
         return None
     return (lo + hi) / 2

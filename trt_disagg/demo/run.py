@@ -49,6 +49,7 @@ from trt_disagg.demo.targets import (
     FULL_FRACTIONS,
     QUICK_MAX_FRACTION,
     QUICK_MIN_FRACTION,
+    QUICK_MISS_STEP,
     Busy,
     SloRule,
     busy_from,
@@ -235,11 +236,12 @@ def _rate_plan(options: DemoOptions, capacity_rps: float) -> tuple[float, ...] |
 
 def _quick_search(predicted_rps: float, capacity_rps: float, target: float) -> SearchSpec:
     """A bisection from the predicted goodput in steps of 1.3x, stopping once the crossing is bracketed that
-    closely: two runs when the prediction holds, three when it is a step off. With no predicted goodput it
-    starts at the lowest rate worth running."""
+    closely: two runs when the prediction holds, three when it is a step off. A start that misses by more
+    steps further down at once (QUICK_MISS_STEP), so a prediction far off still finds a passing rate within
+    the three runs. With no predicted goodput it starts at the lowest rate worth running."""
     min_rps = QUICK_MIN_FRACTION * capacity_rps
     return SearchSpec(target=target, start_rps=round(max(predicted_rps, min_rps), 3), growth=1.3, rel_tol=0.35,
-                      max_runs=3, min_rps=min_rps)
+                      max_runs=3, min_rps=min_rps, miss_step=QUICK_MISS_STEP)
 
 
 def _watch(run: RunResult, logs: list[Path], coeffs: PhaseCoefficients, options: DemoOptions,

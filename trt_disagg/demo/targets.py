@@ -32,7 +32,12 @@ from trt_disagg.planner.latency_model import Coefficients, LatencyModel, PhaseCo
 
 QUICK_MIN_FRACTION = 0.15  # the goodput search goes no lower (a variant that fails here has goodput 0) ...
 QUICK_MAX_FRACTION = 1.5  # ... and its predicted start no higher than this
-# Served steps more than 10% off the profile (p50, either way) make the prediction use the served step times.
+# Every 20 points of attainment a rate misses by (until one passes) take the bisection one more 1.3x step
+# down: a start at 40% goes to 1/2.2 of it (beside a `nice -n 19` process, three single steps from a start
+# 2x the goodput all missed, and the table read 0x).
+QUICK_MISS_STEP = 0.2
+# Served steps more than 10% off the profile (p50 or in total, either way) make the prediction use the served
+# step times (scaled by the total).
 # Measured here: with both cores serving, decode steps ran 1.14x their one-core profile (the other core's
 # prefill shares the memory bus), and 1.17x beside a `nice -n 19` CPU-bound process that the profile, on one
 # core, did not meet; scaling by the served times roughly halved the largest prediction errors. "Busy" (said
@@ -93,13 +98,23 @@ def prefill_capacity_rps(coeffs: PhaseCoefficients, mean_input: float) -> float:
 
 @dataclass(frozen=True)
 class Busy:
-    """How much slower the served steps ran than the profile said, per phase (p50 over instances); either
-    way past the threshold means the load changed between profile and benchmark."""
+    """How much slower the served steps ran than the profile said, per phase: the p50 (over instances) says
+    whether the load changed between profile and benchmark (past the threshold, either way); the total
+    time ratio is what the prediction scales the profile by (a slow tail adds to TPOT and queues as it
+    adds to the total, while the p50 ignores it)."""
 
     prefill_ratio: float
     decode_ratio: float
     threshold: float
     rescale_above: float = RESCALE_ABOVE  # the prediction takes the served step times past this, either way
+    prefill_scale: float | None = None  # served / profiled total step time (None: the p50)
+    decode_scale: float | None = None
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """(prefill, decode): what the prediction multiplies the profiled step times by."""
+        return (self.prefill_ratio if self.prefill_scale is None else self.prefill_scale,
+                self.decode_ratio if self.decode_scale is None else self.decode_scale)
 
     @property
     def is_busy(self) -> bool:
@@ -115,23 +130,32 @@ class Busy:
     def use_served_times(self) -> bool:
         """The profile does not describe the machine the benchmark ran on closely enough: predict from the
         served steps (the profile taken under the benchmark's own conditions)."""
-        ratios = (self.prefill_ratio, self.decode_ratio)
+        ratios = (self.prefill_ratio, self.decode_ratio, *self.scales)
         return self.is_busy or self.profile_was_busy or max(ratios) > self.rescale_above \
             or min(ratios) < 1 / self.rescale_above
 
     def describe(self) -> str:
+        prefill, decode = self.scales
         return (f"served steps ran {self.prefill_ratio:.2f}x (prefill) and {self.decode_ratio:.2f}x (decode) "
-                f"their profiled time (busy above {self.threshold:.2f}x)")
+                f"their profiled time at p50, {prefill:.2f}x and {decode:.2f}x in total (busy above "
+                f"{self.threshold:.2f}x)")
 
 
 def busy_from(ratios: list[StepRatios], threshold: float = 1.3) -> Busy:
-    """The served/profiled p50 per phase, weighted by each instance's step count (1.0 with no steps)."""
-    def phase(kind: str) -> float:
+    """Per phase: the served/profiled p50, weighted by each instance's step count, and the ratio of the total
+    served to the total profiled step time (1.0 with no steps)."""
+    def phase(kind: str) -> tuple[float, float]:
         rows = [r for r in ratios if r.kind == kind and r.num_steps > 0]
         steps = sum(r.num_steps for r in rows)
-        return sum(r.p50 * r.num_steps for r in rows) / steps if steps else 1.0
+        if not steps:
+            return 1.0, 1.0
+        profiled = sum(r.profiled_s for r in rows)
+        total = sum(r.served_s for r in rows) / profiled if profiled > 0 else \
+            sum(r.time_ratio * r.num_steps for r in rows) / steps
+        return sum(r.p50 * r.num_steps for r in rows) / steps, total
 
-    return Busy(phase("prefill"), phase("decode"), threshold)
+    (prefill, prefill_total), (decode, decode_total) = phase("prefill"), phase("decode")
+    return Busy(prefill, decode, threshold, prefill_scale=prefill_total, decode_scale=decode_total)
 
 
 def scaled_model(model: LatencyModel, tp: int, busy: Busy) -> LatencyModel:
@@ -142,7 +166,7 @@ def scaled_model(model: LatencyModel, tp: int, busy: Busy) -> LatencyModel:
     def times(k: Coefficients, f: float) -> Coefficients:
         return Coefficients(k.a * f, k.b * f, k.c * f)
 
-    scaled = replace(c, prefill=times(c.prefill, busy.prefill_ratio),
-                     decode_small=times(c.decode_small, busy.decode_ratio),
-                     decode_large=times(c.decode_large, busy.decode_ratio))
+    prefill, decode = busy.scales
+    scaled = replace(c, prefill=times(c.prefill, prefill), decode_small=times(c.decode_small, decode),
+                     decode_large=times(c.decode_large, decode))
     return replace(model, source=f"{model.source} x served/profiled", by_tp={**model.by_tp, tp: scaled})

@@ -46,6 +46,23 @@ async def test_no_passing_rate_gives_zero_and_stops_at_min_rate() -> None:
     assert trace.goodput_rps == 0.0
 
 
+async def test_a_large_miss_steps_further_down_until_a_rate_passes() -> None:
+    """Attainment falls 10 points per 0.1 req/s above 0.3: a start at 1.0 (30%) misses by 60 points, three
+    steps of 20 more than one: 1.0 / 2**4. Once a rate passed, the search bisects as usual."""
+    async def measure(rate: float) -> float:
+        return min(1.0, max(0.0, 1.0 - (rate - 0.3)))
+
+    spec = SearchSpec(target=0.9, start_rps=1.0, growth=2.0, max_runs=3, min_rps=0.01, rel_tol=0.1, miss_step=0.2)
+    trace = await search_rates(measure, spec)
+    assert [p.rate_rps for p in trace.probes] == pytest.approx([1.0, 1 / 16, (1 + 1 / 16) / 2])
+    assert trace.goodput_rps == pytest.approx(1 / 16)
+    floor = await search_rates(measure, SearchSpec(target=0.9, start_rps=1.0, growth=2.0, max_runs=2, min_rps=0.2,
+                                                   miss_step=0.2))
+    assert [p.rate_rps for p in floor.probes] == pytest.approx([1.0, 0.2])  # no lower than min_rps
+    one_step = await search_rates(measure, SearchSpec(target=0.9, start_rps=1.0, growth=2.0, max_runs=2))
+    assert [p.rate_rps for p in one_step.probes] == pytest.approx([1.0, 0.5])  # without miss_step: one step
+
+
 async def test_target_is_inclusive() -> None:
     async def measure(rate: float) -> float:
         return 0.9 if rate <= 2.0 else 0.0

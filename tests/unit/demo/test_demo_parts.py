@@ -129,6 +129,7 @@ def test_step_ratios_compare_each_served_step_with_the_model(tmp_path: Path) -> 
     assert prefill.p50 == pytest.approx(1.5)
     assert (decode.num_steps, decode.mean_batch, decode.p50, decode.p90) == (3, 2.0, pytest.approx(1.0),
                                                                              pytest.approx(2.0))
+    assert decode.time_ratio == pytest.approx(4 / 3)  # the one slow step counts in the total, not in the p50
     assert step_ratios(tmp_path / "missing.jsonl", coeffs) == []
 
 

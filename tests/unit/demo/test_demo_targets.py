@@ -71,6 +71,22 @@ def test_busy_when_served_steps_run_past_the_threshold_and_the_model_is_scaled()
     assert not profiled_under_load.is_busy and profiled_under_load.use_served_times
 
 
+def test_the_model_is_scaled_by_the_total_step_time_which_sees_a_slow_tail_the_p50_does_not() -> None:
+    """Decode steps at their profiled time at p50, but one in four twice as long: TPOT sees 1.25x."""
+    steps = [StepRatios("decode-0", "decode", 30, 1.2, 1.0, 2.0, 0.5, served_s=1.25, profiled_s=1.0),
+             StepRatios("decode-1", "decode", 10, 1.2, 1.0, 1.0, 0.5, served_s=0.25, profiled_s=0.5),
+             StepRatios("prefill-0", "prefill", 10, 1.0, 1.0, 1.0, 0.5, served_s=2.0, profiled_s=2.0)]
+    tail = busy_from(steps, threshold=1.3)
+    assert (tail.prefill_ratio, tail.decode_ratio) == (1.0, 1.0) and not tail.is_busy
+    assert tail.scales == (1.0, pytest.approx(1.5 / 1.5))
+    steps[1] = StepRatios("decode-1", "decode", 10, 1.2, 1.0, 1.0, 0.5, served_s=0.5, profiled_s=0.5)
+    tail = busy_from(steps, threshold=1.3)
+    assert tail.scales == (1.0, pytest.approx(1.75 / 1.5)) and tail.use_served_times
+    assert "1.17x in total" in tail.describe()
+    model = scaled_model(LatencyModel("m", "cpu", "profile", {1: COEFFS}), 1, tail)
+    assert model.for_tp(1).decode_step_s(2, 100) == pytest.approx(1.75 / 1.5 * COEFFS.decode_step_s(2, 100))
+
+
 def test_handoff_phases_join_the_router_record_and_the_decode_log(tmp_path: Path) -> None:
     sample = from_record("r1", {"PREFILL_DONE": "100.000", "DECODE_DISPATCHED": "100.002", "DECODING": "100.090"})
     assert sample.total_s == pytest.approx(0.090) and sample.dispatch_s == pytest.approx(0.002)
