@@ -173,3 +173,14 @@ def test_a_temperature_outside_openais_range_is_refused_before_any_work(temperat
 
     with pytest.raises(UserError, match="--temperature"):
         run_demo(DemoOptions(Path("missing.yaml"), temperature=temperature), never, never)  # type: ignore[arg-type]
+
+
+def test_the_cli_defaults_are_the_slo_rule_s() -> None:
+    import inspect
+
+    from trt_disagg.commands.demo import demo_cmd
+    from trt_disagg.demo.targets import TPOT_MULTIPLE, TTFT_MULTIPLE, SloRule
+
+    params = inspect.signature(demo_cmd).parameters
+    assert params["tpot_multiple"].default == TPOT_MULTIPLE == SloRule().tpot_multiple
+    assert params["ttft_multiple"].default == TTFT_MULTIPLE == SloRule().ttft_multiple
