@@ -138,6 +138,11 @@ class LocalCluster:
         if self.run_dir is None:
             self.run_dir = launch.make_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._iteration_logs:
+            # An instance appends to its log (a restart continues it); a new deployment in a reused run_dir
+            # starts new logs, or its steps would be read together with an earlier deployment's.
+            for plan in plans:
+                self.iteration_log_path(plan.instance_id).unlink(missing_ok=True)
         self.redis_url = configured_redis_url(self.dep)
         if self.redis_url is None:
             if self._only is not None:

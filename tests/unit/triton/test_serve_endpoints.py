@@ -70,3 +70,22 @@ def test_serve_fills_in_each_instance_url(tmp_path: Path, monkeypatch: pytest.Mo
     assert set(by_id) == {"prefill-0", "decode-0", "colocated-0"}
     assert written == by_id
     assert all(url.startswith("127.0.0.1:") and int(url.rpartition(":")[2]) > 0 for url in written.values())
+
+
+def test_a_new_deployment_in_a_reused_run_dir_starts_new_iteration_logs(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance appends to its iteration log (a restart continues it); a deployment started again in the
+    same run dir must not leave an earlier deployment's steps in it."""
+    monkeypatch.setattr(launch.TritonProcess, "start", lambda self: None)
+    monkeypatch.setattr(launch.TritonProcess, "wait_ready", lambda self, timeout_s: None)
+    dep = load_deployment(REPO / "configs" / "tiny.yaml")
+    overrides = {Role.PREFILL: "fake:prefill", Role.DECODE: "fake:decode", Role.COLOCATED: "fake:colocated"}
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / "decode-0.iterations.jsonl"
+    stale.write_text('{"t": 1.0, "kind": "decode"}\n')
+    other = run / "notes.txt"
+    other.write_text("kept")
+    with LocalCluster(dep, start_router=False, engine_overrides=overrides, run_dir=run, iteration_logs=True) as c:
+        assert c.iteration_log_path("decode-0") == stale and not stale.exists()
+    assert other.read_text() == "kept"
