@@ -160,7 +160,7 @@ def _verdict(result: DemoResult) -> str:
                      "times (the profiled latency model scaled per phase)")
     elif busy is not None and busy.use_served_times:
         lines.append(f"{busy.describe()}: the prediction used the served step times (the profiled latency "
-                     f"model scaled per phase; more than {busy.rescale_above - 1:.0%} off the profile)")
+                     "model scaled per phase by the served total)")
     labels = [o.variant.label for o in result.outcomes]
     goodputs = [result.goodputs[label].goodput_rps for label in labels]
     if max(goodputs) == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,10 @@ def _ratios(prefill: float, decode: float) -> list[StepRatios]:
 
 def test_busy_when_served_steps_run_past_the_threshold_and_the_model_is_scaled() -> None:
     quiet = busy_from(_ratios(1.05, 1.08), threshold=1.3)
-    assert not quiet.is_busy and not quiet.use_served_times
-    slower = busy_from(_ratios(1.05, 1.17), threshold=1.3)  # not busy, but the profile is 17% off: rescale
-    assert not slower.is_busy and slower.use_served_times
+    assert not quiet.is_busy and quiet.use_served_times  # the served steps always scale the prediction
+    assert not busy_from(_ratios(1.0, 1.0), threshold=1.3).use_served_times  # ... when they differ at all
+    strict = replace(busy_from(_ratios(1.05, 1.08), threshold=1.3), rescale_above=1.1)
+    assert not strict.use_served_times  # a threshold, where one is set
     busy = busy_from(_ratios(1.1, 1.5), threshold=1.3)
     assert busy.is_busy and "1.50x (decode)" in busy.describe()
     model = scaled_model(LatencyModel("m", "cpu", "profile", {1: COEFFS}), 1, busy)
