@@ -4,8 +4,9 @@
             ──▶ decode_step_s(batch b)  ──▶ TPOT SLO = tpot_multiple x that         rates = fractions x capacity
                 b: the p90 of the batch a request decodes in, on the disaggregated deployment at the highest
                    rate, simulated from the profile (decode_batch_seen)
-    served steps / profiled steps (p50, per instance and phase) > busy_ratio ──▶ "busy": say so, and
-                predict with the latency model scaled by what the served steps took
+    served steps / profiled steps, per phase: the p50 past busy_ratio ──▶ "busy": say so
+                                              the total (sum served / sum profiled) ──▶ the latency model the
+                                              prediction runs on (the profile scaled per phase)
 
 Why relative targets: a fixed TPOT of 0.1 s leaves 10-40% headroom over one core's 60-90 ms decode step on
 one machine and none on a slower or busier one; DistServe states its SLOs relative to the model and the
