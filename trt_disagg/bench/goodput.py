@@ -96,7 +96,7 @@ def _next_rate(lo: float | None, hi: float | None, spec: SearchSpec, min_rps: fl
     if lo is None:
         steps = 1 + (int(max(0.0, missed_by) / spec.miss_step + 1e-9) if spec.miss_step else 0)
         lower = max(hi / spec.growth ** steps, min_rps)
-        return lower if lower < hi and hi / spec.growth >= min_rps * (1 - 1e-9) else None
+        return lower if hi / spec.growth >= min_rps * (1 - 1e-9) else None
     if hi <= lo * (1 + spec.rel_tol):
         return None
     return (lo + hi) / 2

@@ -167,8 +167,9 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
         # each deployment predicted on its own served steps: the disaggregated decode core shares the memory
         # bus with a prefill core, a colocated one mostly with another decode
         own = busy_from(served[variant.label], options.busy_threshold)
-        model = scaled_model(prof.fit.latency_model, 1, own) if own.use_served_times else prof.fit.latency_model
+        model = prof.fit.latency_model
         if own.use_served_times:
+            model = scaled_model(model, 1, own)
             progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting with its served "
                           "step times")
         outcome, note = _predict(variant, measured[variant.label], engine_cfgs, prof, model, requests, slo, options)

@@ -157,10 +157,9 @@ def busy_from(ratios: list[StepRatios], threshold: float = 1.3) -> Busy:
         steps = sum(r.num_steps for r in rows)
         if not steps:
             return 1.0, 1.0
+        p50 = sum(r.p50 * r.num_steps for r in rows) / steps
         profiled = sum(r.profiled_s for r in rows)
-        total = sum(r.served_s for r in rows) / profiled if profiled > 0 else \
-            sum(r.time_ratio * r.num_steps for r in rows) / steps
-        return sum(r.p50 * r.num_steps for r in rows) / steps, total
+        return p50, sum(r.served_s for r in rows) / profiled if profiled > 0 else p50
 
     (prefill, prefill_total), (decode, decode_total) = phase("prefill"), phase("decode")
     return Busy(prefill, decode, threshold, prefill_scale=prefill_total, decode_scale=decode_total)
