@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,23 @@ def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list[int]]:
         for ev in engine.step():
             out.setdefault(ev.request_id, []).append(ev.token_id)
     raise AssertionError(f"engine still busy after {max_steps} steps")
+
+
+@contextmanager
+def step_in_progress(engine) -> Iterator[None]:
+    """Hold the engine lock, as a running step does, for the duration of the block."""
+    holds, release = threading.Event(), threading.Event()
+
+    def a_long_step() -> None:
+        with engine._lock:
+            holds.set()
+            release.wait(30)
+
+    t = threading.Thread(target=a_long_step)
+    t.start()
+    try:
+        assert holds.wait(30)
+        yield
+    finally:
+        release.set()
+        t.join()

@@ -34,6 +34,7 @@ import torch
 from trt_disagg.contract import InstanceLoad, RequestType, SamplingParams
 from trt_disagg.engine.block_pool import BlockPool, slot_indices
 from trt_disagg.engine.grammar import GrammarError, Grammars, apply_masks
+from trt_disagg.engine.inbox import Inbox
 from trt_disagg.engine.kv_layout import convert
 from trt_disagg.engine.prefix_cache import BlockAccounting, CacheChange, PrefixCache
 from trt_disagg.engine.runner import ModelRunner, make_runner
@@ -74,6 +75,7 @@ class LLMEngine:
         self._held_lock = threading.Lock()  # never held across a step: pulls must not wait for one
         self._prefilled: list[Sequence] = []  # finished prefills of this step, staged at its end
         self._live: dict[str, Sequence] = {}
+        self._inbox = Inbox()  # accepted requests a step has not seen yet; never waits for a step
         self._lock = threading.RLock()
         self._closed = False
 
@@ -132,15 +134,18 @@ class LLMEngine:
 
     def load(self) -> InstanceLoad:
         with self._lock:
+            inbox_prompt_tokens, inbox_imports = self._inbox.counts()
             return InstanceLoad(
-                queued_prompt_tokens=sum(len(s.prompt_ids) for s in self._scheduler.waiting),
-                running_sequences=len(self._scheduler.running) + len(self._scheduler.importing),
+                queued_prompt_tokens=inbox_prompt_tokens + sum(len(s.prompt_ids) for s in self._scheduler.waiting),
+                running_sequences=inbox_imports + len(self._scheduler.running) + len(self._scheduler.importing),
                 free_kv_blocks=self._cache.num_available_blocks,
                 total_kv_blocks=self._pool.num_total_blocks,
                 pending_kv_handoffs=self.num_held(),
             )
 
     def has_unfinished(self) -> bool:
+        if self._inbox:
+            return True
         with self._lock:
             s = self._scheduler
             return bool(s.waiting or s.importing or s.running)
@@ -163,8 +168,16 @@ class LLMEngine:
         problem = sampling.problem()
         if problem is not None:
             raise EngineInputError(problem)
-        if request_id in self._live or self._is_held(request_id):
-            raise EngineInputError(f"request id {request_id!r} is already in use")
+
+    def _deliver_to_inbox(self, seq: Sequence) -> None:
+        if not self._inbox.add(seq, lambda request_id: request_id in self._live or self._is_held(request_id)):
+            raise EngineInputError(f"request id {seq.request_id!r} is already in use")
+
+    def _accept(self, seq: Sequence) -> None:
+        """Move one inbox arrival to the scheduler (step thread, engine lock held)."""
+        self._live[seq.request_id] = seq
+        queue = self._scheduler.importing if seq.state is SeqState.IMPORTING else self._scheduler.waiting
+        queue.append(seq)
 
     def _new_sequence(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                       request_type: RequestType) -> Sequence:
@@ -177,33 +190,30 @@ class LLMEngine:
                     request_type: RequestType = RequestType.CONTEXT_AND_GENERATION) -> None:
         if request_type is RequestType.GENERATION_ONLY:
             raise EngineInputError("generation_only requests need KV: use add_decode_request")
-        with self._lock:
-            self._validate(request_id, prompt_ids, sampling)
-            seq = self._new_sequence(request_id, prompt_ids, sampling, request_type)
-            self._start_guide(seq)
-            self._live[request_id] = seq
-            self._scheduler.waiting.append(seq)
+        # No engine lock: validation reads only the config, and the inbox hands the request to the next step.
+        self._validate(request_id, prompt_ids, sampling)
+        seq = self._new_sequence(request_id, prompt_ids, sampling, request_type)
+        self._start_guide(seq)
+        self._deliver_to_inbox(seq)
 
     def add_decode_request(self, request_id: str, prompt_ids: list[int], first_token: int, kv: ExportedKV,
                            sampling: SamplingParams) -> None:
         """Continue a request prefilled elsewhere: its KV (any layout of this model) and its first token."""
-        with self._lock:
-            self._validate(request_id, prompt_ids, sampling)
-            why = kv.layout.compatible_with(self.config.kv_layout())
-            if why is not None:
-                raise EngineInputError(f"cannot import KV: {why}")
-            if kv.num_tokens != len(prompt_ids):
-                raise EngineInputError(f"KV holds {kv.num_tokens} tokens but the prompt has {len(prompt_ids)}")
-            if sampling.max_new_tokens < 2 or self._is_end(first_token, sampling):
-                raise EngineInputError("nothing to decode: the first token already ends this request")
-            seq = self._new_sequence(request_id, prompt_ids, sampling, RequestType.GENERATION_ONLY)
-            seq.output_ids = [first_token]
-            self._start_guide(seq)
-            seq.num_cached = len(prompt_ids)
-            seq.pending_kv = kv
-            seq.state = SeqState.IMPORTING
-            self._live[request_id] = seq
-            self._scheduler.importing.append(seq)
+        self._validate(request_id, prompt_ids, sampling)
+        why = kv.layout.compatible_with(self.config.kv_layout())
+        if why is not None:
+            raise EngineInputError(f"cannot import KV: {why}")
+        if kv.num_tokens != len(prompt_ids):
+            raise EngineInputError(f"KV holds {kv.num_tokens} tokens but the prompt has {len(prompt_ids)}")
+        if sampling.max_new_tokens < 2 or self._is_end(first_token, sampling):
+            raise EngineInputError("nothing to decode: the first token already ends this request")
+        seq = self._new_sequence(request_id, prompt_ids, sampling, RequestType.GENERATION_ONLY)
+        seq.output_ids = [first_token]
+        self._start_guide(seq)
+        seq.num_cached = len(prompt_ids)
+        seq.pending_kv = kv
+        seq.state = SeqState.IMPORTING
+        self._deliver_to_inbox(seq)
 
     def _start_guide(self, seq: Sequence) -> None:
         """A guided request's matcher, having replayed what was generated before it came here (a decode
@@ -224,6 +234,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is and free its blocks. Idempotent."""
         self.release_kv(request_id)
+        if self._inbox.pop(request_id) is not None:  # no step has seen it: it holds nothing yet
+            return
         with self._lock:
             seq = self._live.pop(request_id, None)
             if seq is None:
@@ -270,6 +282,7 @@ class LLMEngine:
         with self._lock:
             self.last_step = None  # set again below only when this step runs a forward pass
             started = time.perf_counter()
+            self._inbox.drain(self._accept)
             imported = 0
             for seq in self._scheduler.admit_imports():
                 imported += self._write_imported_kv(seq)

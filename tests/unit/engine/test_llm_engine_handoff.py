@@ -3,11 +3,9 @@ once, and a pull (`export_kv`) never waits for the engine lock that a running st
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from tests.conftest import run_to_completion
+from tests.conftest import run_to_completion, step_in_progress
 from trt_disagg.contract import RequestType, SamplingParams
 from trt_disagg.engine.llm_engine import LLMEngine
 
@@ -20,21 +18,8 @@ def test_prefilled_kv_is_staged_and_blocks_are_free_at_once(tiny_engines, device
         assert engine.num_free_blocks == engine.num_total_blocks  # staged out of the pool
         assert engine.num_held() == 1 and engine.load().pending_kv_handoffs == 1
 
-        step_holds_lock, release_step = threading.Event(), threading.Event()
-
-        def a_long_step() -> None:  # what a running prefill step does to the engine lock
-            with engine._lock:
-                step_holds_lock.set()
-                release_step.wait(30)
-
-        t = threading.Thread(target=a_long_step)
-        t.start()
-        try:
-            assert step_holds_lock.wait(30)
-            kv = engine.export_kv("p")  # would block until release_step if it needed the engine lock
-        finally:
-            release_step.set()
-            t.join()
+        with step_in_progress(engine):
+            kv = engine.export_kv("p")  # would block until the step ends if it needed the engine lock
         assert kv.num_tokens == len(prompt)
 
         # The staged copy is the prompt's KV: decoding from it equals decoding the prompt in place.
