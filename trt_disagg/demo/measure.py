@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 DEMO_TEMPERATURE = 0.0
 
 
-AfterRate = Callable[[RunResult, list[Path]], None]  # a rate's run is done; the instances' iteration logs
+Window = tuple[float, float]  # wall-clock (time.time()) start and end of one rate's run
+AfterRate = Callable[[RunResult, list[Path], Window], None]  # a rate's run is done; the iteration logs; when
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Measured:
     handoffs: list[HandoffSample]  # probes sent one at a time on the warm deployment (disaggregated)
     handoff_input_lens: list[int]
     iteration_logs: list[Path]  # one JSONL per instance
+    windows: list[Window]  # when each run ran (same order as runs): its steps are the log rows inside it
 
     @property
     def handoffs_s(self) -> list[float]:
@@ -72,15 +75,18 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
 
         logs = [cluster.iteration_log_path(p.instance_id) for p in cluster.plans()]
         runs: list[RunResult] = []
+        windows: list[Window] = []
 
         async def one_rate(model: str, rate: float) -> float:
+            began = time.time()
             with RunProgress() as bar:  # one bar per rate, advanced as each request finishes
                 run = (await run_rates(url, model, requests, [rate], slo, arrival=arrival, seed=seed,
                                        request_timeout_s=request_timeout_s, on_run=bar.on_run,
                                        on_record=bar.on_record, temperature=temperature))[0]
             runs.append(run)
+            windows.append((began, time.time()))
             if after_rate is not None:
-                after_rate(run, logs)
+                after_rate(run, logs, windows[-1])
             return run.summary().attainment
 
         async def bench() -> list[HandoffSample]:
@@ -98,7 +104,7 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
 
         handoffs = with_phases(asyncio.run(bench()), logs)
     return Measured(runs, handoffs, [requests[(handoff_warmup + i) % len(requests)].input_len
-                                     for i in range(len(handoffs))], logs)
+                                     for i in range(len(handoffs))], logs, windows)
 
 
 async def observe_handoffs(url: str, model: str, requests: Sequence[WorkloadRequest], timeout_s: float,

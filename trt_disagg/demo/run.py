@@ -30,7 +30,7 @@ from trt_disagg.bench.report import write_report
 from trt_disagg.config import SLO, Deployment, load_deployment
 from trt_disagg.contract import Role
 from trt_disagg.demo.handoff import HandoffSample
-from trt_disagg.demo.measure import DEMO_TEMPERATURE, Measured, measure
+from trt_disagg.demo.measure import DEMO_TEMPERATURE, Measured, Window, measure
 from trt_disagg.demo.predict import (
     DEMO_GRID,
     QUICK_GRID,
@@ -155,7 +155,7 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
         measured[variant.label] = measure(
             variant, requests, plans[variant.label], slo, engines_root=engines_root,
             run_dir=options.out_dir / variant.label, seed=options.seed, temperature=options.temperature,
-            after_rate=lambda run, logs: _watch(run, logs, coeffs, options, progress))
+            after_rate=lambda run, logs, window: _watch(run, logs, window, coeffs, options, progress))
         served[variant.label] = [r for path in measured[variant.label].iteration_logs
                                  for r in step_ratios(path, coeffs)]
 
@@ -166,13 +166,18 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     for variant in variants:
         # each deployment predicted on its own served steps: the disaggregated decode core shares the memory
         # bus with a prefill core, a colocated one mostly with another decode
+        m = measured[variant.label]
         own = busy_from(served[variant.label], options.busy_threshold)
-        model = prof.fit.latency_model
+        model = scaled_model(prof.fit.latency_model, 1, own) if own.use_served_times else prof.fit.latency_model
+        # ... and each rate on the steps served at that rate: how much a decode step slows while the other
+        # core prefills grows with the share of time spent prefilling, which grows with the rate
+        rate_models = [_served_model(prof.fit.latency_model, [r for path in m.iteration_logs
+                                                              for r in step_ratios(path, coeffs, window)], options)
+                       for window in m.windows]
         if own.use_served_times:
-            model = scaled_model(model, 1, own)
-            progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting with its served "
-                          "step times")
-        outcome, note = _predict(variant, measured[variant.label], engine_cfgs, prof, model, requests, slo, options)
+            progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting each rate with "
+                          "the step times served at that rate")
+        outcome, note = _predict(variant, m, engine_cfgs, prof, model, rate_models, requests, slo, options)
         outcomes.append(outcome)
         handoff_notes += [note] if note else []
     goodputs = {o.variant.label: o.goodput(slo.attainment) for o in outcomes}
@@ -220,6 +225,12 @@ def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], eng
     return slo, rule, plans
 
 
+def _served_model(model: LatencyModel, ratios: list[StepRatios], options: DemoOptions) -> LatencyModel:
+    """The latency model scaled to the served step times when they differ from the profile enough."""
+    busy = busy_from(ratios, options.busy_threshold)
+    return scaled_model(model, 1, busy) if busy.use_served_times else model
+
+
 def _load_changed(busy: Busy) -> str:
     if busy.is_busy:
         return "the machine was busy while serving"
@@ -245,11 +256,11 @@ def _quick_search(predicted_rps: float, capacity_rps: float, target: float) -> S
                       max_runs=3, min_rps=min_rps, miss_step=QUICK_MISS_STEP)
 
 
-def _watch(run: RunResult, logs: list[Path], coeffs: PhaseCoefficients, options: DemoOptions,
+def _watch(run: RunResult, logs: list[Path], window: Window, coeffs: PhaseCoefficients, options: DemoOptions,
            progress: DemoProgress) -> None:
-    """After each rate: its attainment, how many requests it rests on, and the served/profiled step times."""
+    """After each rate: its attainment, how many requests it rests on, and its served/profiled step times."""
     s = run.summary()
-    busy = busy_from([r for path in logs for r in step_ratios(path, coeffs)], options.busy_threshold)
+    busy = busy_from([r for path in logs for r in step_ratios(path, coeffs, window)], options.busy_threshold)
     progress.note(f"  {run.rate_rps:.3g} req/s: attainment {s.attainment:.0%} of {len(run.records)} requests; "
                   f"{busy.describe()}" + (" [busy]" if busy.is_busy else ""))
 
@@ -274,10 +285,11 @@ def _profile(dep: Deployment, engine_dir: Path, options: DemoOptions, progress: 
 
 
 def _predict(variant: Variant, m: Measured, engine_cfgs: dict[Role, EngineConfig], prof: EngineProfile,
-             model: LatencyModel, requests: list[WorkloadRequest], slo: SLO,
+             model: LatencyModel, rate_models: list[LatencyModel], requests: list[WorkloadRequest], slo: SLO,
              options: DemoOptions) -> tuple[VariantOutcome, str | None]:
-    """The variant's simulated attainment at every rate it ran; for a disaggregated variant the hand-off
-    costs are fitted to the measured hand-offs first (returned as a note for the report)."""
+    """The variant's simulated attainment at every rate it ran, each on its own model (`rate_models`, in
+    the runs' order); for a disaggregated variant the hand-off costs are fitted to the measured hand-offs
+    first, on the deployment's `model` (returned as a note for the report)."""
     costs = HandoffCosts(prof.import_s_per_token)
     note = None
     if m.handoffs_s:
@@ -289,7 +301,7 @@ def _predict(variant: Variant, m: Measured, engine_cfgs: dict[Role, EngineConfig
         note = (f"{variant.label}: hand-off (prefill done -> first decode token, alone, warm) "
                 f"{', '.join(f'{h * 1e3:.0f}' for h in m.handoffs_s)} ms -> fixed part "
                 f"{costs.handoff_s * 1e3:.0f} ms; KV import {prof.import_s_per_token * 1e6:.1f} us/token")
-    spec = sim_spec(variant, engine_cfgs, model, costs)
-    rates = [r.rate_rps for r in m.runs]
-    predicted = predict_attainment(spec, requests, rates, slo.ttft_s, slo.tpot_s, seed=options.seed)
+    predicted = [predict_attainment(sim_spec(variant, engine_cfgs, rate_model, costs), requests, [run.rate_rps],
+                                    slo.ttft_s, slo.tpot_s, seed=options.seed)[0]
+                 for run, rate_model in zip(m.runs, rate_models, strict=True)]
     return VariantOutcome(variant, m.runs, predicted), note

@@ -51,9 +51,12 @@ def _profiled_s(row: dict, model: PhaseCoefficients) -> float:
     return model.prefill_s(n, n * n / b)
 
 
-def step_ratios(path: Path, model: PhaseCoefficients) -> list[StepRatios]:
-    """Per phase: served / profiled step time (p50, p90) over every step in the log."""
-    rows = [r for r in read_iteration_log(path) if r["kind"] in ("prefill", "decode")]  # not "handoff" lines
+def step_ratios(path: Path, model: PhaseCoefficients,
+                window: tuple[float, float] | None = None) -> list[StepRatios]:
+    """Per phase: served / profiled step time (p50, p90) over every step in the log, or over the steps that
+    started inside `window` (wall-clock start, end: one rate's run)."""
+    rows = [r for r in read_iteration_log(path) if r["kind"] in ("prefill", "decode")  # not "handoff" lines
+            and (window is None or window[0] <= r["t"] < window[1])]
     if not rows:
         return []
     span = max(r["t"] + r["duration_s"] for r in rows) - min(r["t"] for r in rows)

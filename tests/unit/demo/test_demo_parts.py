@@ -131,6 +131,10 @@ def test_step_ratios_compare_each_served_step_with_the_model(tmp_path: Path) -> 
                                                                              pytest.approx(2.0))
     assert decode.time_ratio == pytest.approx(4 / 3)  # the one slow step counts in the total, not in the p50
     assert step_ratios(tmp_path / "missing.jsonl", coeffs) == []
+    # one rate's run: only the steps that started inside its window
+    (late,) = step_ratios(log, coeffs, window=(1.05, 2.0))
+    assert (late.kind, late.num_steps, late.time_ratio) == ("decode", 2, pytest.approx(1.5))
+    assert step_ratios(log, coeffs, window=(5.0, 6.0)) == []
 
 
 def test_kv_import_profile_times_the_steps_that_write_pulled_kv(tiny_engines) -> None:
