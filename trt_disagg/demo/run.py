@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -44,7 +44,7 @@ from trt_disagg.demo.predict import (
     simulate_run,
 )
 from trt_disagg.demo.report import VariantOutcome, plot_predicted_vs_measured
-from trt_disagg.demo.served_steps import StepRatios, step_ratios
+from trt_disagg.demo.served_steps import DecodeBesidePrefill, StepRatios, decode_beside_prefill, step_ratios
 from trt_disagg.demo.targets import (
     FULL_FRACTIONS,
     QUICK_MAX_FRACTION,
@@ -168,16 +168,16 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
         # bus with a prefill core, a colocated one mostly with another decode
         m = measured[variant.label]
         own = busy_from(served[variant.label], options.busy_threshold)
-        model = scaled_model(prof.fit.latency_model, 1, own) if own.use_served_times else prof.fit.latency_model
-        # ... and each rate on the steps served at that rate: how much a decode step slows while the other
-        # core prefills grows with the share of time spent prefilling, which grows with the rate
-        rate_models = [_served_model(prof.fit.latency_model, [r for path in m.iteration_logs
-                                                              for r in step_ratios(path, coeffs, window)], options)
-                       for window in m.windows]
+        model, beside = prof.fit.latency_model, _decode_beside_prefill(m, coeffs)
         if own.use_served_times:
-            progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting each rate with "
-                          "the step times served at that rate")
-        outcome, note = _predict(variant, m, engine_cfgs, prof, model, rate_models, requests, slo, options)
+            # a decode step beside a prefill is the simulator's interference term; the model takes the rest
+            model = scaled_model(model, 1, own if beside is None else replace(own, decode_scale=beside.alone))
+            progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting with its served "
+                          "step times" + ("" if beside is None else f", {beside.describe()}"))
+        else:
+            beside = None
+        outcome, note = _predict(variant, m, engine_cfgs, prof, model, requests, slo, options,
+                                 () if beside is None else beside.factors)
         outcomes.append(outcome)
         handoff_notes += [note] if note else []
     goodputs = {o.variant.label: o.goodput(slo.attainment) for o in outcomes}
@@ -225,10 +225,12 @@ def _targets(options: DemoOptions, dep: Deployment, variants: list[Variant], eng
     return slo, rule, plans
 
 
-def _served_model(model: LatencyModel, ratios: list[StepRatios], options: DemoOptions) -> LatencyModel:
-    """The latency model scaled to the served step times when they differ from the profile enough."""
-    busy = busy_from(ratios, options.busy_threshold)
-    return scaled_model(model, 1, busy) if busy.use_served_times else model
+def _decode_beside_prefill(m: Measured, coeffs: PhaseCoefficients) -> DecodeBesidePrefill | None:
+    """The decode steps of a disaggregated deployment, split by whether a prefill step ran beside them."""
+    def role_logs(role: Role) -> list[Path]:
+        return [p for p in m.iteration_logs if p.name.startswith(f"{role.value}-")]
+
+    return decode_beside_prefill(role_logs(Role.DECODE), role_logs(Role.PREFILL), coeffs)
 
 
 def _load_changed(busy: Busy) -> str:
@@ -285,11 +287,11 @@ def _profile(dep: Deployment, engine_dir: Path, options: DemoOptions, progress: 
 
 
 def _predict(variant: Variant, m: Measured, engine_cfgs: dict[Role, EngineConfig], prof: EngineProfile,
-             model: LatencyModel, rate_models: list[LatencyModel], requests: list[WorkloadRequest], slo: SLO,
-             options: DemoOptions) -> tuple[VariantOutcome, str | None]:
-    """The variant's simulated attainment at every rate it ran, each on its own model (`rate_models`, in
-    the runs' order); for a disaggregated variant the hand-off costs are fitted to the measured hand-offs
-    first, on the deployment's `model` (returned as a note for the report)."""
+             model: LatencyModel, requests: list[WorkloadRequest], slo: SLO, options: DemoOptions,
+             decode_beside_prefill: tuple[float, ...] = ()) -> tuple[VariantOutcome, str | None]:
+    """The variant's simulated attainment at every rate it ran; for a disaggregated variant the hand-off
+    costs are fitted to the measured hand-offs first (returned as a note for the report), and its decode
+    steps that start beside a prefill take `decode_beside_prefill` (by batch size) times longer."""
     costs = HandoffCosts(prof.import_s_per_token)
     note = None
     if m.handoffs_s:
@@ -301,7 +303,9 @@ def _predict(variant: Variant, m: Measured, engine_cfgs: dict[Role, EngineConfig
         note = (f"{variant.label}: hand-off (prefill done -> first decode token, alone, warm) "
                 f"{', '.join(f'{h * 1e3:.0f}' for h in m.handoffs_s)} ms -> fixed part "
                 f"{costs.handoff_s * 1e3:.0f} ms; KV import {prof.import_s_per_token * 1e6:.1f} us/token")
-    predicted = [predict_attainment(sim_spec(variant, engine_cfgs, rate_model, costs), requests, [run.rate_rps],
-                                    slo.ttft_s, slo.tpot_s, seed=options.seed)[0]
-                 for run, rate_model in zip(m.runs, rate_models, strict=True)]
+    spec = sim_spec(variant, engine_cfgs, model, costs)
+    if isinstance(spec, DisaggSpec):
+        spec = replace(spec, decode_beside_prefill=decode_beside_prefill)
+    rates = [r.rate_rps for r in m.runs]
+    predicted = predict_attainment(spec, requests, rates, slo.ttft_s, slo.tpot_s, seed=options.seed)
     return VariantOutcome(variant, m.runs, predicted), note

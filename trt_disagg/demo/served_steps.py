@@ -7,6 +7,8 @@ router, the load generator, Triton and Redis. served / profiled > 1 is that cost
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import statistics
 from dataclasses import dataclass
@@ -73,6 +75,71 @@ def step_ratios(path: Path, model: PhaseCoefficients,
                               statistics.median(ratios), ratios[min(len(ratios) - 1, int(0.9 * len(ratios)))],
                               served_s / span if span > 0 else 0.0, served_s, sum(profiled)))
     return out
+
+
+MIN_STEPS_PER_BATCH = 10  # fewer beside-prefill steps of one batch size than this: pooled with larger ones
+
+
+@dataclass(frozen=True)
+class DecodeBesidePrefill:
+    """Served / profiled total time of the decode steps that started while no prefill step ran on another
+    instance, and, by batch size, of those that started while one did: the interference between instances
+    on one host. It grows with the batch (measured beside a `nice -n 19` process: 1.4x the profile at batch
+    1, 1.7x at batch 3), so one factor for all batches under-predicts TPOT when prompts arrive together."""
+
+    alone: float
+    beside: tuple[float, ...]  # by batch size 1, 2, ...; the last one also for larger batches
+    num_alone: int
+    num_beside: int
+
+    @property
+    def factors(self) -> tuple[float, ...]:
+        """How much longer a decode step of each batch size takes beside a prefill than alone (the
+        simulator's DisaggSpec.decode_beside_prefill)."""
+        return tuple(b / self.alone for b in self.beside)
+
+    def describe(self) -> str:
+        return (f"decode steps beside a prefill {', '.join(f'{f:.2f}x' for f in self.factors)} (batch 1, 2, ...) "
+                f"those alone ({self.alone:.2f}x the profile; {self.num_beside} and {self.num_alone} steps)")
+
+
+def decode_beside_prefill(decode_logs: list[Path], prefill_logs: list[Path],
+                          model: PhaseCoefficients) -> DecodeBesidePrefill | None:
+    """Split the decode steps by whether a prefill step was running when they started; None without
+    steps on both sides."""
+    prefills = sorted((r["t"], r["t"] + r["duration_s"]) for path in prefill_logs
+                      for r in read_iteration_log(path) if r["kind"] == "prefill")
+    starts = [start for start, _ in prefills]
+    max_ends = list(itertools.accumulate((end for _, end in prefills), max))
+    alone: list[tuple[float, float]] = []  # (served, profiled)
+    beside: dict[int, list[tuple[float, float]]] = {}  # by batch size
+    for path in decode_logs:
+        for row in read_iteration_log(path):
+            if row["kind"] != "decode":
+                continue
+            k = bisect.bisect_right(starts, row["t"]) - 1
+            times = (row["duration_s"], _profiled_s(row, model))
+            if k >= 0 and max_ends[k] > row["t"]:
+                beside.setdefault(row["num_seqs"], []).append(times)
+            else:
+                alone.append(times)
+    if not alone or not beside:
+        return None
+    factors: list[float] = []
+    for batch in range(1, max(beside) + 1):
+        rows = beside.get(batch, [])
+        if len(rows) < MIN_STEPS_PER_BATCH:
+            rows = [t for b, ts in beside.items() if b >= batch for t in ts]
+        if len(rows) >= MIN_STEPS_PER_BATCH or not factors:
+            factors.append(_total_ratio(rows or [t for ts in beside.values() for t in ts]))
+        else:
+            factors.append(factors[-1])
+    return DecodeBesidePrefill(_total_ratio(alone), tuple(factors), len(alone),
+                               sum(len(ts) for ts in beside.values()))
+
+
+def _total_ratio(times: list[tuple[float, float]]) -> float:
+    return sum(served for served, _ in times) / sum(profiled for _, profiled in times)
 
 
 def step_ratio_table(ratios: list[StepRatios]) -> Table:

@@ -24,7 +24,9 @@ policy becomes behaviour.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trt_disagg.sim.events import EventQueue, PrefillDone, StageFree
@@ -96,8 +98,9 @@ class PrefillInstance:
 
 class DecodeLane:
     def __init__(self, spec: InstanceSpec, input_len: list[int], output_len: list[int], rec: Recorder,
-                 import_s_per_token: float = 0.0) -> None:
+                 import_s_per_token: float = 0.0, slowdown: Callable[[float, int], float] | None = None) -> None:
         self.import_s_per_token = import_s_per_token  # disaggregated: writing pulled KV delays the next step
+        self.slowdown = slowdown  # a step of batch b starting at t takes slowdown(t, b) x its model time
         self.capacity = spec.kv_capacity_tokens // spec.pp
         self.max_batch = max(1, spec.max_batch_size // spec.pp)
         self.terms = spec.timing.decode_terms()
@@ -165,6 +168,8 @@ class DecodeLane:
             dt = t.a_small + t.b_small * self.sum_ctx + t.c_small * batch
         else:
             dt = t.a_large + t.b_large * self.sum_ctx + t.c_large * batch
+        if self.slowdown is not None:
+            dt *= self.slowdown(self.clock, batch)
         self.clock += dt + t.hop_fixed_s + t.hop_per_seq_s * batch
         self.step += 1
         self.sum_ctx += batch
@@ -315,14 +320,38 @@ COLOCATED_LANES: dict[ColocatedPolicy, type[ColocatedLane]] = {
 }
 
 
-def start_prefill_batch(prefill: PrefillInstance, k: int, now: float, events: EventQueue) -> None:
+def start_prefill_batch(prefill: PrefillInstance, k: int, now: float, events: EventQueue) -> PrefillBatch | None:
     """Start prefill instance `k`'s next batch, if any: its PrefillDone, and a StageFree when its first
     pipeline stage frees before the batch is done (the next batch may enter behind it)."""
     started = prefill.try_start_batch()
     if started is None:
         prefill.busy = False
-        return
+        return None
     frees_stage = started.stage_s >= started.latency_s
     events.push(PrefillDone(now + started.latency_s, k, started.requests, frees_stage))
     if not frees_stage:
         events.push(StageFree(now + started.stage_s, k))
+    return started
+
+
+class PrefillActivity:
+    """When any prefill instance runs a batch, for the interference between instances that share a host.
+
+    Batches start in event order, so their start times only grow: a step starting at t overlaps a prefill
+    when the latest end among the batches started by t is past t. Every batch started by t is known when a
+    lane computes that step (lanes only advance to the current event's time)."""
+
+    def __init__(self, factors: tuple[float, ...]) -> None:
+        self.factors = factors  # by decode batch size: 1, 2, ..., the last for larger batches
+        self._starts: list[float] = []
+        self._max_ends: list[float] = []  # max end of the batches started so far, per start
+
+    def started(self, start_s: float, end_s: float) -> None:
+        self._starts.append(start_s)
+        self._max_ends.append(max(end_s, self._max_ends[-1]) if self._max_ends else end_s)
+
+    def slowdown(self, t: float, batch: int) -> float:
+        k = bisect_right(self._starts, t) - 1
+        if k < 0 or self._max_ends[k] <= t:
+            return 1.0
+        return self.factors[min(batch, len(self.factors)) - 1]

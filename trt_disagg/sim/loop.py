@@ -24,6 +24,7 @@ from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, S
 from trt_disagg.sim.instances import (
     COLOCATED_LANES,
     DecodeLane,
+    PrefillActivity,
     PrefillInstance,
     Recorder,
     start_prefill_batch,
@@ -65,7 +66,9 @@ def simulate(spec: DisaggSpec | ColocatedSpec, workload: SimWorkload, phases: Ph
 def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: list[int], rec: Recorder,
                 phases: Phases) -> None:
     prefills = [PrefillInstance(spec.prefill, inp) for _ in range(spec.num_prefill)]
-    lanes = [DecodeLane(spec.decode, inp, out, rec, import_s_per_token=spec.import_s_per_token)
+    activity = PrefillActivity(spec.decode_beside_prefill) if spec.decode_beside_prefill else None
+    lanes = [DecodeLane(spec.decode, inp, out, rec, import_s_per_token=spec.import_s_per_token,
+                        slowdown=activity.slowdown if activity is not None else None)
              for _ in range(spec.num_decode * spec.decode.pp)]
     kv_s_per_token = spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
     events = EventQueue()
@@ -75,7 +78,9 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
         events.push(Arrival(arrivals[0], 0))
 
     def start_batch(k: int, now: float) -> None:
-        start_prefill_batch(prefills[k], k, now, events)
+        started = start_prefill_batch(prefills[k], k, now, events)
+        if started is not None and activity is not None:
+            activity.started(now, now + started.latency_s)
 
     def to_decode(i: int, now: float) -> None:
         for lane in lanes:

@@ -36,6 +36,12 @@ class DisaggSpec:
     # transfer engine copies asynchronously; measured for the CPU reference engine by `trt-disagg demo`):
     handoff_s: float = 0.0  # fixed latency per request: decode dispatch, pull set-up, responses
     import_s_per_token: float = 0.0  # decode engine time writing the pulled KV into its pool (stalls a step)
+    # Instances that share a host's memory bandwidth slow each other: a decode step of batch b that starts
+    # while a prefill instance runs a batch takes decode_beside_prefill[b - 1] times its model time (the last
+    # factor for larger batches; empty: no interference, the planner's GPU clusters; measured from the
+    # served steps by `trt-disagg demo` on a CPU host). The conversation loop (prefix reuse, closed-loop
+    # turns) does not model it.
+    decode_beside_prefill: tuple[float, ...] = ()
 
 
 class ColocatedPolicy(enum.StrEnum):

@@ -18,7 +18,7 @@ from trt_disagg.demo.predict import (
     sim_spec,
 )
 from trt_disagg.demo.report import VariantOutcome, goodput_table, prediction_table
-from trt_disagg.demo.served_steps import step_ratios
+from trt_disagg.demo.served_steps import MIN_STEPS_PER_BATCH, decode_beside_prefill, step_ratios
 from trt_disagg.demo.variants import COLOCATED, DISAGGREGATED, split_variants
 from trt_disagg.engine_dir import EngineConfig, EngineLimits, KVCacheSpec
 from trt_disagg.errors import UserError
@@ -144,3 +144,26 @@ def test_kv_import_profile_times_the_steps_that_write_pulled_kv(tiny_engines) ->
         per_token = profile_kv_import(engine, [16, 48], repeats=2)
         assert engine.num_free_blocks == engine.num_total_blocks and engine.num_held() == 0
     assert 0.0 < per_token < 1e-3  # a few microseconds per token on a CPU; never zero
+
+
+def test_decode_steps_are_split_by_a_prefill_running_when_they_start(tmp_path: Path) -> None:
+    coeffs = MODEL.for_tp(1)  # decode: 50 ms + 5 ms per sequence (context terms 0)
+    prefill_log, decode_log = tmp_path / "prefill-0.iterations.jsonl", tmp_path / "decode-0.iterations.jsonl"
+    prefill_log.write_text(json.dumps({"t": 10.0, "kind": "prefill", "num_seqs": 1, "num_tokens": 100,
+                                       "sum_context": 100, "duration_s": 5.0}) + "\n")
+    n = MIN_STEPS_PER_BATCH
+
+    def step(t: float, batch: int, ratio: float) -> dict:
+        return {"t": t, "kind": "decode", "num_seqs": batch, "num_tokens": batch, "sum_context": 0,
+                "duration_s": ratio * coeffs.decode_step_s(batch, 0)}
+
+    rows = [*(step(0.1 * k, 1, 1.0) for k in range(n)),          # before the prefill: alone
+            *(step(10.0 + 0.1 * k, 1, 1.5) for k in range(n)),   # beside it, batch 1
+            *(step(12.0 + 0.1 * k, 2, 2.0) for k in range(n)),   # beside it, batch 2
+            step(14.0, 3, 3.0)]                                   # one step at batch 3: too few to count
+    decode_log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = decode_beside_prefill([decode_log], [prefill_log], coeffs)
+    assert split is not None and (split.num_alone, split.num_beside) == (n, 2 * n + 1)
+    assert split.alone == pytest.approx(1.0)
+    assert split.factors == pytest.approx((1.5, 2.0, 2.0))  # batch 3 has too few steps: batch 2's factor
+    assert decode_beside_prefill([decode_log], [], coeffs) is None  # nothing ran beside a prefill

@@ -167,3 +167,29 @@ def test_every_colocated_policy_has_a_lane_and_specs_take_names():
     assert ColocatedSpec(make_instance(), 1, "chunked").policy is ColocatedPolicy.CHUNKED  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ColocatedSpec(make_instance(), 1, "round-robin")  # type: ignore[arg-type]
+
+
+def test_decode_steps_that_start_beside_a_prefill_take_the_factor_of_their_batch_size():
+    """Request 0 decodes (batch 1) from 0.5 s; request 1 prefills from 0.6 to 1.1 s on the other instance:
+    the 13 steps of request 0 that start inside [0.6, 1.1) take 2x; later steps (batch 2, no prefill) do not."""
+    p = make_instance(prefill=(0.5, 0.0, 0.0))
+    d = make_instance(decode=(0.02, 0.0, 0.0))
+    work = make_workload([0.0, 0.6], [100, 200], [51, 11])
+    plain = simulate(DisaggSpec(p, d, 1, 1, 1000, 1e12), work)
+    beside = simulate(DisaggSpec(p, d, 1, 1, 1000, 1e12, decode_beside_prefill=(2.0,)), work)
+    assert plain.finish_s[0] == pytest.approx(0.5 + 50 * 0.02, rel=1e-6)
+    assert beside.finish_s[0] == pytest.approx(0.5 + 5 * 0.02 + 13 * 0.04 + 32 * 0.02, rel=1e-6)
+    assert beside.first_token_s.tolist() == pytest.approx(plain.first_token_s.tolist())  # prefill untouched
+    batch_two_only = simulate(DisaggSpec(p, d, 1, 1, 1000, 1e12, decode_beside_prefill=(1.0, 3.0)), work)
+    assert batch_two_only.finish_s[0] == pytest.approx(plain.finish_s[0], rel=1e-6)
+
+
+def test_prefill_activity_sees_any_batch_running_across_instances():
+    from trt_disagg.sim.instances import PrefillActivity
+
+    activity = PrefillActivity((1.5, 2.0))
+    activity.started(0.0, 3.0)  # instance A, a long batch
+    activity.started(1.0, 1.5)  # instance B, a short one inside it
+    assert activity.slowdown(2.0, 1) == 1.5  # B is done, A still runs
+    assert activity.slowdown(2.0, 7) == 2.0  # the last factor serves larger batches
+    assert activity.slowdown(3.0, 1) == 1.0 and activity.slowdown(-1.0, 1) == 1.0
