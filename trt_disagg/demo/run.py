@@ -168,16 +168,16 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
         # bus with a prefill core, a colocated one mostly with another decode
         m = measured[variant.label]
         own = busy_from(served[variant.label], options.busy_threshold)
-        model, beside = prof.fit.latency_model, _decode_beside_prefill(m, coeffs)
+        model = prof.fit.latency_model
+        factors: tuple[float, ...] = ()
         if own.use_served_times:
             # a decode step beside a prefill is the simulator's interference term; the model takes the rest
+            beside = _decode_beside_prefill(m, coeffs)
             model = scaled_model(model, 1, own if beside is None else replace(own, decode_scale=beside.alone))
             progress.note(f"  {variant.label}: {_load_changed(own)}: {own.describe()}; predicting with its served "
                           "step times" + ("" if beside is None else f", {beside.describe()}"))
-        else:
-            beside = None
-        outcome, note = _predict(variant, m, engine_cfgs, prof, model, requests, slo, options,
-                                 () if beside is None else beside.factors)
+            factors = () if beside is None else beside.factors
+        outcome, note = _predict(variant, m, engine_cfgs, prof, model, requests, slo, options, factors)
         outcomes.append(outcome)
         handoff_notes += [note] if note else []
     goodputs = {o.variant.label: o.goodput(slo.attainment) for o in outcomes}

@@ -7,8 +7,6 @@ router, the load generator, Triton and Redis. served / profiled > 1 is that cost
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import json
 import statistics
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 from rich.table import Table
 
 from trt_disagg.planner.latency_model import PhaseCoefficients
+from trt_disagg.sim.instances import BusySpans
 
 
 @dataclass(frozen=True)
@@ -107,19 +106,18 @@ def decode_beside_prefill(decode_logs: list[Path], prefill_logs: list[Path],
                           model: PhaseCoefficients) -> DecodeBesidePrefill | None:
     """Split the decode steps by whether a prefill step was running when they started; None without
     steps on both sides."""
-    prefills = sorted((r["t"], r["t"] + r["duration_s"]) for path in prefill_logs
-                      for r in read_iteration_log(path) if r["kind"] == "prefill")
-    starts = [start for start, _ in prefills]
-    max_ends = list(itertools.accumulate((end for _, end in prefills), max))
+    prefilling = BusySpans()
+    for start, end in sorted((r["t"], r["t"] + r["duration_s"]) for path in prefill_logs
+                             for r in read_iteration_log(path) if r["kind"] == "prefill"):
+        prefilling.started(start, end)
     alone: list[tuple[float, float]] = []  # (served, profiled)
     beside: dict[int, list[tuple[float, float]]] = {}  # by batch size
     for path in decode_logs:
         for row in read_iteration_log(path):
             if row["kind"] != "decode":
                 continue
-            k = bisect.bisect_right(starts, row["t"]) - 1
             times = (row["duration_s"], _profiled_s(row, model))
-            if k >= 0 and max_ends[k] > row["t"]:
+            if prefilling.covers(row["t"]):
                 beside.setdefault(row["num_seqs"], []).append(times)
             else:
                 alone.append(times)
@@ -128,12 +126,9 @@ def decode_beside_prefill(decode_logs: list[Path], prefill_logs: list[Path],
     factors: list[float] = []
     for batch in range(1, max(beside) + 1):
         rows = beside.get(batch, [])
-        if len(rows) < MIN_STEPS_PER_BATCH:
+        if len(rows) < MIN_STEPS_PER_BATCH:  # pooled with the larger batches (at batch 1: every step)
             rows = [t for b, ts in beside.items() if b >= batch for t in ts]
-        if len(rows) >= MIN_STEPS_PER_BATCH or not factors:
-            factors.append(_total_ratio(rows or [t for ts in beside.values() for t in ts]))
-        else:
-            factors.append(factors[-1])
+        factors.append(_total_ratio(rows) if len(rows) >= MIN_STEPS_PER_BATCH or not factors else factors[-1])
     return DecodeBesidePrefill(_total_ratio(alone), tuple(factors), len(alone),
                                sum(len(ts) for ts in beside.values()))
 

@@ -334,24 +334,33 @@ def start_prefill_batch(prefill: PrefillInstance, k: int, now: float, events: Ev
     return started
 
 
-class PrefillActivity:
-    """When any prefill instance runs a batch, for the interference between instances that share a host.
+class BusySpans:
+    """Spans of time (prefill batches, possibly on several instances, overlapping), added in the order of
+    their starts: whether any of them covers a moment. It does when the latest end among the spans started
+    by then is past it."""
 
-    Batches start in event order, so their start times only grow: a step starting at t overlaps a prefill
-    when the latest end among the batches started by t is past t. Every batch started by t is known when a
-    lane computes that step (lanes only advance to the current event's time)."""
-
-    def __init__(self, factors: tuple[float, ...]) -> None:
-        self.factors = factors  # by decode batch size: 1, 2, ..., the last for larger batches
+    def __init__(self) -> None:
         self._starts: list[float] = []
-        self._max_ends: list[float] = []  # max end of the batches started so far, per start
+        self._max_ends: list[float] = []  # max end of the spans started so far, per start
 
     def started(self, start_s: float, end_s: float) -> None:
         self._starts.append(start_s)
         self._max_ends.append(max(end_s, self._max_ends[-1]) if self._max_ends else end_s)
 
-    def slowdown(self, t: float, batch: int) -> float:
+    def covers(self, t: float) -> bool:
         k = bisect_right(self._starts, t) - 1
-        if k < 0 or self._max_ends[k] <= t:
-            return 1.0
-        return self.factors[min(batch, len(self.factors)) - 1]
+        return k >= 0 and self._max_ends[k] > t
+
+
+class PrefillActivity(BusySpans):
+    """When any prefill instance runs a batch, for the interference between instances that share a host.
+
+    Batches start in event order, so their starts only grow, and every batch started by t is known when a
+    lane computes a step starting at t (lanes only advance to the current event's time)."""
+
+    def __init__(self, factors: tuple[float, ...]) -> None:
+        super().__init__()
+        self.factors = factors  # by decode batch size: 1, 2, ..., the last for larger batches
+
+    def slowdown(self, t: float, batch: int) -> float:
+        return self.factors[min(batch, len(self.factors)) - 1] if self.covers(t) else 1.0
