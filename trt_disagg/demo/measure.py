@@ -48,7 +48,6 @@ class Measured:
     handoffs: list[HandoffSample]  # probes sent one at a time on the warm deployment (disaggregated)
     handoff_input_lens: list[int]
     iteration_logs: list[Path]  # one JSONL per instance
-    windows: list[Window]  # when each run ran (same order as runs): its steps are the log rows inside it
 
     @property
     def handoffs_s(self) -> list[float]:
@@ -75,7 +74,6 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
 
         logs = [cluster.iteration_log_path(p.instance_id) for p in cluster.plans()]
         runs: list[RunResult] = []
-        windows: list[Window] = []
 
         async def one_rate(model: str, rate: float) -> float:
             began = time.time()
@@ -84,9 +82,8 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
                                        request_timeout_s=request_timeout_s, on_run=bar.on_run,
                                        on_record=bar.on_record, temperature=temperature))[0]
             runs.append(run)
-            windows.append((began, time.time()))
             if after_rate is not None:
-                after_rate(run, logs, windows[-1])
+                after_rate(run, logs, (began, time.time()))
             return run.summary().attainment
 
         async def bench() -> list[HandoffSample]:
@@ -104,7 +101,7 @@ def measure(variant: Variant, requests: Sequence[WorkloadRequest], rates: Sequen
 
         handoffs = with_phases(asyncio.run(bench()), logs)
     return Measured(runs, handoffs, [requests[(handoff_warmup + i) % len(requests)].input_len
-                                     for i in range(len(handoffs))], logs, windows)
+                                     for i in range(len(handoffs))], logs)
 
 
 async def observe_handoffs(url: str, model: str, requests: Sequence[WorkloadRequest], timeout_s: float,
