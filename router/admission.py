@@ -142,8 +142,9 @@ class Admission:
     def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> float | None:
         """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
         request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in.
-        `waited_s` is how long the request has already spent in the router (its event loop, body, tokenizer):
-        under overload that is part of the client's wait too, and only this request can see it.
+        `waited_s` is how long the request has already spent at the router (its connection in the accept queue,
+        router/accept_queue.py; then the event loop, body, tokenizer): under overload that is part of the
+        client's wait too, and only this request can see it.
         Retry-After comes from the same forecast as the refusal (not a more optimistic one): the router's
         later checks use that forecast too, so this is when they find the wait down to the target.
         Returns the forecast time to first token of an admitted request (None: not forecast)."""

@@ -89,7 +89,7 @@ def create_app(settings: RouterSettings, *, instance_client: InstanceClient | No
 
     app = FastAPI(title="trt-disagg router", lifespan=lifespan)
     app.add_middleware(RequestBodyLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(StampReceived)  # added last: outermost, so it runs first
+    app.add_middleware(StampReceived, accept_queue=state.accept_queue)  # added last: outermost, runs first
     app.state.router = state
     install_handlers(app)
     install_openapi(app, settings)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from router.accept_queue import AcceptQueue
 from router.dispatch import Dispatcher
 from router.errors import Unauthorized
 from router.instance_client import InstanceClient
@@ -35,6 +36,7 @@ class RouterState:
     settings: RouterSettings
     metrics: RouterMetrics
     tokenizer: TextTokenizer | None = None
+    accept_queue: AcceptQueue = field(default_factory=AcceptQueue)  # the server attaches its sockets
     client: InstanceClient | None = None
     redis: Any = None
     records: RecordStore | None = None
@@ -83,10 +85,6 @@ async def get_dispatcher(request: Request) -> Dispatcher:
 
 async def get_tokenizer(request: Request) -> TextTokenizer:
     return _started(get_state(request).tokenizer)
-
-
-async def get_metrics(request: Request) -> RouterMetrics:
-    return get_state(request).metrics
 
 
 async def get_redis(request: Request) -> Any:

@@ -1,7 +1,8 @@
 """Prometheus metrics of one router app, in the app's own registry (no process-global collectors, so two
 apps in one process — two routers in a test — never share or clash).
 
-Latency names follow DESIGN.md's definitions: TTFT = first token sent − request received; TPOT = (t_last −
+Latency names follow DESIGN.md's definitions: TTFT = first token sent − request received (on a new
+connection: when it entered the accept queue, as router/received.py estimates it); TPOT = (t_last −
 t_first) / (output_tokens − 1); inter-token latency is each gap; KV hand-off = prefill done → first decode
 token (the KV pull and the decode instance's admission).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from router.accept_queue import AcceptQueue
 from router.dispatch import Snapshot
 from router.kv_index import KVIndex
 
@@ -44,6 +46,10 @@ class RouterMetrics:
                             registry=r)
         self.instances = Gauge("trtd_router_instances", "Live (not draining) instances by pool", ["pool"],
                                registry=r)
+        self.accept_queue = Gauge("trtd_router_accept_queue_connections", "Connections waiting in the router's "
+                                  "listening socket's accept queue (Linux; read at each scrape)", registry=r)
+        self.accept_wait_s = Gauge("trtd_router_accept_wait_seconds", "Estimated accept-queue wait of the latest "
+                                   "new connection (counted in its TTFT and by admission)", registry=r)
         self.instance_load = Gauge("trtd_router_instance_load", "Load an instance published",
                                    ["instance", "pool", "field"], registry=r)
 
@@ -77,6 +83,10 @@ class RouterMetrics:
                 for name in ("queued_prompt_tokens", "running_sequences", "free_kv_blocks", "pending_kv_handoffs"):
                     self.instance_load.labels(instance=v.info.instance_id, pool=role.value, field=name).set(
                         getattr(v.load, name))
+
+    def observe_accept_queue(self, queue: AcceptQueue) -> None:
+        self.accept_queue.set(queue.length())
+        self.accept_wait_s.set(queue.last_wait_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,9 +1,11 @@
-"""When the router first saw a request, stamped before anything else runs for it.
+"""When a request reached the router, stamped before anything else runs for it.
 
 Under overload the router's own event loop is a queue: a request may wait for the loop, for its body to be
 read and for its prompt to be tokenized before admission looks at it. A client's time to first token counts
 that wait, so admission must count it too (router/admission.py) and the job's clock starts here, not at
-admission. The stamp lives in the ASGI scope's `state`, which Starlette exposes as `request.state`.
+admission. A request on a new connection waited before this point too, in the kernel's accept queue: the
+stamp is moved back by that wait as router/accept_queue.py estimates it. The stamp lives in the ASGI
+scope's `state`, which Starlette exposes as `request.state`.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from router.accept_queue import AcceptQueue
+
 RECEIVED_S = "trtd_received_s"  # monotonic seconds
 
 
 class StampReceived:
-    """The outermost middleware: stamps `time.monotonic()` on every HTTP request as it arrives."""
+    """The outermost middleware: stamps every HTTP request with `time.monotonic()` as it arrives, less the
+    wait of its connection in the accept queue when `accept_queue` is given."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, accept_queue: AcceptQueue | None = None) -> None:
         self._app = app
+        self._accept_queue = accept_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope.setdefault("state", {})[RECEIVED_S] = time.monotonic()
+            now = time.monotonic()
+            if self._accept_queue is not None:
+                client = scope.get("client")
+                now -= self._accept_queue.wait_s(tuple(client) if client else None)
+            scope.setdefault("state", {})[RECEIVED_S] = now
         await self._app(scope, receive, send)
 
 

@@ -33,6 +33,8 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
+        # what new connections wait in before the app sees them counts in their TTFT (router/accept_queue.py)
+        self._app.state.router.accept_queue.listen_on(s for server in self.servers for s in server.sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled or self._app.state.router.runner is None or self._loop is None:

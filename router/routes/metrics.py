@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.deps import get_metrics
-from router.metrics import RouterMetrics
+from router.deps import RouterState, get_state
 
 router = APIRouter()
 
 
 @router.get("/metrics")
-async def metrics(m: RouterMetrics = Depends(get_metrics)) -> Response:
-    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: RouterState = Depends(get_state)) -> Response:
+    state.metrics.observe_accept_queue(state.accept_queue)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
