@@ -7,9 +7,11 @@ computed from the queue, instead of admitting work that cannot be served in time
     estimated wait = the time the pool takes to prefill (queue + this prompt) tokens from now, replayed from
                      its completions of the last window_s (below), at p90 (the target is met at p90); the
                      fluid (queue + prompt) / prefill rate while the window holds too few of them
-    refuse when the estimated wait > target (request_timeout_s, or the TTFT SLO with admission_target=ttft);
-    Retry-After    = estimated wait - target: with nothing admitted meanwhile, a request sent then waits
-                     exactly the target, so that is when the router admits again (whole seconds;
+    refuse when waited + estimated wait > target (request_timeout_s, or the TTFT SLO with
+                     admission_target=ttft); waited: what the request spent at the router before admission
+                     (its connection in the accept queue, the event loop: router/received.py)
+    Retry-After    = waited + estimated wait - target: with nothing admitted meanwhile, a request sent then
+                     waits exactly the target, so that is when the router admits again (whole seconds;
                      `retry-after-ms` has it to the millisecond)
 
 Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
@@ -156,9 +158,10 @@ class Admission:
         total_s = max(0.0, waited_s) + wait_s
         if total_s <= self.target_s:
             return total_s
-        # the pool's part drains for the next request; the lag before admission passes with this one, so a
-        # refusal it alone caused announces the least wait Retry-After can carry
-        retry_after_s = max(0.0, wait_s - self.target_s)
+        # the wait over the target, whichever queue it is in: the pool's drains in real time; the router's own
+        # (the accept queue, its loop) does not pass with this request but meets the next one too, and a client
+        # told ~0 (an OpenAI SDK honours retry-after-ms) would only come straight back into it
+        retry_after_s = total_s - self.target_s
         raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
                          f"of it in the router already (admission target {self.target_s:g}s)",
                          retry_after_s=retry_after_s)
