@@ -28,6 +28,7 @@ from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, S
 from trt_disagg.sim.instances import (
     COLOCATED_LANES,
     DecodeLane,
+    KVLinks,
     PrefillInstance,
     Recorder,
     start_prefill_batch,
@@ -199,7 +200,7 @@ def run_disagg(spec: DisaggSpec, workload: SimWorkload, reuse: PrefixReuse | Non
     prefills = _prefill_instances(spec, inp, st)
     lanes = _decode_lanes(spec, d)
     d.lanes = lanes
-    kv_s_per_token = spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
+    links = KVLinks(spec.num_prefill, spec.kv_bytes_per_token / spec.kv_link_bytes_per_s)
     events = EventQueue()
     for i in d.flow.initial:
         events.push(Arrival(d.flow.arrival_s[i], i))
@@ -230,7 +231,7 @@ def run_disagg(spec: DisaggSpec, workload: SimWorkload, reuse: PrefixReuse | Non
                 if out[i] == 1:
                     _kv_sent(prefills, prefill_of, i)
                 else:
-                    events.push(KVArrived(now + spec.handoff_s + inp[i] * kv_s_per_token, i))
+                    events.push(KVArrived(links.send(ev.instance, inp[i], now) + spec.handoff_s, i))
             if ev.frees_stage:
                 start_batch(ev.instance, now)
         elif type(ev) is StageFree:

@@ -24,6 +24,7 @@ from trt_disagg.sim.events import Arrival, EventQueue, KVArrived, PrefillDone, S
 from trt_disagg.sim.instances import (
     COLOCATED_LANES,
     DecodeLane,
+    KVLinks,
     PrefillActivity,
     PrefillInstance,
     Recorder,
@@ -70,7 +71,7 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
     lanes = [DecodeLane(spec.decode, inp, out, rec, import_s_per_token=spec.import_s_per_token,
                         slowdown=activity.slowdown if activity is not None else None)
              for _ in range(spec.num_decode * spec.decode.pp)]
-    kv_s_per_token = spec.kv_bytes_per_token / spec.kv_link_bytes_per_s
+    links = KVLinks(spec.num_prefill, spec.kv_bytes_per_token / spec.kv_link_bytes_per_s)
     events = EventQueue()
     # Each arrival schedules the next one, so the heap holds only work in flight and stays small. The order
     # is the same as with every arrival queued up front: arrivals are the only events of their priority.
@@ -112,7 +113,7 @@ def _run_disagg(spec: DisaggSpec, arrivals: list[float], inp: list[int], out: li
                 if out[i] == 1 or phases == Role.PREFILL:
                     rec.finish(i, now)
                 else:
-                    events.push(KVArrived(now + spec.handoff_s + inp[i] * kv_s_per_token, i))
+                    events.push(KVArrived(links.send(ev.instance, inp[i], now) + spec.handoff_s, i))
             if ev.frees_stage:
                 start_batch(ev.instance, now)
         elif type(ev) is StageFree:

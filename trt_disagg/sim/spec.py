@@ -24,7 +24,8 @@ class InstanceSpec:
 
 @dataclass(frozen=True)
 class DisaggSpec:
-    """num_prefill x prefill instances feed num_decode x decode instances over a link."""
+    """num_prefill x prefill instances feed num_decode x decode instances, each prefill instance over its own
+    link of kv_link_bytes_per_s that sends a batch's KV one request after another (instances.KVLinks)."""
 
     prefill: InstanceSpec
     decode: InstanceSpec

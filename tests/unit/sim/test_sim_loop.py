@@ -45,6 +45,30 @@ def test_handoff_latency_and_kv_import_are_added_where_they_happen():
     assert costed.first_token_s[0] == pytest.approx(plain.first_token_s[0])  # TTFT is untouched
 
 
+def test_a_batchs_kv_leaves_one_request_after_another_and_late_arrivals_wait_for_the_next_step():
+    """Three prompts prefilled together (0.5-1.0 s, behind a one-token request) send 0.04 s of KV each over
+    their instance's one link: it reaches the decode lane at 1.04, 1.08 and 1.12 s. The first starts a 0.05 s
+    step at once; the others arrive while a step runs and join the one after it, as on the engine (a step's
+    batch is fixed when it starts)."""
+    p = make_instance(prefill=(0.5, 0.0, 0.0))
+    d = make_instance(decode=(0.05, 0.0, 0.0))
+    work = make_workload([0.0, 0.1, 0.1, 0.1], [100] * 4, [1, 3, 3, 3])
+    res = simulate(disagg(p, d, kv_bytes=1000, link=2.5e6), work)
+    assert res.first_token_s.tolist() == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    # steps: 1.04-1.09 (r1), 1.09-1.14 (r1 r2), 1.14-1.19 (r2 r3), 1.19-1.24 (r3)
+    assert res.finish_s.tolist() == pytest.approx([0.5, 1.14, 1.19, 1.24])
+
+
+def test_each_prefill_instance_has_its_own_kv_link():
+    from trt_disagg.sim.instances import KVLinks
+
+    links = KVLinks(2, 0.01)
+    assert links.send(0, 4, now=0.0) == pytest.approx(0.04)
+    assert links.send(0, 4, now=0.0) == pytest.approx(0.08)  # behind the first on the same link
+    assert links.send(1, 4, now=0.0) == pytest.approx(0.04)  # the other instance's link is free
+    assert links.send(0, 1, now=1.0) == pytest.approx(1.01)  # an idle link starts at once
+
+
 def test_one_token_answers_finish_at_their_first_token():
     res = simulate(disagg(make_instance(), make_instance()), make_workload([0.0, 0.5], [10, 10], [1, 1]))
     assert np.allclose(res.finish_s, res.first_token_s) and np.all(res.tpot_s == 0)
