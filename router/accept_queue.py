@@ -3,7 +3,7 @@
 Under overload the router's event loop accepts connections in batches between its other work; meanwhile
 they wait, request bytes and all, in the listening socket's accept queue. Measured on 2 cores at 4x
 overload (benchmarks/chaos.py --only overload): 80-150 connections queued through most of the burst, and
-0.3-0.9 s at p50 (1.1-1.8 s at p90) from the client's write to the router's first look at the request,
+0.3-0.9 s at p50 (0.9-1.4 s at p90) from the client's write to the router's first look at the request,
 while the router then took 1-2 ms to admission. That wait is part of the client's time to first token, yet
 it ends before anything in the request can be stamped (router/received.py), so admission would count a
 request as fresh when most of its TTFT budget is already gone.
@@ -11,18 +11,19 @@ request as fresh when most of its TTFT budget is already gone.
 The kernel knows the queue's length: for a listening socket Linux's TCP_INFO reports it as tcpi_unacked
 (sk_ack_backlog; tcpi_sacked is the backlog limit), what `ss -ltn` shows as Recv-Q. The connections still
 queued when one is accepted are those that arrived while it waited, so its wait is about queue length /
-arrival rate (Little's law over the queue), with the rate of the connections the router accepted lately
-(while the queue grows that rate is below the arrivals': the estimate errs long, towards refusing). The
-queue is read when the request reaches the app, a little after its connection was accepted (the app does
-not see the accept itself): connections accepted together and read one after another are charged the
-queue as it has refilled by then, which errs short. Measured at 4x overload, the wait left uncounted (client
-write to the moved stamp) was 0.03 s at p50 and 0.4 s at p90, against 0.3-0.9 s and 0.9-1.8 s uncounted
-before; admitted TTFT p90 1.53-2.10 s against a 2 s target in four runs (1.87-3.04 s before).
+arrival rate (Little's law over the queue), with the rate of the connections the router accepted since
+the queue was last seen empty (while the queue grows that rate is below the arrivals': the estimate errs
+long, towards refusing). The queue is read when the request reaches the app, a little after its
+connection was accepted (the app does not see the accept itself): connections accepted together and read
+one after another are charged the queue as it has refilled by then, which errs short. Measured at 4x
+overload, the wait left uncounted (client write to the moved stamp) was 0.01 s at p50 and 0.11 s at p90,
+against 0.3-0.9 s and 0.9-1.4 s with the router counting from its own stamp; admitted TTFT p90 1.59-1.88 s
+against a 2 s target in four runs, against 1.87-3.04 s in seven.
 
 Only a request on a new connection went through the accept queue. A keep-alive client's later requests
 come on a connection already accepted (their wait for the loop is one iteration, not a queue), so a
 client address seen lately is not charged again. Elsewhere than Linux (no TCP_INFO), or with no listening
-socket attached (a test app without a server), the wait is 0: the router counts from its own stamp as before.
+socket attached (a test app without a server), the wait is 0: the router counts from its own stamp.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ _TCP_INFO_BYTES = 104  # enough of struct tcp_info for the fields read here
 _STATE_OFFSET, _UNACKED_OFFSET = 0, 24
 RATE_WINDOW_S = 2.0  # accepted connections of the last RATE_WINDOW_S give the arrival rate
 MAX_RATE_SAMPLES = 512
+# Fewer accepts than this since the queue was last empty: no rate yet, no charge. The rate is taken over the
+# current busy period only: a burst after quiet time would otherwise be divided by the quiet time's rate
+# (one accept a second, 100 queued: 100 s) and refused whole with a Retry-After of minutes.
+MIN_RATE_SAMPLES = 8
 REMEMBERED_CLIENTS = 8192  # client addresses whose connection counts as accepted already (keep-alive)
 
 
@@ -87,12 +92,19 @@ class AcceptQueue:
             self._clients[client] = None
             if len(self._clients) > REMEMBERED_CLIENTS:
                 self._clients.popitem(last=False)
-        now = self._clock()
+        queued = self.length()
         accepted = self._accepted
+        if not queued:  # nobody behind it: it did not wait, and the next queue is a new busy period
+            accepted.clear()
+            self.last_wait_s = 0.0
+            return 0.0
+        now = self._clock()
         accepted.append(now)
         while accepted[0] < now - RATE_WINDOW_S:
             accepted.popleft()
-        queued = self.length()
         span_s = accepted[-1] - accepted[0]
-        self.last_wait_s = queued * span_s / (len(accepted) - 1) if queued and span_s > 0 else 0.0
+        if len(accepted) < MIN_RATE_SAMPLES or span_s <= 0:
+            self.last_wait_s = 0.0
+        else:
+            self.last_wait_s = queued * span_s / (len(accepted) - 1)
         return self.last_wait_s

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
-from router.accept_queue import AcceptQueue, accept_queue_length
+from router.accept_queue import MIN_RATE_SAMPLES, AcceptQueue, accept_queue_length
 from router.received import RECEIVED_S, StampReceived
 from router.serving import DrainingServer
 from tests.unit.router.router_testkit import MODEL, FakeInstanceClient, make_router, register_pd
@@ -58,13 +58,32 @@ def test_a_new_connection_waited_queue_length_over_the_accept_rate(listener) -> 
     now = [0.0]
     queue = AcceptQueue(clock=lambda: now[0])
     queue.listen_on([server])
-    for k in range(11):  # accepted at 100 per second, nothing queued behind them
+    connect(server, clients, 5)  # 5 queued behind each request the router reads: they arrived meanwhile
+    waits = []
+    for k in range(10):  # accepted at 100 per second
         now[0] = k * 0.01
-        assert queue.wait_s(("10.0.0.1", 40000 + k)) == 0.0
-    connect(server, clients, 5)  # 5 queued behind the next one: they arrived while it waited
-    now[0] = 0.11
-    assert queue.wait_s(("10.0.0.1", 50000)) == pytest.approx(5 / 100)
+        waits.append(queue.wait_s(("10.0.0.1", 40000 + k)))
+    assert waits[:MIN_RATE_SAMPLES - 1] == [0.0] * (MIN_RATE_SAMPLES - 1)  # too few accepts to tell a rate
+    assert waits[MIN_RATE_SAMPLES - 1:] == pytest.approx([5 / 100] * (11 - MIN_RATE_SAMPLES))
     assert queue.last_wait_s == pytest.approx(0.05)
+
+
+def test_a_burst_after_quiet_time_is_not_divided_by_the_quiet_rate(listener) -> None:
+    """One accept a second with nobody queued, then a burst queues: the quiet second's rate would make the
+    burst's first requests wait minutes; the rate is taken over the burst's own accepts instead."""
+    server, clients = listener
+    now = [0.0]
+    queue = AcceptQueue(clock=lambda: now[0])
+    queue.listen_on([server])
+    for k in range(20):
+        now[0] = k * 0.1
+        assert queue.wait_s(("10.0.0.1", 30000 + k)) == 0.0  # nobody behind: no wait
+    connect(server, clients, 50)
+    waits = []
+    for k in range(MIN_RATE_SAMPLES):  # the burst's accepts, 200 per second
+        now[0] = 2.0 + k * 0.005
+        waits.append(queue.wait_s(("10.0.0.2", 40000 + k)))
+    assert max(waits) == pytest.approx(50 / 200)
 
 
 def test_a_keep_alive_request_is_not_charged_again(listener) -> None:
@@ -72,12 +91,13 @@ def test_a_keep_alive_request_is_not_charged_again(listener) -> None:
     now = [0.0]
     queue = AcceptQueue(clock=lambda: now[0])
     queue.listen_on([server])
-    for k in range(3):
+    connect(server, clients, 2)
+    for k in range(MIN_RATE_SAMPLES):
         now[0] = k * 0.1
         queue.wait_s(("10.0.0.1", 40000 + k))
-    connect(server, clients, 2)
     assert queue.wait_s(("10.0.0.1", 40001)) == 0.0  # came on a connection accepted earlier
-    assert queue.wait_s(("10.0.0.1", 40009)) > 0.0
+    now[0] += 0.1
+    assert queue.wait_s(("10.0.0.1", 40999)) == pytest.approx(2 * 0.1)
 
 
 def test_without_a_listening_socket_nothing_is_charged(listener) -> None:
