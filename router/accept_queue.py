@@ -18,7 +18,7 @@ connection was accepted (the app does not see the accept itself): connections ac
 one after another are charged the queue as it has refilled by then, which errs short. Measured at 4x
 overload, the wait left uncounted (client write to the moved stamp) was 0.01 s at p50 and 0.11 s at p90,
 against 0.3-0.9 s and 0.9-1.4 s with the router counting from its own stamp; admitted TTFT p90 1.59-1.88 s
-against a 2 s target in four runs, against 1.87-3.04 s in seven.
+against a 2 s target in four runs, against 1.87-3.18 s in seven.
 
 Only a request on a new connection went through the accept queue. A keep-alive client's later requests
 come on a connection already accepted (their wait for the loop is one iteration, not a queue), so a
