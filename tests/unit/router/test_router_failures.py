@@ -235,6 +235,7 @@ async def test_a_stable_router_id_lets_a_router_restarted_on_another_port_settle
             async with http.stream("POST", "/v1/completions", json=body) as resp:
                 rid = resp.headers["x-request-id"]
                 await asyncio.wait_for(fake.streams_started.wait(), timeout=10)  # (1) in flight, on "edge-1"
+                await requests_of(before).active[rid].record.flush()  # record writes trail the token path
                 assert await records_of(before).active_ids("edge-1") == [rid]
                 # (2) the router "crashes" and comes back on another port with the same id
                 after = create_app(settings_without_id(valkey_url, 8102), instance_client=FakeInstanceClient(),
