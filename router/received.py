@@ -22,19 +22,17 @@ RECEIVED_S = "trtd_received_s"  # monotonic seconds
 
 class StampReceived:
     """The outermost middleware: stamps every HTTP request with `time.monotonic()` as it arrives, less the
-    wait of its connection in the accept queue when `accept_queue` is given."""
+    wait of its connection in the accept queue (0 while no listening socket is attached to `accept_queue`)."""
 
-    def __init__(self, app: ASGIApp, accept_queue: AcceptQueue | None = None) -> None:
+    def __init__(self, app: ASGIApp, accept_queue: AcceptQueue) -> None:
         self._app = app
         self._accept_queue = accept_queue
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            now = time.monotonic()
-            if self._accept_queue is not None:
-                client = scope.get("client")
-                now -= self._accept_queue.wait_s(tuple(client) if client else None)
-            scope.setdefault("state", {})[RECEIVED_S] = now
+            client = scope.get("client")
+            waited_s = self._accept_queue.wait_s(tuple(client) if client else None)
+            scope.setdefault("state", {})[RECEIVED_S] = time.monotonic() - waited_s
         await self._app(scope, receive, send)
 
 
