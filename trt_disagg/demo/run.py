@@ -142,7 +142,7 @@ def run_demo(options: DemoOptions, build: Build, progress: DemoProgress) -> Demo
     requests = _load_requests(options, engine_dirs[Role.COLOCATED], engine_cfgs[Role.COLOCATED])
 
     progress.step(2, NUM_STEPS, "profile the engine (one thread, as served)")
-    prof = _profile(dep, engine_dirs[Role.COLOCATED], options, progress)
+    prof = _profile(dep, engine_dirs[_profiled_role(dep)], options, progress)
     coeffs = prof.fit.latency_model.for_tp(1)
     mean_input = sum(r.input_len for r in requests) / len(requests)
     capacity = prefill_capacity_rps(coeffs, mean_input)
@@ -274,6 +274,14 @@ def _load_requests(options: DemoOptions, engine_dir: Path, cfg: EngineConfig) ->
                          max_output_len=options.output_len,
                          input_len=options.input_len if options.workload == "fixed" else None,
                          output_len=options.output_len)
+
+
+def _profiled_role(dep: Deployment) -> Role:
+    """The engine to profile: every group serves the same model and weights, so the one built with the largest
+    token budget, where the grid's batched prefills (up to 4 x 512 tokens) fit. The groups that prefill may
+    batch fewer prompts than that (configs/smollm2-demo.yaml says why); the simulator batches as they do."""
+    groups = dep.groups()
+    return max(groups, key=lambda role: (groups[role].max_num_tokens, role == Role.COLOCATED))
 
 
 def _profile(dep: Deployment, engine_dir: Path, options: DemoOptions, progress: DemoProgress) -> EngineProfile:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trt_disagg.bench.metrics import RequestRecord, RunResult
 from trt_disagg.config import SLO, load_deployment, parse_deployment
@@ -167,3 +168,33 @@ def test_decode_steps_are_split_by_a_prefill_running_when_they_start(tmp_path: P
     assert split.alone == pytest.approx(1.0)
     assert split.factors == pytest.approx((1.5, 2.0, 2.0))  # batch 3 has too few steps: batch 2's factor
     assert decode_beside_prefill([decode_log], [], coeffs) is None  # nothing ran beside a prefill
+
+
+def test_the_demo_profiles_the_engine_whose_token_budget_holds_the_grid_and_predicts_with_each_groups() -> None:
+    from trt_disagg.demo.run import _profiled_role
+
+    dep = demo_config()
+    groups = dep.groups()
+    # the groups that prefill batch one 512-token prompt at a time; the decode engine holds the grid's 4 x 512
+    assert groups[Role.PREFILL].max_num_tokens == groups[Role.COLOCATED].max_num_tokens == 512
+    assert _profiled_role(dep) == Role.DECODE
+    same = parse_deployment({"name": "x", "model": {"source": "tiny"}, "context_servers": {},
+                             "generation_servers": {}, "colocated_servers": {}, "slo": {"ttft_s": 1, "tpot_s": 1}})
+    assert _profiled_role(same) == Role.COLOCATED  # equal budgets: the baseline's engine, as served
+
+    # the simulator batches prompts as each group's engine does: three prompts that arrive together are
+    # while another prefills are prefilled one after another under a 512-token budget, in one batch (all done
+    # at once) under 2048
+    import numpy as np
+
+    from trt_disagg.sim import SimWorkload, simulate
+
+    three = SimWorkload(np.array([0.0, 0.1, 0.1, 0.1]), np.full(4, 512, dtype=np.int64), np.full(4, 4, dtype=np.int64))
+    cfgs = {role: engine_cfg(role) for role in Role}
+    raw = yaml.safe_load(Path("configs/smollm2-demo.yaml").read_text())
+    one_by_one = simulate(sim_spec(split_variants(parse_deployment(raw))[0], cfgs, MODEL), three).ttft_s[1:]
+    raw["context_servers"]["max_num_tokens"] = 2048
+    together = simulate(sim_spec(split_variants(parse_deployment(raw))[0], cfgs, MODEL), three).ttft_s[1:]
+    prefill_s = MODEL.for_tp(1).prefill_s(512, 512 * 512)
+    assert np.allclose(np.sort(one_by_one) + 0.1, [2 * prefill_s, 3 * prefill_s, 4 * prefill_s], rtol=0.05)
+    assert np.allclose(together, together[0]) and together[0] + 0.1 > 3.9 * prefill_s
