@@ -10,9 +10,10 @@ computed from the queue, instead of admitting work that cannot be served in time
     refuse when waited + estimated wait > target (request_timeout_s, or the TTFT SLO with
                      admission_target=ttft); waited: what the request spent at the router before admission
                      (its connection in the accept queue, the event loop: router/received.py)
-    Retry-After    = waited + estimated wait - target: with nothing admitted meanwhile, a request sent then
-                     waits exactly the target, so that is when the router admits again (whole seconds;
-                     `retry-after-ms` has it to the millisecond)
+    Retry-After    = when the work ahead of this client has drained to the target: the backlog it was
+                     refused for (waited + estimated wait - target), and behind that the prompts of the
+                     clients refused before it that were told to come back sooner (below); whole seconds,
+                     `retry-after-ms` has it to the millisecond
 
 Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
 batch at a time, and a saturated pool stalls while its KV waits to be pulled, so completions arrive in
@@ -23,9 +24,25 @@ and a 429's Retry-After is unrelated to when the next clump lets requests in. Th
 the question directly: from each past moment that was as long after a completion as now is after the
 latest one, how long did it take until that many more tokens were prefilled, with the pool busy all along
 (had it run out of work, its pace was the arrivals', not its own)? The 90th percentile of the answers is
-the forecast. On a smooth pool it is the fluid estimate; on a clumped one it follows the clumps. Retry-After
-comes from the same forecast as the refusal, so a client back after it finds the router admitting again
-unless other arrivals took the room first (under sustained overload, most of it).
+the forecast. On a smooth pool it is the fluid estimate; on a clumped one it follows the clumps.
+
+Why Retry-After counts the clients refused before this one: they come back. OpenAI's SDKs retry a 429 by
+default (openai-python: twice, after `retry-after-ms` when it is under two minutes), so under overload the
+refused clients are a queue of their own, outside the router, that drains into the pool as fast as the pool
+takes work and no faster. Announced only the backlog each was refused for (the same for all of them, held at
+the target by admission: ~0 past it), they all come back at once, are refused again together and give up
+after their retries; their returns also pile into the router's accept queue, which then delays the requests
+it admits (measured at 4x overload with clients retrying as openai-python does: admitted TTFT p90 3-7 s
+against a 2 s target). So each refusal takes the next place in that outside queue: the first is told the
+backlog's excess, each later one the place after the prompts of those told before it, at the pool's measured
+prefill rate (`_paced_until`, per router; it lapses on its own once the router stops refusing; /metrics
+shows it). Admission itself is unchanged (it reserves nothing: a client that never comes back costs no
+capacity), so a request arriving for the first time and admitted while refused clients wait for their places
+took pool time ahead of them: their queue moves back by its prompt. Whether a request is a retry the client
+says (`x-stainless-retry-count`, sent by OpenAI's SDKs; without it, a first arrival); a retry admitted takes
+the place it was given and moves nothing. A client that does not come back still held its place: clients
+refused after it are told later than needed, for at most the time its prompt takes (one told more than an
+SDK waits, two minutes, takes no place).
 
 
 The rate (for the fluid fallback) is the larger of two measured lower bounds of the pool's capacity: the
@@ -43,7 +60,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -52,6 +69,18 @@ from router.errors import Overloaded
 from trt_disagg.contract import Role
 
 POOL_ROLE = {ServePath.DISAGGREGATED: Role.PREFILL, ServePath.COLOCATED: Role.COLOCATED}
+# openai-python (_constants.MAX_RETRY_AFTER_DELAY) does not retry at all when told to wait longer than this:
+# a client told more is not coming back and takes no place among those that are
+HONOURED_RETRY_AFTER_S = 120.0
+# Sent by the OpenAI SDKs (openai-python, openai-node: Stainless-generated clients) on every request: how many
+# times this one was sent before. A client without it counts as arriving for the first time.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
+
+
+def is_retry(headers: Mapping[str, str]) -> bool:
+    """The client says it sent this request before (and, under overload, was refused)."""
+    count = headers.get(RETRY_COUNT_HEADER, "0")
+    return count.isdigit() and int(count) > 0
 MIN_REPLAYS = 5  # fewer past moments like now than this: the fluid estimate instead of a quantile of noise
 MAX_REPLAYS = 64  # past moments replayed per estimate (evenly spread over the window): bounds its cost
 WAIT_QUANTILE = 0.9  # the admission target holds at p90: the wait a request admitted now sees at p90
@@ -76,6 +105,8 @@ class Admission:
         self._window_s = window_s
         self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
         self._last_rate: dict[ServePath, float] = {}  # the rate of the latest window that had completions
+        # when the clients refused so far will have had their prompts prefilled, if they come back when told
+        self._paced_until: dict[ServePath, float] = {}
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
@@ -141,14 +172,15 @@ class Admission:
         replayed = self.replayed_drain_s(path, ahead)
         return replayed if replayed is not None else ahead / rate
 
-    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0) -> float | None:
+    def check(self, path: ServePath, prompt_tokens: int, waited_s: float = 0.0, retry: bool = False) -> float | None:
         """Raise Overloaded (429 + Retry-After) when this request would wait longer than the target. A LOCAL
         request prefills a short suffix on the instance holding its prefix: no prefill queue to wait in.
         `waited_s` is how long the request has already spent at the router (its connection in the accept queue,
         router/accept_queue.py; then the event loop, body, tokenizer): under overload that is part of the
         client's wait too, and only this request can see it.
-        Retry-After comes from the same forecast as the refusal (not a more optimistic one): the router's
-        later checks use that forecast too, so this is when they find the wait down to the target.
+        Retry-After: the wait over the target, or, when that is sooner, the place after the clients refused
+        before (module docstring). A first-time request admitted while refused clients wait for their places
+        (`retry` False) takes pool time ahead of them, so their queue moves back by its prompt.
         Returns the forecast time to first token of an admitted request (None: not forecast)."""
         if path not in POOL_ROLE:
             return None
@@ -157,11 +189,32 @@ class Admission:
             return None
         total_s = max(0.0, waited_s) + wait_s
         if total_s <= self.target_s:
+            if not retry:
+                self._jumped_ahead(path, prompt_tokens)
             return total_s
         # the wait over the target, whichever queue it is in: the pool's drains in real time; the router's own
         # (the accept queue, its loop) does not pass with this request but meets the next one too, and a client
         # told ~0 (an OpenAI SDK honours retry-after-ms) would only come straight back into it
-        retry_after_s = total_s - self.target_s
+        retry_after_s = self._pace(path, prompt_tokens, total_s - self.target_s)
         raise Overloaded(f"the {path.value} pool would make this request wait ~{total_s:.1f}s, {waited_s:.1f}s "
                          f"of it in the router already (admission target {self.target_s:g}s)",
                          retry_after_s=retry_after_s)
+
+    def _pace(self, path: ServePath, prompt_tokens: int, excess_s: float) -> float:
+        """Seconds until this refused client's place in the queue of refused clients (module docstring): not
+        before its backlog's `excess_s`, and after the prompts of those told to come back before it."""
+        now = self._clock()
+        back_at = max(now + excess_s, self._paced_until.get(path, now))
+        rate = self.rate_tokens_per_s(path)  # measured: a refusal comes from a forecast, which needs one
+        if rate and back_at - now <= HONOURED_RETRY_AFTER_S:
+            self._paced_until[path] = back_at + prompt_tokens / rate
+        return back_at - now
+
+    def _jumped_ahead(self, path: ServePath, prompt_tokens: int) -> None:
+        paced_until, rate = self._paced_until.get(path), self.rate_tokens_per_s(path)
+        if paced_until is not None and rate and paced_until > self._clock():
+            self._paced_until[path] = paced_until + prompt_tokens / rate
+
+    def retry_queue_s(self, path: ServePath) -> float:
+        """Seconds until the clients refused so far on `path` will have had their places (0: none waiting)."""
+        return max(0.0, self._paced_until.get(path, 0.0) - self._clock())

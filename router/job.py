@@ -32,6 +32,7 @@ class Job:
     legs: Legs  # its open instance calls and its un-pulled prefill KV
     model: str = ""
     stop: tuple[str, ...] = ()  # OpenAI `stop` strings, applied to the text (router/text.py)
+    retry: bool = False  # sent again after a 429 (router/admission.py: it takes the place it was given)
     path: ServePath | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.accept_queue import AcceptQueue
+from router.admission import POOL_ROLE, Admission
 from router.dispatch import Snapshot
 from router.kv_index import KVIndex
 
@@ -50,6 +51,9 @@ class RouterMetrics:
                                   "listening socket's accept queue (Linux; read at each scrape)", registry=r)
         self.accept_wait_s = Gauge("trtd_router_accept_wait_seconds", "Estimated accept-queue wait of the latest "
                                    "new connection (counted in its TTFT and by admission)", registry=r)
+        self.retry_queue_s = Gauge("trtd_router_retry_queue_seconds", "Until the clients this router refused "
+                                   "(429) will have had the places their Retry-After gave them", ["pool"],
+                                   registry=r)
         self.instance_load = Gauge("trtd_router_instance_load", "Load an instance published",
                                    ["instance", "pool", "field"], registry=r)
 
@@ -87,6 +91,10 @@ class RouterMetrics:
     def observe_accept_queue(self, queue: AcceptQueue) -> None:
         self.accept_queue.set(queue.length())
         self.accept_wait_s.set(queue.last_wait_s)
+
+    def observe_admission(self, admission: Admission) -> None:
+        for path in POOL_ROLE:
+            self.retry_queue_s.labels(pool=path.value).set(admission.retry_queue_s(path))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,7 +119,8 @@ class RequestRunner:
         if path is None:
             raise InstanceUnavailable("no prefill+decode pair and no colocated instance is up")
         job.path = path
-        self.admission.check(path, len(job.prompt_ids), waited_s=time.monotonic() - job.received_s)
+        self.admission.check(path, len(job.prompt_ids), waited_s=time.monotonic() - job.received_s,
+                             retry=job.retry)
         self._metrics.in_flight.labels(pool=path.value).inc()
         self._queued[path].inc()  # until its first token (_accept) or its end
         leg = {ServePath.COLOCATED: self._colocated, ServePath.LOCAL: self._local}.get(path, self._disaggregated)

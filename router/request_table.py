@@ -53,8 +53,9 @@ class RequestTable:
         self._records_down: InstanceUnavailable | None = None  # set while Redis is unreachable
 
     def admit(self, prompt_ids: list[int], sampling: SamplingParams, model: str, stop: tuple[str, ...] = (),
-              received_s: float | None = None) -> Job:
-        """A new job; `received_s` (monotonic) is when the router first saw it, which starts its clock."""
+              received_s: float | None = None, retry: bool = False) -> Job:
+        """A new job; `received_s` (monotonic) is when the router first saw it, which starts its clock; `retry`:
+        the client says it is sending this again after a 429 (admission paces those apart)."""
         if self._stopping is not None:
             raise self._stopping
         if self._records_down is not None:  # fail fast: the request could not be recorded (see record_writer)
@@ -71,7 +72,8 @@ class RequestTable:
         received = now if received_s is None else min(received_s, now)
         job = Job(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, received_s=received,
                   deadline_s=received + self._settings.request_timeout_s, record=record,
-                  legs=Legs(request_id, self._client, self._releaser, self._spawn), model=model, stop=stop)
+                  legs=Legs(request_id, self._client, self._releaser, self._spawn), model=model, stop=stop,
+                  retry=retry)
         self.active[request_id] = job
         self._settled[request_id] = asyncio.Event()
         return job

@@ -13,4 +13,6 @@ router = APIRouter()
 @router.get("/metrics")
 async def metrics(state: RouterState = Depends(get_state)) -> Response:
     state.metrics.observe_accept_queue(state.accept_queue)
+    if state.runner is not None:
+        state.metrics.observe_admission(state.runner.admission)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

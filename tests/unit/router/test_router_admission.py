@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from router.admission import Admission
+from router.admission import HONOURED_RETRY_AFTER_S, Admission, is_retry
 from router.dispatch import Candidate, Outstanding, ServePath
 from router.errors import Overloaded
+from router.metrics import RouterMetrics
 from tests.unit.router.router_testkit import (
     MODEL,
     FakeInstanceClient,
@@ -48,6 +49,66 @@ def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_
     now[0] = 9.0 + 0.5  # (5) a burst after idle time: two completions 0.5 s apart, 200 tokens each
     adm.prefilled(ServePath.DISAGGREGATED, 200, 0.1)
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx((900 + 200) / 9.5)
+
+
+def test_refused_clients_are_told_their_place_behind_those_refused_before_them():
+    """Refused clients come back (OpenAI's SDKs retry a 429): each is told when the backlog it was refused for,
+    and the prompts of the clients told to come back before it, will have drained; the queue lapses with time."""
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[3000, 1000]), target_s=2.0, window_s=10.0,  # type: ignore[arg-type]
+                    clock=lambda: now[0])
+    for i in range(10):  # 100 tokens/s served
+        now[0] = float(i)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    told = []
+    for prompt in (500, 200, 300):  # three refusals at the same moment: waits 45, 42 and 43 s
+        with pytest.raises(Overloaded) as refused:
+            adm.check(ServePath.DISAGGREGATED, prompt)
+        told.append(refused.value.retry_after_s)
+    # the first: its backlog's excess (43 s); then each after the prompts before it (5 s, then 2 s more)
+    assert told == pytest.approx([43.0, 48.0, 50.0])
+    now[0] += 1.0  # a second later, a fourth: behind the three (their 10 s of prompts from 43 s), less the second
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 100)
+    assert refused.value.retry_after_s == pytest.approx(53.0 - 1.0)
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(53.0 + 1.0 - 1.0)  # what /metrics shows
+    metrics = RouterMetrics()
+    metrics.observe_admission(adm)
+    assert 'trtd_router_retry_queue_seconds{pool="disaggregated"} 53.0' in metrics.render().decode()
+    now[0] += 60.0  # long after all of them were due: its own backlog again
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 500)
+    assert refused.value.retry_after_s == pytest.approx(43.0)
+
+
+def test_a_first_arrival_admitted_ahead_of_waiting_refused_clients_moves_their_places_back():
+    now = [0.0]
+    pool = FakeDispatcher(queued=[3000, 1000])
+    adm = Admission(pool, target_s=2.0, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for i in range(10):  # 100 tokens/s served
+        now[0] = float(i)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    with pytest.raises(Overloaded):
+        adm.check(ServePath.DISAGGREGATED, 500)  # told 43 s; the next refused client 48 s
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(48.0)
+    pool.queued[:] = [0]  # room again
+    adm.check(ServePath.DISAGGREGATED, 100)  # a first arrival admitted: 1 s of prompt ahead of the refused
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(49.0)
+    adm.check(ServePath.DISAGGREGATED, 100, retry=True)  # a refused client back: it takes its own place
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(49.0)
+    assert [is_retry(h) for h in ({"x-stainless-retry-count": "1"}, {"x-stainless-retry-count": "0"}, {},
+                                  {"x-stainless-retry-count": "one"})] == [True, False, False, False]
+
+
+def test_a_client_told_to_wait_longer_than_an_sdk_waits_takes_no_place():
+    """openai-python does not retry past two minutes: such a client is not coming back, so the clients refused
+    after it are not told to wait for its prompt."""
+    adm = Admission(FakeDispatcher(queued=[20000]), target_s=2.0, clock=lambda: 0.0)  # type: ignore[arg-type]
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 1.0)  # 100 tokens/s: 200 s of queue
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 100)
+    assert refused.value.retry_after_s == pytest.approx(199.0) and 199.0 > HONOURED_RETRY_AFTER_S
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == 0.0
 
 
 def test_a_short_queue_is_admitted():
@@ -114,8 +175,15 @@ async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, 
         assert (await http.post("/v1/completions", json=body)).status_code == 200  # a prefill measured
         await register(redis, "prefill-0", Role.PREFILL, InstanceLoad(queued_prompt_tokens=10**12))
         await app.state.router.dispatcher.refresh()
+        admission = app.state.router.runner.admission
+        checked = []
+        check = admission.check
+        admission.check = lambda *a, **kw: (checked.append(kw["retry"]), check(*a, **kw))[1]
         resp = await http.post("/v1/completions", json=body)
-        wait_s = app.state.router.runner.admission.estimated_wait_s(ServePath.DISAGGREGATED, 5)
+        again = await http.post("/v1/completions", json=body, headers={"x-stainless-retry-count": "1"})
+        wait_s = admission.estimated_wait_s(ServePath.DISAGGREGATED, 5)
+    assert checked == [False, True]  # the SDK's retry count reaches admission
+    assert again.status_code == 429
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "overloaded"
     assert int(resp.headers["Retry-After"]) == math.ceil(wait_s - 1.0)
     assert int(resp.headers["retry-after-ms"]) == pytest.approx(1000 * (wait_s - 1.0), rel=0.01)
