@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import time
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import httpx
@@ -85,6 +86,30 @@ def drains_of_work_ahead(clients: list[Client]) -> list[tuple[float, float]]:
     return pairs
 
 
+def drains_of_work_ahead_as_served(clients: list[Client]) -> list[tuple[float, float]]:
+    """(announced, actual) for every 429: actual = from the client having it until the pool had given as many
+    more first tokens as there were clients ahead of it then (served clients that began before it and had no
+    first token yet), to whichever clients: the work ahead at the pace it was served. Unlike
+    drains_of_work_ahead, one client ahead that the pool reached late (a new arrival took its room, it was
+    refused again and went to the end) does not stretch the drain of everyone behind it."""
+    def first_token(c: Client) -> float | None:
+        last = c.attempts[-1]
+        return last.sent_at + last.ttft_s if last.kind == "ok" and last.ttft_s is not None else None
+
+    served = [(c.started_at, t) for c in clients if (t := first_token(c)) is not None]
+    first_tokens = sorted(t for _, t in served)
+    pairs = []
+    for c in clients:
+        for a in c.attempts:
+            if a.retry_after_s is None:
+                continue
+            answered = a.answered_at if a.answered_at is not None else a.sent_at
+            ahead = sum(1 for began, t in served if began < c.started_at and t > answered)
+            done = bisect_right(first_tokens, answered)
+            pairs.append((a.retry_after_s, first_tokens[done + ahead - 1] - answered if ahead else 0.0))
+    return pairs
+
+
 def retry_summary(clients: list[Client], rate_rps: float, target_s: float, capacity_rps: float) -> dict:
     """Per client: served or not, after how many attempts, and its time to first token from its first send
     (what its caller waited, retries included); per admitted attempt: its own TTFT against the target. And
@@ -101,6 +126,7 @@ def retry_summary(clients: list[Client], rate_rps: float, target_s: float, capac
     span_s = None if last_first_token is None else last_first_token - min(c.started_at for c in clients)
     retries = [a for c in clients for a in c.attempts[1:]]
     drains = drains_of_work_ahead(clients)
+    as_served = drains_of_work_ahead_as_served(clients)
     announced = sorted(a.retry_after_s for c in clients for a in c.attempts if a.retry_after_s is not None)
 
     def pct(xs: list[float], q: float) -> float | None:
@@ -116,12 +142,22 @@ def retry_summary(clients: list[Client], rate_rps: float, target_s: float, capac
             "announced_within_2x_of_work_ahead": (sum(agrees(r, d) for r, d in drains) / len(drains)
                                                    if drains else None),
             "work_ahead_drain_p50_s": pct(sorted(d for _, d in drains), 0.5),
+            "announced_within_2x_of_work_ahead_as_served": (sum(agrees(r, d) for r, d in as_served) / len(as_served)
+                                                             if as_served else None),
+            "work_ahead_as_served_drain_p50_s": pct(sorted(d for _, d in as_served), 0.5),
+            "announced_over_work_ahead_as_served_p50": pct(sorted(r / max(0.001, d) for r, d in as_served), 0.5),
             "announced_p50_s": pct(announced, 0.5), "announced_p90_s": pct(announced, 0.9),
             "admitted_ttft_p50_s": pct(admitted_ttft, 0.5), "admitted_ttft_p90_s": pct(admitted_ttft, 0.9),
             "admitted_within_target": (sum(1 for t in admitted_ttft if t <= target_s) / len(admitted_ttft)
                                        if admitted_ttft else None),
             "caller_ttft_p50_s": pct(caller_ttft, 0.5), "caller_ttft_p90_s": pct(caller_ttft, 0.9),
             "ttft_target_s": target_s, "capacity_rps": capacity_rps,
+            # every client as it went (seconds on the run's clock): started; per attempt sent, answered, kind,
+            # TTFT, retry-after-ms
+            "clients_sent_answered_kind_ttft_retry_after": [
+                [round(c.started_at, 4), [[round(a.sent_at, 4), a.answered_at and round(a.answered_at, 4), a.kind,
+                                           a.ttft_s and round(a.ttft_s, 4), a.retry_after_s] for a in c.attempts]]
+                for c in clients],
             "served_rps_over_run": len(served) / span_s if span_s else None}
 
 
@@ -140,7 +176,10 @@ def retry_report(summary: dict) -> list[str]:
         rows.append(f"  retry-after-ms announced p50 {s['announced_p50_s']:.2f}s, p90 {s['announced_p90_s']:.2f}s; "
                     f"the work ahead of the client (every client that began before it and was served) drained "
                     f"p50 {s['work_ahead_drain_p50_s']:.2f}s after its 429; announced within 2x (or 0.1 s) of that "
-                    f"for {100 * s['announced_within_2x_of_work_ahead']:.0f}% of the 429s")
+                    f"for {100 * s['announced_within_2x_of_work_ahead']:.0f}% of the 429s; as much work as was ahead "
+                    f"(any clients) served p50 {s['work_ahead_as_served_drain_p50_s']:.2f}s after it, announced / that "
+                    f"p50 {s['announced_over_work_ahead_as_served_p50']:.2f}, within 2x (or 0.1 s) for "
+                    f"{100 * s['announced_within_2x_of_work_ahead_as_served']:.0f}%")
     if s["served_rps_over_run"] is not None:
         rows.append(f"  served {s['served_rps_over_run']:.1f} req/s from the first send to the last first token, "
                     f"{s['served_rps_over_run'] / s['capacity_rps']:.2f}x the measured capacity "

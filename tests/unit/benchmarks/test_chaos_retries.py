@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.chaos_client import Outcome
-from benchmarks.chaos_retries import Client, drains_of_work_ahead, retry_summary
+from benchmarks.chaos_retries import (
+    Client,
+    drains_of_work_ahead,
+    drains_of_work_ahead_as_served,
+    retry_summary,
+)
 
 
 def served(sent_at: float, ttft_s: float) -> Outcome:
@@ -40,3 +45,14 @@ def test_a_429_is_measured_against_the_first_tokens_of_the_clients_that_began_be
     assert summary["announced_within_2x_of_work_ahead"] == pytest.approx(3 / 7)
     assert summary["served_rps_over_run"] == pytest.approx(3 / 3.92)  # 3 served from 0 to the last first token
     assert summary["caller_ttft_p50_s"] == pytest.approx(2.61 - 0.1)  # the second caller, from its first send
+
+
+def test_as_served_a_client_ahead_reached_late_does_not_stretch_the_drain_behind_it():
+    early = Client(0.0, [refused(0.0, 1.0), served(1.01, 9.0)])  # refused, back at 1.01, first token at 10.01
+    behind = Client(0.1, [refused(0.1, 1.0), served(1.11, 0.4)])  # refused at 0.11; first token at 1.51
+    jumper = Client(0.5, [served(0.5, 0.5)])  # a new arrival: first token at 1.0
+    clients = [early, behind, jumper]
+    # behind's 429: one client ahead (early). Every client ahead served: 10.01; as much work served: 1.0 (jumper's)
+    assert drains_of_work_ahead(clients)[1] == pytest.approx((1.0, 10.01 - 0.11))
+    assert drains_of_work_ahead_as_served(clients)[1] == pytest.approx((1.0, 1.0 - 0.11))
+    assert drains_of_work_ahead_as_served(clients)[0] == pytest.approx((1.0, 0.0))  # nobody ahead of early
