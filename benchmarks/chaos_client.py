@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from router.admission import RETRY_COUNT_HEADER
 from trt_disagg.bench.loadgen import DONE, sse_data
 from trt_disagg.contract import Role
 from trt_disagg.registry_read import list_instances
@@ -34,6 +35,11 @@ class Outcome:
     retry_after_header_s: int | None = None  # its Retry-After: whole seconds (RFC 9110)
     sent_at: float = 0.0
     answered_at: float | None = None  # when the status line came back
+
+    @property
+    def heard_at(self) -> float:
+        """When the client had its answer: the status line, or its send when none came."""
+        return self.answered_at if self.answered_at is not None else self.sent_at
 
 
 @dataclass
@@ -187,8 +193,8 @@ async def lean_request(url: str, body: bytes, phase: str, retry_count: int = 0) 
         return out
     try:
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: "
-                     b"application/json\r\nConnection: close\r\nx-stainless-retry-count: " + str(retry_count).encode()
-                     + b"\r\nContent-Length: " + str(len(body)).encode()
+                     b"application/json\r\nConnection: close\r\n" + RETRY_COUNT_HEADER.encode() + b": "
+                     + str(retry_count).encode() + b"\r\nContent-Length: " + str(len(body)).encode()
                      + b"\r\n\r\n" + body)
         status = int((await reader.readline()).split()[1])
         out.answered_at = time.monotonic()
@@ -261,6 +267,11 @@ def agrees(announced_s: float, drain_s: float) -> bool:
     return 0.5 * drain_s - DRAIN_TOLERANCE_S <= announced_s <= 2 * drain_s + DRAIN_TOLERANCE_S
 
 
+def pct(xs: list[float], q: float) -> float | None:
+    """The q-quantile of xs (nearest rank below), None for none."""
+    return sorted(xs)[int(q * (len(xs) - 1))] if xs else None
+
+
 def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float, capacity_rps: float) -> dict:
     """Admitted TTFT p90 vs the target; for each 429, what it announced (`retry-after-ms`) vs its actual drain
     time: from the moment the client had the 429 until the router admitted a request sent after that moment
@@ -277,7 +288,7 @@ def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float, 
 
     refusals = []  # (sent at, answered at, announced s, Retry-After s, drain s from the answer, from the send)
     for o in (o for o in by_time if o.retry_after_s is not None):
-        answered_at = o.answered_at if o.answered_at is not None else o.sent_at
+        answered_at = o.heard_at
         drain, drain_from_send = drain_s(answered_at), drain_s(o.sent_at)
         if drain is not None and drain_from_send is not None and o.retry_after_s is not None:
             refusals.append((round(o.sent_at, 4), round(answered_at, 4), o.retry_after_s,
@@ -294,9 +305,6 @@ def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float, 
     # competes with every other arrival: under sustained overload only some get in)
     back = [b for _, t, r, _, _, _ in refusals
             if (b := next((a.kind == "ok" for a in by_time if a.sent_at >= t + r), None)) is not None]
-
-    def pct(xs: list[float], q: float) -> float | None:
-        return sorted(xs)[int(q * (len(xs) - 1))] if xs else None
 
     def within_2x(xs: list[float]) -> float | None:
         return sum(1 for x in xs if 0.5 <= x <= 2.0) / len(xs) if xs else None

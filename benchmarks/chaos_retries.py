@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.chaos_client import LONG, Outcome, agrees, lean_request
+from benchmarks.chaos_client import LONG, Outcome, agrees, lean_request, pct
+from router.admission import HONOURED_RETRY_AFTER_S  # the SDK sleeps what `retry-after-ms` says up to this
 
 MAX_RETRIES = 2  # openai-python's default `max_retries`
-HONOURED_RETRY_AFTER_S = 120.0  # it sleeps what `retry-after-ms` says when within this, else backs off itself
 
 
 @dataclass
@@ -28,6 +28,12 @@ class Client:
 
     started_at: float
     attempts: list[Outcome] = field(default_factory=list)
+
+    @property
+    def first_token_at(self) -> float | None:
+        """When its last attempt had its first token; None unless it was served."""
+        last = self.attempts[-1]
+        return last.sent_at + last.ttft_s if last.kind == "ok" and last.ttft_s is not None else None
 
 
 async def retry_queue_s(url: str) -> float:
@@ -74,15 +80,13 @@ async def retrying_burst(url: str, rate_rps: float, args: argparse.Namespace, ca
 def drains_of_work_ahead(clients: list[Client]) -> list[tuple[float, float]]:
     """(announced, actual) for every 429: actual = from the client having it until every client that began
     before this one and was served had its first token (the work ahead of it drained; 0 if already)."""
-    first_token = {id(c): c.attempts[-1].sent_at + c.attempts[-1].ttft_s for c in clients
-                   if c.attempts[-1].kind == "ok" and c.attempts[-1].ttft_s is not None}
     pairs, ahead_done = [], float("-inf")
     for c in sorted(clients, key=lambda c: c.started_at):
         for a in c.attempts:
             if a.retry_after_s is not None:
-                answered = a.answered_at if a.answered_at is not None else a.sent_at
-                pairs.append((a.retry_after_s, max(0.0, ahead_done - answered)))
-        ahead_done = max(ahead_done, first_token.get(id(c), ahead_done))
+                pairs.append((a.retry_after_s, max(0.0, ahead_done - a.heard_at)))
+        if (t := c.first_token_at) is not None:
+            ahead_done = max(ahead_done, t)
     return pairs
 
 
@@ -92,18 +96,14 @@ def drains_of_work_ahead_as_served(clients: list[Client]) -> list[tuple[float, f
     first token yet), to whichever clients: the work ahead at the pace it was served. Unlike
     drains_of_work_ahead, one client ahead that the pool reached late (a new arrival took its room, it was
     refused again and went to the end) does not stretch the drain of everyone behind it."""
-    def first_token(c: Client) -> float | None:
-        last = c.attempts[-1]
-        return last.sent_at + last.ttft_s if last.kind == "ok" and last.ttft_s is not None else None
-
-    served = [(c.started_at, t) for c in clients if (t := first_token(c)) is not None]
+    served = [(c.started_at, t) for c in clients if (t := c.first_token_at) is not None]
     first_tokens = sorted(t for _, t in served)
     pairs = []
     for c in clients:
         for a in c.attempts:
             if a.retry_after_s is None:
                 continue
-            answered = a.answered_at if a.answered_at is not None else a.sent_at
+            answered = a.heard_at
             ahead = sum(1 for began, t in served if began < c.started_at and t > answered)
             done = bisect_right(first_tokens, answered)
             pairs.append((a.retry_after_s, first_tokens[done + ahead - 1] - answered if ahead else 0.0))
@@ -118,19 +118,15 @@ def retry_summary(clients: list[Client], rate_rps: float, target_s: float, capac
     work ahead of them (they all came late) cannot show."""
     served = [c for c in clients if c.attempts[-1].kind == "ok"]
     admitted_ttft = sorted(a.ttft_s for c in served for a in c.attempts[-1:] if a.ttft_s is not None)
-    caller_ttft = sorted(c.attempts[-1].sent_at - c.started_at + c.attempts[-1].ttft_s
-                         for c in served if c.attempts[-1].ttft_s is not None)
+    first_tokens = [(c.started_at, t) for c in served if (t := c.first_token_at) is not None]
+    caller_ttft = [t - began for began, t in first_tokens]
     attempts = sum(len(c.attempts) for c in clients)
-    last_first_token = max((c.attempts[-1].sent_at + c.attempts[-1].ttft_s for c in served
-                            if c.attempts[-1].ttft_s is not None), default=None)
+    last_first_token = max((t for _, t in first_tokens), default=None)
     span_s = None if last_first_token is None else last_first_token - min(c.started_at for c in clients)
     retries = [a for c in clients for a in c.attempts[1:]]
     drains = drains_of_work_ahead(clients)
     as_served = drains_of_work_ahead_as_served(clients)
-    announced = sorted(a.retry_after_s for c in clients for a in c.attempts if a.retry_after_s is not None)
-
-    def pct(xs: list[float], q: float) -> float | None:
-        return xs[int(q * (len(xs) - 1))] if xs else None
+    announced = [a.retry_after_s for c in clients for a in c.attempts if a.retry_after_s is not None]
 
     return {"rate_rps": rate_rps, "clients": len(clients), "attempts": attempts,
             "served": len(served), "served_by_attempt": [sum(1 for c in served if len(c.attempts) == n)
@@ -141,11 +137,11 @@ def retry_summary(clients: list[Client], rate_rps: float, target_s: float, capac
                                   if c.attempts[-1].kind != "ok" and c.attempts[-1].retry_after_s is None),
             "announced_within_2x_of_work_ahead": (sum(agrees(r, d) for r, d in drains) / len(drains)
                                                    if drains else None),
-            "work_ahead_drain_p50_s": pct(sorted(d for _, d in drains), 0.5),
+            "work_ahead_drain_p50_s": pct([d for _, d in drains], 0.5),
             "announced_within_2x_of_work_ahead_as_served": (sum(agrees(r, d) for r, d in as_served) / len(as_served)
                                                              if as_served else None),
-            "work_ahead_as_served_drain_p50_s": pct(sorted(d for _, d in as_served), 0.5),
-            "announced_over_work_ahead_as_served_p50": pct(sorted(r / max(0.001, d) for r, d in as_served), 0.5),
+            "work_ahead_as_served_drain_p50_s": pct([d for _, d in as_served], 0.5),
+            "announced_over_work_ahead_as_served_p50": pct([r / max(0.001, d) for r, d in as_served], 0.5),
             "announced_p50_s": pct(announced, 0.5), "announced_p90_s": pct(announced, 0.9),
             "admitted_ttft_p50_s": pct(admitted_ttft, 0.5), "admitted_ttft_p90_s": pct(admitted_ttft, 0.9),
             "admitted_within_target": (sum(1 for t in admitted_ttft if t <= target_s) / len(admitted_ttft)

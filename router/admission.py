@@ -75,15 +75,15 @@ HONOURED_RETRY_AFTER_S = 120.0
 # Sent by the OpenAI SDKs (openai-python, openai-node: Stainless-generated clients) on every request: how many
 # times this one was sent before. A client without it counts as arriving for the first time.
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
+MIN_REPLAYS = 5  # fewer past moments like now than this: the fluid estimate instead of a quantile of noise
+MAX_REPLAYS = 64  # past moments replayed per estimate (evenly spread over the window): bounds its cost
+WAIT_QUANTILE = 0.9  # the admission target holds at p90: the wait a request admitted now sees at p90
 
 
 def is_retry(headers: Mapping[str, str]) -> bool:
     """The client says it sent this request before (and, under overload, was refused)."""
     count = headers.get(RETRY_COUNT_HEADER, "0")
     return count.isdigit() and int(count) > 0
-MIN_REPLAYS = 5  # fewer past moments like now than this: the fluid estimate instead of a quantile of noise
-MAX_REPLAYS = 64  # past moments replayed per estimate (evenly spread over the window): bounds its cost
-WAIT_QUANTILE = 0.9  # the admission target holds at p90: the wait a request admitted now sees at p90
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +211,12 @@ class Admission:
         return back_at - now
 
     def _jumped_ahead(self, path: ServePath, prompt_tokens: int) -> None:
-        paced_until, rate = self._paced_until.get(path), self.rate_tokens_per_s(path)
-        if paced_until is not None and rate and paced_until > self._clock():
+        """A first arrival admitted while refused clients wait: their places move back by its prompt. Called on
+        every admission, so the rate is measured only when someone is waiting."""
+        paced_until = self._paced_until.get(path)
+        if paced_until is None or paced_until <= self._clock():
+            return
+        if rate := self.rate_tokens_per_s(path):
             self._paced_until[path] = paced_until + prompt_tokens / rate
 
     def retry_queue_s(self, path: ServePath) -> float:
