@@ -5,7 +5,8 @@ processes) registered in an embedded Valkey, broken on purpose:
 (2) Redis restarted empty on the same port: the instance repopulates its role set, info, load and the
     deployment's KV secret by itself, without being restarted;
 (3) while it runs, none of its processes (nor Valkey) listens on a wildcard address;
-(4) SIGTERM stops the whole instance (server, stub, ranks) in under 3 s, deregistered.
+(4) SIGTERM stops the whole instance (server, stub, ranks) in under 3 s, deregistered, and leaves no temporary
+    files: its processes kept them in the instance's own directory, removed when it stops.
 The tests share the instance and run in this order; (4) ends it.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +55,7 @@ class OneInstance:
         dep = dep.model_copy(update={"redis": dep.redis.model_copy(update={"url": self.redis_url})})
         self.cluster = LocalCluster(dep, engines_root=engines_root, only=[ID], start_router=False,
                                     ready_timeout_s=180)
+        self.temp_before: set[str] = set()  # the system temporary directory's entries before it started
 
     @property
     def server(self):  # the instance's TritonProcess
@@ -78,6 +81,7 @@ def one(tiny_root: Path) -> Iterator[OneInstance]:
         mp.delenv("REDIS_URL", raising=False)
         mp.delenv("TRT_DISAGG_KV_SECRET", raising=False)
         inst = OneInstance(tiny_root)
+        inst.temp_before = set(os.listdir(tempfile.gettempdir()))
         try:
             inst.cluster.start()
             yield inst
@@ -135,6 +139,8 @@ def test_instance_stops_in_under_3s(one: OneInstance) -> None:
     proc = one.server.proc
     pgid = proc.pid
     assert ID in registered(one.redis_url, Role.PREFILL)
+    tmp_dir = one.server.tmp_dir
+    assert tmp_dir is not None and list(tmp_dir.glob("trtd-ranks-*"))  # the rank processes' files are in it
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     while group_pids(pgid) and time.monotonic() - t0 < 30:
@@ -147,3 +153,8 @@ def test_instance_stops_in_under_3s(one: OneInstance) -> None:
     prefixes = (one.server.shm_prefix, one.server.kv_shm_prefix)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]  # nothing left for serve to clean
     assert stop_s < 3.0
+    one.server.stop()
+    assert not tmp_dir.exists()
+    # multiprocessing's and Triton's Python backend's own directories, which a killed process leaves behind
+    left = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("pymp-", "python_env_"))}
+    assert not left - one.temp_before

@@ -161,8 +161,12 @@ class Failed:
     error: str
 
 
-def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int, device: str) -> None:
-    """Entry point of one rank process."""
+def _rank_main(engine_dir: str, rank: int, scratch_dir: str, conn, threads: int, device: str) -> None:
+    """Entry point of one rank process. Its temporary files go under the runner's `scratch_dir`: sending a
+    tensor to the driver starts multiprocessing's fd sharer, whose socket lives in a `pymp-*` directory that
+    only a normal interpreter exit removes, and a rank ends with os._exit (below) or is killed; the runner
+    removes the scratch directory whichever way its ranks ended."""
+    tempfile.tempdir = scratch_dir
     torch.set_num_threads(threads)
     cfg = EngineConfig.load(engine_dir)
     tp_rank, pp_rank = rank % cfg.tp, rank // cfg.tp
@@ -170,7 +174,7 @@ def _rank_main(engine_dir: str, rank: int, store_path: str, conn, threads: int, 
     try:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)  # NCCL binds each rank's communicator to its current device
-        store = dist.FileStore(store_path, cfg.world_size)
+        store = dist.FileStore(str(Path(scratch_dir) / "store"), cfg.world_size)
         dist.init_process_group(collective_backend(device), store=store, rank=rank, world_size=cfg.world_size,
                                 timeout=COLLECTIVE_TIMEOUT)
         # Every rank creates every stage's TP group, in the same order (a torch.distributed rule).
@@ -228,14 +232,14 @@ class DistributedRunner:
     def __init__(self, cfg: EngineConfig, engine_dir: Path, threads_per_rank: int, device: str = "cpu") -> None:
         self.cfg = cfg
         ctx = mp.get_context("spawn")
-        self._rdzv_dir: Path | None = Path(tempfile.mkdtemp(prefix="trtd-rdzv-"))
-        store_path = str(self._rdzv_dir / "store")
+        # the rendezvous store and the ranks' temporary files (_rank_main), removed at shutdown
+        self._scratch_dir: Path | None = Path(tempfile.mkdtemp(prefix="trtd-ranks-"))
         self._conns = []
         self._procs = []
         try:
             for rank in range(cfg.world_size):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, store_path, child,
+                proc = ctx.Process(target=_rank_main, args=(str(engine_dir), rank, str(self._scratch_dir), child,
                                                             threads_per_rank, device),
                                    name=f"trt-disagg-rank{rank}", daemon=True)
                 proc.start()
@@ -249,13 +253,12 @@ class DistributedRunner:
         except BaseException:
             self.shutdown()
             raise
-        self._remove_rendezvous()
         self._last_rank = rank_of(0, cfg.pp - 1, cfg.tp)
 
-    def _remove_rendezvous(self) -> None:
-        rdzv, self._rdzv_dir = self._rdzv_dir, None
-        if rdzv is not None:
-            shutil.rmtree(rdzv, ignore_errors=True)
+    def _remove_scratch(self) -> None:
+        scratch, self._scratch_dir = self._scratch_dir, None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def failure(self) -> str | None:
         """None while every rank process is alive; else which died (cheap: no command is sent)."""
@@ -312,7 +315,7 @@ class DistributedRunner:
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
-        self._remove_rendezvous()
+        self._remove_scratch()
 
 
 def make_runner(cfg: EngineConfig, engine_dir: Path, threads_per_rank: int, device: str = "cpu") -> ModelRunner:

@@ -157,6 +157,12 @@ class TritonProcess:
         token = f"{instance_id.replace('-', '_')}_{secrets.token_hex(4)}_"
         self.shm_prefix = f"{SHM_PREFIX}{token}"
         self.kv_shm_prefix = f"{KV_SHM_PREFIX}{token}"  # the instance's KV segments (TRTD_KV_SHM_PREFIX)
+        self._tmp_dir: Path | None = None
+
+    @property
+    def tmp_dir(self) -> Path | None:
+        """The running server's TMPDIR (start()); None once stopped."""
+        return self._tmp_dir
 
     @property
     def grpc_url(self) -> str:
@@ -186,7 +192,11 @@ class TritonProcess:
         return cmd
 
     def start(self) -> None:
-        env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix}
+        # The server's temporary files (its Python backend's environment directory, the stub's and rank
+        # processes' multiprocessing sockets) in a directory of this process alone: they are removed at exit
+        # only when each process ends normally, and stop() ends stragglers with SIGKILL.
+        self._tmp_dir = Path(tempfile.mkdtemp(prefix=f"trtd-{self.instance_id}-tmp-"))
+        env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix, "TMPDIR": str(self._tmp_dir)}
         with open(self.log_path, "ab") as logf:
             self._log_start = logf.tell()
             self.proc = subprocess.Popen(self.command(), env=env, stdout=logf, stderr=subprocess.STDOUT,
@@ -266,6 +276,9 @@ class TritonProcess:
             pass
         proc.wait()
         self._remove_shm()
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
 
     def _remove_shm(self) -> None:
         shm = Path("/dev/shm")
