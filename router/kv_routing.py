@@ -18,6 +18,7 @@ blocks stay where the next turn will look for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
+# the longest an XREAD for KV events blocks: also how long a router stopping may wait for the follower to see it
+MAX_BLOCK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -129,8 +132,10 @@ def attach(dispatcher: Dispatcher, redis: Any, settings: RouterSettings, metrics
 async def _follow(dispatcher: Dispatcher, follower: KVEventFollower, metrics: RouterMetrics,
                   stopping: asyncio.Event, interval_s: float) -> None:
     """Keep the index in step with the registry and the event stream until the router stops; a Redis
-    hiccup is logged and retried. Checks `stopping` itself (a cancel can be swallowed by redis-py)."""
-    block_ms = max(1, int(interval_s * 1000))
+    hiccup is logged and retried. Checks `stopping` itself: redis-py can swallow a cancel that arrives while
+    XREAD blocks (the read then runs on to the socket timeout and fails), so each XREAD blocks at most
+    MAX_BLOCK_S, and the pause after a failure ends when the router stops."""
+    block_ms = max(1, int(min(interval_s, MAX_BLOCK_S) * 1000))
     while not stopping.is_set():
         try:
             await follower.sync([v.info for views in dispatcher.snapshot.instances.values() for v in views])
@@ -139,5 +144,8 @@ async def _follow(dispatcher: Dispatcher, follower: KVEventFollower, metrics: Ro
         except asyncio.CancelledError:
             raise
         except Exception:
+            if stopping.is_set():
+                return  # the failure is the swallowed cancel's
             log.warning("following the KV events failed; retrying", exc_info=True)
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,3 +167,12 @@ def shm_prefixes(server_pid: int) -> tuple[str, ...]:
 
 def shm_left(prefixes: tuple[str, ...]) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+
+
+# what processes of ours could leave in the system temporary directory when killed: multiprocessing's socket
+# directories, Triton's Python-backend environment directory, an instance's own TMPDIR
+TEMP_LEFTOVER_PREFIXES = ("pymp-", "python_env_", "trtd-")
+
+
+def temp_entries(prefixes: tuple[str, ...] = TEMP_LEFTOVER_PREFIXES) -> set[str]:
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(prefixes)}

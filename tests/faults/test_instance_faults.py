@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.faults.helpers import (
     group_pids,
     listeners,
     registered,
+    temp_entries,
     wait_for,
 )
 from tests.integration.instances_helpers import prefill
@@ -41,6 +41,7 @@ from trt_disagg.triton.registry import DEFAULT_TTL_S
 
 pytestmark = pytest.mark.slow
 
+PROCESS_TEMP = ("pymp-", "python_env_")  # what the instance's processes themselves could leave in /tmp
 PROMPT = [1, 520, 33, 4127, 98, 2044, 17, 300]
 ID = "prefill-0"
 
@@ -81,7 +82,7 @@ def one(tiny_root: Path) -> Iterator[OneInstance]:
         mp.delenv("REDIS_URL", raising=False)
         mp.delenv("TRT_DISAGG_KV_SECRET", raising=False)
         inst = OneInstance(tiny_root)
-        inst.temp_before = set(os.listdir(tempfile.gettempdir()))
+        inst.temp_before = temp_entries(PROCESS_TEMP)
         try:
             inst.cluster.start()
             yield inst
@@ -155,6 +156,4 @@ def test_instance_stops_in_under_3s(one: OneInstance) -> None:
     assert stop_s < 3.0
     one.server.stop()
     assert not tmp_dir.exists()
-    # multiprocessing's and Triton's Python backend's own directories, which a killed process leaves behind
-    left = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(("pymp-", "python_env_"))}
-    assert not left - one.temp_before
+    assert not temp_entries(PROCESS_TEMP) - one.temp_before  # (the deployment's run directory is the fixture's)

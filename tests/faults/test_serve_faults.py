@@ -10,7 +10,7 @@ router, the embedded Valkey) while its processes are killed, as an operations te
 (3) the embedded Valkey killed: serve restarts it, empty, on the same port; the instances re-register and
     the router answers again, with nothing else restarted;
 (4) the router killed: serve restarts it on the same port and it answers again;
-(5) SIGTERM: exit code 0 and no process of the deployment left.
+(5) SIGTERM: exit code 0, and no process, shared memory or temporary file of the deployment left.
 The tests share one deployment and run in this order; (5) ends it.
 """
 
@@ -43,6 +43,7 @@ from tests.faults.helpers import (
     shm_left,
     shm_prefixes,
     state,
+    temp_entries,
     wait_for,
 )
 from trt_disagg.contract import Role
@@ -61,6 +62,7 @@ class Serving:
     redis_url: str
     router_url: str
     stderr_path: Path
+    temp_before: set[str]  # the system temporary directory's entries of ours before serve started
 
     def server_pid(self, instance_id: str) -> int | None:
         """The pid of the tritonserver serving `instance_id` now (None between a death and its restart)."""
@@ -96,6 +98,7 @@ def serving(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     run_dir, stderr_path = tmp / "run", tmp / "serve.stderr"
     env = {**os.environ, "COLUMNS": "400"}
     env.pop("REDIS_URL", None)
+    temp_before = temp_entries()
     with open(stderr_path, "w") as errf:
         proc = subprocess.Popen([CLI, "serve", str(_config(tmp, tiny_root)), "--run-dir", str(run_dir)],
                                 stdout=subprocess.PIPE, stderr=errf, text=True, env=env, start_new_session=True)
@@ -110,7 +113,7 @@ def serving(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         assert "ready in" in text, text + stderr_path.read_text()
         redis_url = next(ln.split()[1] for ln in lines if ln.startswith("Redis:"))
         router_url = next(ln.split()[1] for ln in lines if ln.startswith("Router:"))
-        yield Serving(proc, run_dir, redis_url, router_url, stderr_path)
+        yield Serving(proc, run_dir, redis_url, router_url, stderr_path, temp_before)
     finally:  # after a failed test: a graceful stop first (it removes shm and temp dirs), then kill
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -216,3 +219,5 @@ def test_sigterm_stops_everything(serving: Serving) -> None:
     assert not pids_mentioning(str(serving.run_dir))  # every tritonserver, stub and rank process
     assert not [pid for pid in live_pids() if ppid(pid) == serving.proc.pid]
     assert not shm_left(prefixes)
+    # nor temporary files, those of the instance and the rank process killed on the way included
+    assert not temp_entries() - serving.temp_before

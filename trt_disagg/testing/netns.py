@@ -21,12 +21,15 @@ Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN); `unavailable_reason()` says why a lab
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import glob
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from trt_disagg.testing.delay_line import DelayLine, open_tap
-from trt_disagg.triton.launch import stop_process
+from trt_disagg.triton.launch import PYTHON_ENV_GLOB, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,10 @@ class NetnsLab:
         self._made: list[str] = []
         self._procs: list[subprocess.Popen] = []
         self._delay_lines: dict[str, DelayLine] = {}  # host -> its link, where netem is missing
+        # each host's TMPDIR, as a host has its own /tmp: what its killed processes leave is removed with it
+        self._tmp_root = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-tmp-"))
+        # Triton's Python backend ignores TMPDIR; a server killed with its host leaves an empty one of these
+        self._python_envs_before = set(glob.glob(PYTHON_ENV_GLOB))
 
     def __enter__(self) -> NetnsLab:
         try:
@@ -147,6 +154,9 @@ class NetnsLab:
               log_path: Path | None = None) -> subprocess.Popen:
         """Start `cmd` on `host` (its own network and UTS namespace, hostname = the host's name)."""
         h = self.hosts[host]
+        tmp = self._tmp_root / host
+        tmp.mkdir(exist_ok=True)
+        env = {**(os.environ if env is None else env), "TMPDIR": str(tmp)}
         wrapped = ["ip", "netns", "exec", h.netns, "unshare", "--uts", "--", "sh", "-c",
                    f'hostname {h.name}-{self.prefix} && exec "$@"', "sh", *cmd]
         out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
@@ -275,3 +285,7 @@ class NetnsLab:
             _kill_netns_pids(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made.clear()
+        shutil.rmtree(self._tmp_root, ignore_errors=True)
+        for env_dir in set(glob.glob(PYTHON_ENV_GLOB)) - self._python_envs_before:
+            with contextlib.suppress(OSError):  # rmdir: only an empty one, which nothing uses
+                os.rmdir(env_dir)

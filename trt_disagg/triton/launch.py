@@ -14,6 +14,8 @@ past the timeout, SIGKILLs the group and removes the group's Python-backend /dev
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
 import secrets
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 # elsewhere: an instance stops in under 3 s.
 EXIT_TIMEOUT_S = 2
 SHM_PREFIX = "trtd_tb_"  # our Python-backend shm regions: /dev/shm/trtd_tb_<instance>_<random>_*
+# Triton's Python backend makes an (unused, empty) /tmp/python_env_XXXXXX at start whatever TMPDIR says, and only
+# its normal exit removes it: a killed server's is removed by stop() (rmdir: only while it is empty)
+PYTHON_ENV_GLOB = "/tmp/python_env_*"
+_CLAIMED_PYTHON_ENVS: set[str] = set()  # attributed to a server of this process already
 KV_SHM_PREFIX = "trtd_kv_"  # = kv.shm.SEGMENT_PREFIX: the KV server's segments, /dev/shm/trtd_kv_<instance>_<random>_*
 
 
@@ -158,6 +164,8 @@ class TritonProcess:
         self.shm_prefix = f"{SHM_PREFIX}{token}"
         self.kv_shm_prefix = f"{KV_SHM_PREFIX}{token}"  # the instance's KV segments (TRTD_KV_SHM_PREFIX)
         self._tmp_dir: Path | None = None
+        self._python_envs_before: set[str] = set()
+        self._python_envs: set[str] = set()  # the Python backend's directories that appeared while it started
 
     @property
     def tmp_dir(self) -> Path | None:
@@ -196,6 +204,7 @@ class TritonProcess:
         # processes' multiprocessing sockets) in a directory of this process alone: they are removed at exit
         # only when each process ends normally, and stop() ends stragglers with SIGKILL.
         self._tmp_dir = Path(tempfile.mkdtemp(prefix=f"trtd-{self.instance_id}-tmp-"))
+        self._python_envs_before = set(glob.glob(PYTHON_ENV_GLOB))
         env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix, "TMPDIR": str(self._tmp_dir)}
         with open(self.log_path, "ab") as logf:
             self._log_start = logf.tell()
@@ -250,6 +259,9 @@ class TritonProcess:
                 try:
                     if (client.is_server_ready(client_timeout=2.0)
                             and client.is_model_ready(self.model_name, client_timeout=2.0)):
+                        self._python_envs = set(glob.glob(PYTHON_ENV_GLOB)) - self._python_envs_before - \
+                            _CLAIMED_PYTHON_ENVS
+                        _CLAIMED_PYTHON_ENVS.update(self._python_envs)
                         return
                 except Exception:  # not listening yet
                     pass
@@ -279,6 +291,11 @@ class TritonProcess:
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
+        for env_dir in self._python_envs:
+            with contextlib.suppress(OSError):  # gone (a normal exit), or not empty: not ours to touch
+                os.rmdir(env_dir)
+        _CLAIMED_PYTHON_ENVS.difference_update(self._python_envs)
+        self._python_envs = set()
 
     def _remove_shm(self) -> None:
         shm = Path("/dev/shm")
