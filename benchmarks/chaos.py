@@ -59,7 +59,13 @@ from benchmarks.chaos_client import (  # noqa: E402
     registered,
     until,
 )
-from benchmarks.chaos_retries import retry_queue_empty, retry_queue_s, retry_report, retrying_burst  # noqa: E402
+from benchmarks.chaos_retries import (  # noqa: E402
+    retry_queue_empty,
+    retry_queue_s,
+    retry_report,
+    retrying_burst,
+    return_share,
+)
 from tests.faults.helpers import group_pids, rank_pids, shm_left  # noqa: E402
 from trt_disagg.config import load_deployment, parse_deployment  # noqa: E402
 from trt_disagg.contract import Role  # noqa: E402
@@ -287,11 +293,16 @@ def overload_report(overload: dict) -> list[str]:
         rows.append(f"  Retry-After (whole seconds) / actual drain: p50 "
                     f"{overload['retry_after_whole_s_over_drain_p50']:.1f}; the first request sent after a 429's "
                     f"retry-after-ms was admitted for {100 * overload['back_at_retry_after_admitted']:.0f}%")
-    if overload.get("retry_queue_after_idle_s"):
+    if overload.get("retry_queue_after_idle_s") is not None:
         rows.append(f"  the 429s' places (their clients never came back) outlasted the burst's work by "
-                    f"{overload['retry_queue_after_idle_s']:.1f}s; the retrying burst started once they had passed")
+                    f"{overload['retry_queue_after_idle_s']:.1f}s; the retrying burst started once they had passed; "
+                    f"the router's share of refused clients seen coming back: "
+                    f"{overload.get('return_share_after_plain', 0):.2f}")
     if "retrying" in overload:
         rows.extend(retry_report(overload["retrying"]))
+        if overload.get("return_share_after_retrying") is not None:
+            rows.append(f"  the router's share of refused clients seen coming back after it: "
+                        f"{overload['return_share_after_retrying']:.2f}")
     return rows
 
 
@@ -335,10 +346,12 @@ async def run_in(root: Path, args: argparse.Namespace) -> dict:
             # the plain burst's refused clients never come back, yet hold the places their Retry-After gave them:
             # the retrying burst starts once those have passed, so that it meets only its own clients
             overload["retry_queue_after_idle_s"] = await retry_queue_s(str(cluster.router_url))
+            overload["return_share_after_plain"] = await return_share(str(cluster.router_url))
             overload["retry_queue_lapsed_after_s"] = await until(
                 lambda: retry_queue_empty(str(cluster.router_url)), 150, "the router's retry queue lapsed")
             print("overload, clients retrying ...", flush=True)
             overload["retrying"] = await retrying_burst(str(cluster.router_url), 4 * capacity, args, capacity)
+            overload["return_share_after_retrying"] = await return_share(str(cluster.router_url))
             await until(lambda: idle(cluster), 60, "instances idle after the run")
             restarts = [asdict(r) for r in sup.supervisor.restarts]
     finally:

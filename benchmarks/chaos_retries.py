@@ -36,13 +36,24 @@ class Client:
         return last.sent_at + last.ttft_s if last.kind == "ok" and last.ttft_s is not None else None
 
 
-async def retry_queue_s(url: str) -> float:
-    """The router's /metrics: the longest wait, over its pools, until the clients it refused will have had the
-    places their Retry-After gave them (clients that never come back hold theirs too)."""
+async def router_gauge(url: str, name: str) -> float:
+    """The largest sample of one of the router's /metrics gauges (0 when it has none)."""
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(f"{url}/metrics")).raise_for_status().text
     return max((s.value for family in text_string_to_metric_families(text)
-                if family.name == "trtd_router_retry_queue_seconds" for s in family.samples), default=0.0)
+                if family.name == name for s in family.samples), default=0.0)
+
+
+async def retry_queue_s(url: str) -> float:
+    """The longest wait, over the router's pools, until the clients it refused will have had the places their
+    Retry-After gave them (clients that never come back hold theirs only as long as the router still expects
+    them: /metrics trtd_router_retry_return_share)."""
+    return await router_gauge(url, "trtd_router_retry_queue_seconds")
+
+
+async def return_share(url: str) -> float:
+    """The share of its refused clients the router has seen come back for their places."""
+    return await router_gauge(url, "trtd_router_retry_return_share")
 
 
 async def retry_queue_empty(url: str) -> bool:

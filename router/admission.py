@@ -12,8 +12,8 @@ computed from the queue, instead of admitting work that cannot be served in time
                      (its connection in the accept queue, the event loop: router/received.py)
     Retry-After    = when the work ahead of this client has drained to the target: the backlog it was
                      refused for (waited + estimated wait - target), and behind that the prompts of the
-                     clients refused before it that were told to come back sooner (below); whole seconds,
-                     `retry-after-ms` has it to the millisecond
+                     clients refused before it that were told to come back sooner, as many of them as come
+                     back (below); whole seconds, `retry-after-ms` has it to the millisecond
 
 Why a replay and not only a rate: first tokens do not come back at a steady rate. An engine prefills a
 batch at a time, and a saturated pool stalls while its KV waits to be pulled, so completions arrive in
@@ -40,15 +40,17 @@ shows it). Admission itself is unchanged (it reserves nothing: a client that nev
 capacity), so a request arriving for the first time and admitted while refused clients wait for their places
 took pool time ahead of them: their queue moves back by its prompt. Whether a request is a retry the client
 says (`x-stainless-retry-count`, sent by OpenAI's SDKs; without it, a first arrival); a retry admitted takes
-the place it was given and moves nothing. A client that does not come back still held its place: clients
-refused after it are told later than needed, for at most the time its prompt takes (one told more than an
-SDK waits, two minutes, takes no place).
+the place it was given and moves nothing. Places are only worth holding for clients that come back: each
+counts by the share of refused clients that did lately (router/returns.py: retries claim places, places
+passed by unclaimed settle), and the queue already handed out is rescaled whenever that share moves, so
+clients that never return (a script without retries, a load generator) soon stop lengthening the places of
+those after them. One told more than an SDK waits, two minutes, takes no place.
 
 
-The rate (for the fluid fallback) is the larger of two measured lower bounds of the pool's capacity: the
-prompt tokens it finished per second between its first and last completion of the window (exact while it
-is saturated), and the tokens per second of its recent prefill calls, queueing included (exact while it is
-not). Both are measured, not modelled: they follow the engine as served on this machine, whatever its
+The rate (for the fluid fallback, and the spacing of places) is the larger of two measured lower bounds of
+the pool's capacity: the prompt tokens it finished per second of the window's busy time (from a completion
+that left work queued to the next: exact while it is saturated, and idle stretches do not count), and the
+tokens per second of its recent prefill calls, queueing included (exact while it is not). Both are measured, not modelled: they follow the engine as served on this machine, whatever its
 load. A pool that finished nothing within the window keeps the rate it last showed: a burst after idle
 time is forecast from the capacity the pool had, not admitted whole until its first prefill comes back.
 With no prefill ever finished there is no evidence of a queue that does not move, and everything is
@@ -62,10 +64,12 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
+from statistics import median
 
 from router.dispatch import Dispatcher, ServePath
 from router.errors import Overloaded
+from router.returns import Returns
 from trt_disagg.contract import Role
 
 POOL_ROLE = {ServePath.DISAGGREGATED: Role.PREFILL, ServePath.COLOCATED: Role.COLOCATED}
@@ -77,6 +81,7 @@ HONOURED_RETRY_AFTER_S = 120.0
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 MIN_REPLAYS = 5  # fewer past moments like now than this: the fluid estimate instead of a quantile of noise
 MAX_REPLAYS = 64  # past moments replayed per estimate (evenly spread over the window): bounds its cost
+EXCESS_MEMORY = 21  # refusals whose median excess says where the pool's backlog ends, for the queue behind it
 WAIT_QUANTILE = 0.9  # the admission target holds at p90: the wait a request admitted now sees at p90
 
 
@@ -105,8 +110,12 @@ class Admission:
         self._window_s = window_s
         self._done: dict[ServePath, deque[Prefilled]] = {p: deque() for p in ServePath}
         self._last_rate: dict[ServePath, float] = {}  # the rate of the latest window that had completions
-        # when the clients refused so far will have had their prompts prefilled, if they come back when told
+        # when the clients refused so far will have had their prompts prefilled, if they come back when told,
+        # each weighted by the share of refused clients that do (_paced_share: the share it is expressed at)
         self._paced_until: dict[ServePath, float] = {}
+        self._paced_share: dict[ServePath, float] = {}
+        self._recent_excess: dict[ServePath, deque[float]] = {p: deque(maxlen=EXCESS_MEMORY) for p in ServePath}
+        self.returns = Returns()  # which share of refused clients come back: a property of clients, not pools
 
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
@@ -124,13 +133,16 @@ class Admission:
         if not done:  # idle for a window: the capacity it last showed, not none (a burst's first second)
             return self._last_rate.get(path)
         per_call = sum(c.prompt_tokens for c in done) / max(1e-6, sum(c.duration_s for c in done))
-        if len(done) < 2:
-            self._last_rate[path] = per_call
-            return per_call
-        # what the pool served between its first and last completion in the window: idle time before a
-        # burst would otherwise dilute the rate and inflate every wait (and Retry-After) it is used for
-        span_s = done[-1].at_s - done[0].at_s
-        served = sum(c.prompt_tokens for c in list(done)[1:]) / max(span_s, 1e-6)
+        # what the pool served while it was busy: from each completion that left work queued to the next, the
+        # next one's prompt. Idle time (between bursts, or while refused clients have yet to come back) would
+        # otherwise dilute the rate, inflate every wait it forecasts and space the refused clients' places
+        # wider than the pool serves them, which leaves it idler still.
+        busy_tokens, busy_s = 0, 0.0
+        for before, after in pairwise(done):
+            if before.queued_after > 0:
+                busy_tokens += after.prompt_tokens
+                busy_s += after.at_s - before.at_s
+        served = busy_tokens / busy_s if busy_s > 0 else 0.0
         self._last_rate[path] = rate = max(served, per_call)
         return rate
 
@@ -182,6 +194,7 @@ class Admission:
         before (module docstring). A first-time request admitted while refused clients wait for their places
         (`retry` False) takes pool time ahead of them, so their queue moves back by its prompt.
         Returns the forecast time to first token of an admitted request (None: not forecast)."""
+        self.returns.arrived(self._clock() - max(0.0, waited_s), retry)
         if path not in POOL_ROLE:
             return None
         wait_s = self.estimated_wait_s(path, prompt_tokens)
@@ -202,23 +215,50 @@ class Admission:
 
     def _pace(self, path: ServePath, prompt_tokens: int, excess_s: float) -> float:
         """Seconds until this refused client's place in the queue of refused clients (module docstring): not
-        before its backlog's `excess_s`, and after the prompts of those told to come back before it."""
+        before its backlog's `excess_s`, and after the prompts of those told to come back before it, each
+        weighted by the share of refused clients that come back."""
         now = self._clock()
-        back_at = max(now + excess_s, self._paced_until.get(path, now))
+        share = self.returns.share()
+        paced = self._paced(path, share)
+        back_at = max(now + excess_s, paced)
+        recent = self._recent_excess[path]
+        recent.append(excess_s)
         rate = self.rate_tokens_per_s(path)  # measured: a refusal comes from a forecast, which needs one
         if rate and back_at - now <= HONOURED_RETRY_AFTER_S:
-            self._paced_until[path] = back_at + prompt_tokens / rate
+            # The queue ends after this client's prompt, if it comes back (as a share of clients do): behind
+            # the backlog, whose end is the latest refusals' typical excess, not this one's. A forecast is now
+            # and then far off (clumped completions, a stalled moment): the client it refused is told it, the
+            # clients after it are not held back by it.
+            backlog_end = now + median(recent)
+            self._paced_until[path] = paced + share * (max(0.0, backlog_end - paced) + prompt_tokens / rate)
+            self.returns.handed_out(back_at)
         return back_at - now
 
+
     def _jumped_ahead(self, path: ServePath, prompt_tokens: int) -> None:
-        """A first arrival admitted while refused clients wait: their places move back by its prompt. Called on
-        every admission, so the rate is measured only when someone is waiting."""
-        paced_until = self._paced_until.get(path)
-        if paced_until is None or paced_until <= self._clock():
+        """A first arrival admitted while refused clients wait: their places move back by its prompt (weighted
+        as theirs are: with fewer of them coming back, fewer are waiting). Called on every admission, so the
+        rate is measured only when someone is waiting."""
+        share = self.returns.share()
+        paced_until = self._paced(path, share)
+        if paced_until <= self._clock():
             return
         if rate := self.rate_tokens_per_s(path):
-            self._paced_until[path] = paced_until + prompt_tokens / rate
+            self._paced_until[path] = paced_until + share * prompt_tokens / rate
+
+    def _paced(self, path: ServePath, share: float) -> float:
+        """When the clients refused so far on `path` will have had their places, at the return share `share`:
+        the part still ahead was counted at the share of its time, and is rescaled to this one (clients
+        found not to come back take their places with them at once)."""
+        now = self._clock()
+        until = self._paced_until.get(path, now)
+        counted_at = self._paced_share.get(path, share)
+        if until > now and counted_at != share:
+            until = now + (until - now) * share / counted_at
+            self._paced_until[path] = until
+        self._paced_share[path] = share
+        return max(until, now)
 
     def retry_queue_s(self, path: ServePath) -> float:
         """Seconds until the clients refused so far on `path` will have had their places (0: none waiting)."""
-        return max(0.0, self._paced_until.get(path, 0.0) - self._clock())
+        return self._paced(path, self.returns.share()) - self._clock()

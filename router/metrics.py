@@ -54,6 +54,9 @@ class RouterMetrics:
         self.retry_queue_s = Gauge("trtd_router_retry_queue_seconds", "Until the clients this router refused "
                                    "(429) will have had the places their Retry-After gave them", ["pool"],
                                    registry=r)
+        self.retry_return_share = Gauge("trtd_router_retry_return_share", "Share of the clients this router "
+                                        "refused that came back for their places (it weights the places)",
+                                        registry=r)
         self.instance_load = Gauge("trtd_router_instance_load", "Load an instance published",
                                    ["instance", "pool", "field"], registry=r)
 
@@ -95,6 +98,7 @@ class RouterMetrics:
     def observe_admission(self, admission: Admission) -> None:
         for path in POOL_ROLE:
             self.retry_queue_s.labels(pool=path.value).set(admission.retry_queue_s(path))
+        self.retry_return_share.set(admission.returns.share())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

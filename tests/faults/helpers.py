@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from trt_disagg.contract import Role
 from trt_disagg.registry_read import list_instances
+from trt_disagg.triton.launch import group_members
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -83,12 +84,7 @@ def live_pids() -> list[int]:
 
 def group_pids(pgid: int) -> list[int]:
     """Live (not zombie) processes of process group `pgid`: a tritonserver, its stub, its rank processes."""
-    out = []
-    for pid in live_pids():
-        fields = _stat_fields(pid)
-        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(pid)
-    return out
+    return group_members(pgid)
 
 
 def cmdline(pid: int) -> str:

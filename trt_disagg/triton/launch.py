@@ -282,11 +282,7 @@ class TritonProcess:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("instance %s did not stop in %.0fs; killing it", self.instance_id, timeout_s)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group: stubs, rank processes
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)  # stragglers of the group: stubs, rank processes
         self._remove_shm()
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
@@ -318,8 +314,37 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             pass
+    kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """SIGKILL what is left of the process group `proc` leads and return once it is gone: the leader is
+    reaped here; the others (not our children: their parent was the leader) are reaped by init, and until
+    then a process killed while it unmaps its memory still runs for a moment."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    deadline = time.monotonic() + timeout_s
+    while group_members(proc.pid):
+        if time.monotonic() > deadline:
+            log.warning("process group %d still has processes %.0fs after SIGKILL", proc.pid, timeout_s)
+            return
+        time.sleep(0.01)  # processes that are not our children: no event to wait on
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` that still run (zombies, which only wait for their parent to reap them,
+    do not: in a container whose init never reaps they would stay forever)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members

@@ -51,6 +51,25 @@ def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx((900 + 200) / 9.5)
 
 
+def test_the_rate_is_what_the_pool_served_while_busy():
+    """Time the pool had nothing queued (its clients had yet to come back) is not counted against it."""
+    now = [0.0]
+    pool = FakeDispatcher(queued=[500])
+    adm = Admission(pool, target_s=2.0, window_s=30.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for at_s in (0.0, 1.0, 2.0, 3.0):  # busy: 100 tokens a second
+        now[0] = at_s
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)
+    pool.queued[:] = [0]
+    now[0] = 4.0
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)  # the last of its work: idle until 9 s
+    pool.queued[:] = [500]
+    for at_s in (9.0, 10.0):
+        now[0] = at_s
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)
+    # (each call took 5 s, queueing included: 20 tokens/s per call) busy 0-4 s and 9-10 s: 500 tokens in 5 s (over the whole span it would be 600 in 10 s)
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(100.0)
+
+
 def test_refused_clients_are_told_their_place_behind_those_refused_before_them():
     """Refused clients come back (OpenAI's SDKs retry a 429): each is told when the backlog it was refused for,
     and the prompts of the clients told to come back before it, will have drained; the queue lapses with time."""
@@ -74,7 +93,9 @@ def test_refused_clients_are_told_their_place_behind_those_refused_before_them()
     assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(53.0 + 1.0 - 1.0)  # what /metrics shows
     metrics = RouterMetrics()
     metrics.observe_admission(adm)
-    assert 'trtd_router_retry_queue_seconds{pool="disaggregated"} 53.0' in metrics.render().decode()
+    rendered = metrics.render().decode()
+    assert 'trtd_router_retry_queue_seconds{pool="disaggregated"} 53.0' in rendered
+    assert "trtd_router_retry_return_share 1.0" in rendered  # none of the places has passed yet
     now[0] += 60.0  # long after all of them were due: its own backlog again
     with pytest.raises(Overloaded) as refused:
         adm.check(ServePath.DISAGGREGATED, 500)
@@ -98,6 +119,56 @@ def test_a_first_arrival_admitted_ahead_of_waiting_refused_clients_moves_their_p
     assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(49.0)
     assert [is_retry(h) for h in ({"x-stainless-retry-count": "1"}, {"x-stainless-retry-count": "0"}, {},
                                   {"x-stainless-retry-count": "one"})] == [True, False, False, False]
+
+
+def _three_refused(now: list[float]) -> Admission:
+    """100 tokens/s, 150 queued, target 2 s: three 100-token refusals at 0 s, told 0.5, 1.5 and 2.5 s."""
+    adm = Admission(FakeDispatcher(queued=[150]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    adm.prefilled(ServePath.DISAGGREGATED, 100, 1.0)
+    told = []
+    for _ in range(3):
+        with pytest.raises(Overloaded) as refused:
+            adm.check(ServePath.DISAGGREGATED, 100)
+        told.append(refused.value.retry_after_s)
+    assert told == pytest.approx([0.5, 1.5, 2.5])
+    return adm
+
+
+def _told(adm: Admission, retry: bool = False) -> float:
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 100, retry=retry)
+    return refused.value.retry_after_s
+
+
+def test_places_of_clients_that_do_not_come_back_are_given_up():
+    """A place nobody claimed (router/returns.py) lowers the share of clients taken to come back, and the
+    queue of places shrinks with it at once: later clients are not told to wait for work that is not there."""
+    now = [0.0]
+    adm = _three_refused(now)  # places due at 0.5, 1.5, 2.5; the queue ends at 3.5
+    now[0] = 1.6
+    # a new client at 1.6: the place due at 0.5 was passed by unclaimed (share 1/2), so what is left of the
+    # queue (1.9 s) counts half: its place is at 1.6 + 0.95
+    assert _told(adm) == pytest.approx(0.95)
+    now[0] = 2.6  # the place due at 1.5 passed too (share 1/3): this client's own backlog comes first
+    assert _told(adm) == pytest.approx(0.5)
+    assert adm.returns.share() == pytest.approx(1 / 3)
+    # the queue now ends at 2.9 + (3.1 - 2.9 + 1) / 3 = 3.3. A client that waited 3 s in the router is told its
+    # own excess (3.5 s), but the backlog still ends where the latest refusals' excess (0.5 s) says: the
+    # queue's end moves by a third of its prompt only
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 100, waited_s=3.0)
+    assert refused.value.retry_after_s == pytest.approx(3.5)
+    assert _told(adm) == pytest.approx(3.3 + 1 / 3 - 2.6)
+
+
+def test_places_of_clients_that_come_back_are_kept():
+    now = [0.0]
+    adm = _three_refused(now)
+    now[0] = 1.2  # the first one back (refused again) claims its place: the queue is whole, it goes to its end
+    assert _told(adm, retry=True) == pytest.approx(3.5 - 1.2)
+    now[0] = 2.2  # the second back, 0.7 s late but within the grace: still a return
+    assert _told(adm, retry=True) == pytest.approx(4.5 - 2.2)
+    assert adm.returns.share() == 1.0
 
 
 def test_a_client_told_to_wait_longer_than_an_sdk_waits_takes_no_place():

@@ -97,3 +97,16 @@ def test_command_names_ports_repository_and_shm_prefix(tmp_path):
     assert any(c.startswith("--backend-config=python,shm-region-prefix-name=trtd_tb_decode_0_") for c in cmd)
     assert a.shm_prefix != b.shm_prefix  # clean-up never touches another deployment's regions
     a.stop()  # never started: a no-op
+
+
+def test_stopping_a_process_returns_once_its_whole_group_is_gone():
+    """What a server started (its stub, rank processes) is killed with it, and stop returns only when none of
+    them runs any more, so no check made after it sees stragglers."""
+    import subprocess
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    try:
+        assert launch.group_members(proc.pid)  # the shell and its two children
+    finally:
+        launch.stop_process(proc, timeout_s=0.0)
+    assert launch.group_members(proc.pid) == []
