@@ -50,11 +50,11 @@ those after them. One told more than an SDK waits, two minutes, takes no place.
 The rate (for the fluid fallback, and the spacing of places) is the larger of two measured lower bounds of
 the pool's capacity: the prompt tokens it finished per second of the window's busy time (from a completion
 that left work queued to the next: exact while it is saturated, and idle stretches do not count), and the
-tokens per second of its recent prefill calls, queueing included (exact while it is not). Both are measured, not modelled: they follow the engine as served on this machine, whatever its
-load. A pool that finished nothing within the window keeps the rate it last showed: a burst after idle
-time is forecast from the capacity the pool had, not admitted whole until its first prefill comes back.
-With no prefill ever finished there is no evidence of a queue that does not move, and everything is
-admitted.
+tokens per second of its recent prefill calls, queueing included (exact while it is not). Both are
+measured, not modelled: they follow the engine as served on this machine, whatever its load. A pool that
+finished nothing within the window keeps the rate it last showed: a burst after idle time is forecast from
+the capacity the pool had, not admitted whole until its first prefill comes back. With no prefill ever
+finished there is no evidence of a queue that does not move, and everything is admitted.
 """
 
 from __future__ import annotations
@@ -234,7 +234,6 @@ class Admission:
             self.returns.handed_out(back_at)
         return back_at - now
 
-
     def _jumped_ahead(self, path: ServePath, prompt_tokens: int) -> None:
         """A first arrival admitted while refused clients wait: their places move back by its prompt (weighted
         as theirs are: with fewer of them coming back, fewer are waiting). Called on every admission, so the
@@ -261,4 +260,4 @@ class Admission:
 
     def retry_queue_s(self, path: ServePath) -> float:
         """Seconds until the clients refused so far on `path` will have had their places (0: none waiting)."""
-        return self._paced(path, self.returns.share()) - self._clock()
+        return max(0.0, self._paced(path, self.returns.share()) - self._clock())

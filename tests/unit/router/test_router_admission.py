@@ -66,7 +66,8 @@ def test_the_rate_is_what_the_pool_served_while_busy():
     for at_s in (9.0, 10.0):
         now[0] = at_s
         adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)
-    # (each call took 5 s, queueing included: 20 tokens/s per call) busy 0-4 s and 9-10 s: 500 tokens in 5 s (over the whole span it would be 600 in 10 s)
+    # (each call took 5 s, queueing included: 20 tokens/s per call) busy 0-4 s and 9-10 s: 500 tokens in 5 s
+    # (over the whole span it would be 600 in 10 s)
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(100.0)
 
 
