@@ -21,9 +21,7 @@ Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN); `unavailable_reason()` says why a lab
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import glob
 import logging
 import os
 import shutil
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from trt_disagg.testing.delay_line import DelayLine, open_tap
-from trt_disagg.triton.launch import PYTHON_ENV_GLOB, stop_process
+from trt_disagg.triton.launch import python_env_dirs, remove_empty_dirs, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ class NetnsLab:
         # each host's TMPDIR, as a host has its own /tmp: what its killed processes leave is removed with it
         self._tmp_root = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-tmp-"))
         # Triton's Python backend ignores TMPDIR; a server killed with its host leaves an empty one of these
-        self._python_envs_before = set(glob.glob(PYTHON_ENV_GLOB))
+        self._python_envs_before = python_env_dirs()
 
     def __enter__(self) -> NetnsLab:
         try:
@@ -286,6 +284,4 @@ class NetnsLab:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made.clear()
         shutil.rmtree(self._tmp_root, ignore_errors=True)
-        for env_dir in set(glob.glob(PYTHON_ENV_GLOB)) - self._python_envs_before:
-            with contextlib.suppress(OSError):  # rmdir: only an empty one, which nothing uses
-                os.rmdir(env_dir)
+        remove_empty_dirs(python_env_dirs() - self._python_envs_before)

@@ -204,7 +204,7 @@ class TritonProcess:
         # processes' multiprocessing sockets) in a directory of this process alone: they are removed at exit
         # only when each process ends normally, and stop() ends stragglers with SIGKILL.
         self._tmp_dir = Path(tempfile.mkdtemp(prefix=f"trtd-{self.instance_id}-tmp-"))
-        self._python_envs_before = set(glob.glob(PYTHON_ENV_GLOB))
+        self._python_envs_before = python_env_dirs()
         env = {**self._env, "TRTD_KV_SHM_PREFIX": self.kv_shm_prefix, "TMPDIR": str(self._tmp_dir)}
         with open(self.log_path, "ab") as logf:
             self._log_start = logf.tell()
@@ -259,8 +259,7 @@ class TritonProcess:
                 try:
                     if (client.is_server_ready(client_timeout=2.0)
                             and client.is_model_ready(self.model_name, client_timeout=2.0)):
-                        self._python_envs = set(glob.glob(PYTHON_ENV_GLOB)) - self._python_envs_before - \
-                            _CLAIMED_PYTHON_ENVS
+                        self._python_envs = python_env_dirs() - self._python_envs_before - _CLAIMED_PYTHON_ENVS
                         _CLAIMED_PYTHON_ENVS.update(self._python_envs)
                         return
                 except Exception:  # not listening yet
@@ -287,9 +286,7 @@ class TritonProcess:
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
-        for env_dir in self._python_envs:
-            with contextlib.suppress(OSError):  # gone (a normal exit), or not empty: not ours to touch
-                os.rmdir(env_dir)
+        remove_empty_dirs(self._python_envs)
         _CLAIMED_PYTHON_ENVS.difference_update(self._python_envs)
         self._python_envs = set()
 
@@ -315,6 +312,18 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             pass
     kill_group(proc)
+
+
+def python_env_dirs() -> set[str]:
+    """The Python backend's environment directories now in /tmp (PYTHON_ENV_GLOB)."""
+    return set(glob.glob(PYTHON_ENV_GLOB))
+
+
+def remove_empty_dirs(paths: set[str]) -> None:
+    """rmdir each: one that is gone (its server exited normally) or not empty (not ours to touch) stays as is."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def kill_group(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
