@@ -66,7 +66,7 @@ from benchmarks.chaos_retries import (  # noqa: E402
     retrying_burst,
     return_share,
 )
-from tests.faults.helpers import group_pids, rank_pids, shm_left  # noqa: E402
+from tests.faults.helpers import group_pids, rank_pids, shm_left, temp_entries  # noqa: E402
 from trt_disagg.config import load_deployment, parse_deployment  # noqa: E402
 from trt_disagg.contract import Role  # noqa: E402
 from trt_disagg.registry_read import list_instances  # noqa: E402
@@ -243,13 +243,15 @@ def relabel(load: Load) -> None:
     assert all(o.phase in names or o.phase == "steady" for o in load.outcomes)
 
 
-def leaks(cluster: LocalCluster, root: Path) -> dict:
-    """What is left after the cluster stopped: processes of its groups, its shm segments."""
+def leaks(cluster: LocalCluster, temp_before: set[str]) -> dict:
+    """What is left after the cluster stopped: processes of its groups, its shm segments, what its processes
+    could leave in the system temporary directory that was not there before it started."""
     groups = [p.proc.pid for p in cluster.processes if p.proc is not None]
     prefixes = tuple(x for p in cluster.processes for x in (p.shm_prefix, p.kv_shm_prefix))
     cluster.stop()
     left = [pid for g in groups for pid in group_pids(g)]
-    return {"processes": left, "shm": shm_left(prefixes) if prefixes else []}
+    return {"processes": left, "shm": shm_left(prefixes) if prefixes else [],
+            "temp": sorted(temp_entries() - temp_before)}
 
 
 def report(steady: Counter, faults: list[FaultResult], overload: dict, leaked: dict) -> str:
@@ -260,7 +262,8 @@ def report(steady: Counter, faults: list[FaultResult], overload: dict, leaked: d
                     + f"{r.recovery_s:>12.1f}")
     rows.append("")
     rows.extend(overload_report(overload))
-    rows.append(f"leaks: {len(leaked['processes'])} processes, {len(leaked['shm'])} shm segments left")
+    rows.append(f"leaks: {len(leaked['processes'])} processes, {len(leaked['shm'])} shm segments, "
+                f"{len(leaked['temp'])} temporary files or directories left {leaked['temp'] or ''}".rstrip())
     return "\n".join(rows)
 
 
@@ -323,6 +326,7 @@ async def run_in(root: Path, args: argparse.Namespace) -> dict:
     print("building the tiny engines ...", flush=True)
     build_deployment(dep, engines_root=root)
     cluster = LocalCluster(dep, config_path=config, engines_root=root, start_router=True, ready_timeout_s=300)
+    temp_before = temp_entries()  # (the scratch directory `root` among them)
     print("starting the deployment ...", flush=True)
     cluster.start()
     steady: Counter = Counter()
@@ -355,7 +359,7 @@ async def run_in(root: Path, args: argparse.Namespace) -> dict:
             await until(lambda: idle(cluster), 60, "instances idle after the run")
             restarts = [asdict(r) for r in sup.supervisor.restarts]
     finally:
-        leaked = leaks(cluster, root)
+        leaked = leaks(cluster, temp_before)
     print(report(steady, faults, overload, leaked))
     if big is not None:
         print(f"oversized: 100 MB declared -> {big['upload_100mb']!r}; chunked past the limit -> "
@@ -385,7 +389,8 @@ def main() -> None:
     (args.out / "chaos.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.out / 'chaos.json'}")
     bad = sum(f["counts"]["hung"] + f["counts"]["lost"] + f["counts"]["mismatch"] for f in result["faults"])
-    sys.exit(1 if bad or result["leaks"]["processes"] or result["leaks"]["shm"] else 0)
+    leaked = result["leaks"]
+    sys.exit(1 if bad or leaked["processes"] or leaked["shm"] or leaked["temp"] else 0)
 
 
 if __name__ == "__main__":

@@ -178,11 +178,12 @@ DRAIN_TOLERANCE_S = 0.1
 PROBE_GAP_S = 0.02  # after the burst: the resolution of "when did the router admit again"
 
 
-async def lean_request(url: str, body: bytes, phase: str, retry_count: int = 0) -> Outcome:
+async def lean_request(url: str, body: bytes, phase: str, retry_count: int | None = None) -> Outcome:
     """One streaming completion over a bare socket (HTTP/1.1, read until [DONE]): the burst's client. At ~100
     requests/s an httpx client takes enough of the 2 cores to delay its own sends and readings by seconds, so
-    TTFT and the arrival times would describe the client, not the router. Counted as `one_request` counts. Like
-    OpenAI's SDKs it says how many times it sent this request before (`x-stainless-retry-count`)."""
+    TTFT and the arrival times would describe the client, not the router. Counted as `one_request` counts.
+    With `retry_count`, it says as OpenAI's SDKs do how many times it sent this request before
+    (`x-stainless-retry-count`); without, it says nothing, as curl or a load generator."""
     host, port = url.removeprefix("http://").split(":")
     sent = time.monotonic()
     out = Outcome(phase, "lost", sent_at=sent)
@@ -192,10 +193,10 @@ async def lean_request(url: str, body: bytes, phase: str, retry_count: int = 0) 
         out.kind, out.detail = "clear error", "connection refused"
         return out
     try:
+        said = b"" if retry_count is None else f"{RETRY_COUNT_HEADER}: {retry_count}\r\n".encode()
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Type: "
-                     b"application/json\r\nConnection: close\r\n" + RETRY_COUNT_HEADER.encode() + b": "
-                     + str(retry_count).encode() + b"\r\nContent-Length: " + str(len(body)).encode()
-                     + b"\r\n\r\n" + body)
+                     b"application/json\r\nConnection: close\r\n" + said + b"Content-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
         status = int((await reader.readline()).split()[1])
         out.answered_at = time.monotonic()
         headers = {}

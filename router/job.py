@@ -32,7 +32,9 @@ class Job:
     legs: Legs  # its open instance calls and its un-pulled prefill KV
     model: str = ""
     stop: tuple[str, ...] = ()  # OpenAI `stop` strings, applied to the text (router/text.py)
-    retry: bool = False  # sent again after a 429 (router/admission.py: it takes the place it was given)
+    # how many times the client says it sent this before (router/admission.py: a retry takes the place it was
+    # given, a client that says nothing takes none); None: it does not say
+    retry_count: int | None = None
     path: ServePath | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None

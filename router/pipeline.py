@@ -120,7 +120,7 @@ class RequestRunner:
             raise InstanceUnavailable("no prefill+decode pair and no colocated instance is up")
         job.path = path
         self.admission.check(path, len(job.prompt_ids), waited_s=time.monotonic() - job.received_s,
-                             retry=job.retry)
+                             retry_count=job.retry_count)
         self._metrics.in_flight.labels(pool=path.value).inc()
         self._queued[path].inc()  # until its first token (_accept) or its end
         leg = {ServePath.COLOCATED: self._colocated, ServePath.LOCAL: self._local}.get(path, self._disaggregated)

@@ -53,9 +53,10 @@ class RequestTable:
         self._records_down: InstanceUnavailable | None = None  # set while Redis is unreachable
 
     def admit(self, prompt_ids: list[int], sampling: SamplingParams, model: str, stop: tuple[str, ...] = (),
-              received_s: float | None = None, retry: bool = False) -> Job:
-        """A new job; `received_s` (monotonic) is when the router first saw it, which starts its clock; `retry`:
-        the client says it is sending this again after a 429 (admission paces those apart)."""
+              received_s: float | None = None, retry_count: int | None = None) -> Job:
+        """A new job; `received_s` (monotonic) is when the router first saw it, which starts its clock;
+        `retry_count`: how many times the client says it sent this before (admission paces refused clients
+        apart), None when it does not say."""
         if self._stopping is not None:
             raise self._stopping
         if self._records_down is not None:  # fail fast: the request could not be recorded (see record_writer)
@@ -73,7 +74,7 @@ class RequestTable:
         job = Job(request_id=request_id, prompt_ids=prompt_ids, sampling=sampling, received_s=received,
                   deadline_s=received + self._settings.request_timeout_s, record=record,
                   legs=Legs(request_id, self._client, self._releaser, self._spawn), model=model, stop=stop,
-                  retry=retry)
+                  retry_count=retry_count)
         self.active[request_id] = job
         self._settled[request_id] = asyncio.Event()
         return job

@@ -4,7 +4,8 @@ A 429's Retry-After is the client's place among the clients refused before it (r
 those places are only worth holding for clients that return: OpenAI's SDKs retry a 429 by default, a script
 with `max_retries=0`, curl or a load generator does not. Held for clients that never come back, the places
 make every later client wait for work that is not there (on the tiny deployment at 4x overload: told 12-15 s
-while the router admitted again within 31-160 ms). The router cannot know which kind a client is, but it sees
+while the router admitted again within 31-160 ms). Clients that do not say their retry count take no place at
+all (admission.py); among the SDK's, which all say it, the router cannot know which will retry, but it sees
 the whole: a request that says it is a retry (`x-stainless-retry-count`) claims the oldest place still open,
 and a place nobody claimed by RETURN_GRACE_S after it fell due settles as not claimed. The share of claimed
 places among the latest RETURN_MEMORY that settled weights every place (admission.py scales its queue by it).

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 
-from router.admission import is_retry
+from router.admission import retry_count
 from router.deps import get_runner, get_settings, get_tokenizer
 from router.errors import BadRequest, ModelNotFound, PromptTooLong, RouterError
 from router.job import Job
@@ -73,7 +73,7 @@ async def start(ctx: RouteContext, req: _Sampling, prompt_ids: list[int], max_to
     runner = ctx.runner
     sampling = req.sampling(max_tokens, end_id(ctx.settings, ctx.tokenizer), guide)
     job = runner.requests.admit(prompt_ids, sampling, req.model, stop=req.stop_strings, received_s=ctx.received_s,
-                                retry=ctx.retry)
+                                retry_count=ctx.retry_count)
     return job, await prime(runner.tokens(job), lambda: runner.stop_at_string(job))
 
 
@@ -95,13 +95,14 @@ class RouteContext:
     settings: RouterSettings
     tokenizer: TextTokenizer
     received_s: float  # monotonic: when the router first saw the request (router/received.py)
-    retry: bool = False  # the client says this is a retry (admission.RETRY_COUNT_HEADER)
+    retry_count: int | None = None  # what the client says (admission.RETRY_COUNT_HEADER); None: nothing
 
 
 async def route_context(request: Request, runner: RequestRunner = Depends(get_runner),
                         settings: RouterSettings = Depends(get_settings),
                         tokenizer: TextTokenizer = Depends(get_tokenizer)) -> RouteContext:
-    return RouteContext(runner, settings, tokenizer, received_s(request), is_retry(request.headers))
+    return RouteContext(runner, settings, tokenizer, received_s(request),
+                        retry_count(request.headers))
 
 
 RouteCtx = Annotated[RouteContext, Depends(route_context)]

@@ -165,7 +165,8 @@ class TritonProcess:
         self.kv_shm_prefix = f"{KV_SHM_PREFIX}{token}"  # the instance's KV segments (TRTD_KV_SHM_PREFIX)
         self._tmp_dir: Path | None = None
         self._python_envs_before: set[str] = set()
-        self._python_envs: set[str] = set()  # the Python backend's directories that appeared while it started
+        # the Python backend's directories that appeared while it started; None until it is ready or stopped
+        self._python_envs: set[str] | None = None
 
     @property
     def tmp_dir(self) -> Path | None:
@@ -259,8 +260,7 @@ class TritonProcess:
                 try:
                     if (client.is_server_ready(client_timeout=2.0)
                             and client.is_model_ready(self.model_name, client_timeout=2.0)):
-                        self._python_envs = python_env_dirs() - self._python_envs_before - _CLAIMED_PYTHON_ENVS
-                        _CLAIMED_PYTHON_ENVS.update(self._python_envs)
+                        self._claim_python_envs()
                         return
                 except Exception:  # not listening yet
                     pass
@@ -286,9 +286,18 @@ class TritonProcess:
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
-        remove_empty_dirs(self._python_envs)
-        _CLAIMED_PYTHON_ENVS.difference_update(self._python_envs)
-        self._python_envs = set()
+        if self._python_envs is None:  # stopped before it was ready: what appeared since its start is its own
+            self._claim_python_envs()
+        remove_empty_dirs(self._python_envs or set())
+        _CLAIMED_PYTHON_ENVS.difference_update(self._python_envs or set())
+        self._python_envs = None
+
+    def _claim_python_envs(self) -> None:
+        """The Python backend's directories that appeared since start() and no other server claimed: this
+        server's (two servers starting together: the first to claim takes both, and removes both when stopped;
+        an empty one a live server holds is unused, so removing it early costs that server nothing)."""
+        self._python_envs = python_env_dirs() - self._python_envs_before - _CLAIMED_PYTHON_ENVS
+        _CLAIMED_PYTHON_ENVS.update(self._python_envs)
 
     def _remove_shm(self) -> None:
         shm = Path("/dev/shm")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from router.admission import HONOURED_RETRY_AFTER_S, Admission, is_retry
+from router.admission import HONOURED_RETRY_AFTER_S, Admission, retry_count
 from router.dispatch import Candidate, Outstanding, ServePath
 from router.errors import Overloaded
 from router.metrics import RouterMetrics
@@ -116,15 +116,16 @@ def test_a_first_arrival_admitted_ahead_of_waiting_refused_clients_moves_their_p
     pool.queued[:] = [0]  # room again
     adm.check(ServePath.DISAGGREGATED, 100)  # a first arrival admitted: 1 s of prompt ahead of the refused
     assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(49.0)
-    adm.check(ServePath.DISAGGREGATED, 100, retry=True)  # a refused client back: it takes its own place
+    adm.check(ServePath.DISAGGREGATED, 100, retry_count=1)  # a refused client back: it takes its own place
     assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(49.0)
-    assert [is_retry(h) for h in ({"x-stainless-retry-count": "1"}, {"x-stainless-retry-count": "0"}, {},
-                                  {"x-stainless-retry-count": "one"})] == [True, False, False, False]
+    assert [retry_count(h) for h in ({"x-stainless-retry-count": "1"}, {"x-stainless-retry-count": "0"}, {},
+                                     {"x-stainless-retry-count": "one"})] == [1, 0, None, None]
 
 
-def _three_refused(now: list[float]) -> Admission:
+def _three_refused(now: list[float], pool: FakeDispatcher | None = None) -> Admission:
     """100 tokens/s, 150 queued, target 2 s: three 100-token refusals at 0 s, told 0.5, 1.5 and 2.5 s."""
-    adm = Admission(FakeDispatcher(queued=[150]), target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    pool = pool or FakeDispatcher(queued=[150])
+    adm = Admission(pool, target_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
     adm.prefilled(ServePath.DISAGGREGATED, 100, 1.0)
     told = []
     for _ in range(3):
@@ -135,9 +136,9 @@ def _three_refused(now: list[float]) -> Admission:
     return adm
 
 
-def _told(adm: Admission, retry: bool = False) -> float:
+def _told(adm: Admission, retry_count: int | None = 0) -> float:
     with pytest.raises(Overloaded) as refused:
-        adm.check(ServePath.DISAGGREGATED, 100, retry=retry)
+        adm.check(ServePath.DISAGGREGATED, 100, retry_count=retry_count)
     return refused.value.retry_after_s
 
 
@@ -145,7 +146,8 @@ def test_places_of_clients_that_do_not_come_back_are_given_up():
     """A place nobody claimed (router/returns.py) lowers the share of clients taken to come back, and the
     queue of places shrinks with it at once: later clients are not told to wait for work that is not there."""
     now = [0.0]
-    adm = _three_refused(now)  # places due at 0.5, 1.5, 2.5; the queue ends at 3.5
+    pool = FakeDispatcher(queued=[150])
+    adm = _three_refused(now, pool)  # places due at 0.5, 1.5, 2.5; the queue ends at 3.5
     now[0] = 1.6
     # a new client at 1.6: the place due at 0.5 was passed by unclaimed (share 1/2), so what is left of the
     # queue (1.9 s) counts half: its place is at 1.6 + 0.95
@@ -153,12 +155,14 @@ def test_places_of_clients_that_do_not_come_back_are_given_up():
     now[0] = 2.6  # the place due at 1.5 passed too (share 1/3): this client's own backlog comes first
     assert _told(adm) == pytest.approx(0.5)
     assert adm.returns.share() == pytest.approx(1 / 3)
-    # the queue now ends at 2.9 + (3.1 - 2.9 + 1) / 3 = 3.3. A client that waited 3 s in the router is told its
-    # own excess (3.5 s), but the backlog still ends where the latest refusals' excess (0.5 s) says: the
-    # queue's end moves by a third of its prompt only
+    # the queue now ends at 2.9 + (3.1 - 2.9 + 1) / 3 = 3.3. A client refused at a moment the queue looked 3 s
+    # longer is told its own excess (3.5 s), but the backlog still ends where the latest refusals' excess
+    # (0.5 s) says: the queue's end moves by a third of its prompt only
+    pool.queued[:] = [450]
     with pytest.raises(Overloaded) as refused:
-        adm.check(ServePath.DISAGGREGATED, 100, waited_s=3.0)
+        adm.check(ServePath.DISAGGREGATED, 100)
     assert refused.value.retry_after_s == pytest.approx(3.5)
+    pool.queued[:] = [150]
     assert _told(adm) == pytest.approx(3.3 + 1 / 3 - 2.6)
 
 
@@ -166,10 +170,21 @@ def test_places_of_clients_that_come_back_are_kept():
     now = [0.0]
     adm = _three_refused(now)
     now[0] = 1.2  # the first one back (refused again) claims its place: the queue is whole, it goes to its end
-    assert _told(adm, retry=True) == pytest.approx(3.5 - 1.2)
+    assert _told(adm, retry_count=1) == pytest.approx(3.5 - 1.2)
     now[0] = 2.2  # the second back, 0.7 s late but within the grace: still a return
-    assert _told(adm, retry=True) == pytest.approx(4.5 - 2.2)
+    assert _told(adm, retry_count=1) == pytest.approx(4.5 - 2.2)
     assert adm.returns.share() == 1.0
+
+
+def test_a_client_that_does_not_say_its_retry_count_is_told_the_queue_but_takes_no_place():
+    """Its return could not claim a place (the router tells a retry by the header alone), so holding one would
+    only make later clients wait for a prompt that never comes: it is told the queue as it is."""
+    now = [0.0]
+    adm = _three_refused(now)  # the queue ends at 3.5
+    assert _told(adm, retry_count=None) == pytest.approx(3.5)
+    assert _told(adm, retry_count=None) == pytest.approx(3.5)
+    assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(3.5)
+    assert _told(adm) == pytest.approx(3.5)  # an SDK client's first attempt takes the next place
 
 
 def test_a_client_told_to_wait_longer_than_an_sdk_waits_takes_no_place():
@@ -197,8 +212,9 @@ def test_time_already_spent_in_the_router_counts_and_an_idle_pool_keeps_the_capa
     assert adm.check(ServePath.DISAGGREGATED, 300) == pytest.approx(1.75)  # the forecast time to first token
     with pytest.raises(Overloaded) as late:  # 0.5 s lost in the router before admission: 2.25 s in all
         adm.check(ServePath.DISAGGREGATED, 300, waited_s=0.5)
-    # the router's own queue meets the next request too: Retry-After is the whole excess, not the pool's ~0
-    assert late.value.retry_after_s == pytest.approx(0.25)
+    # sent again at once, it waits in the router's queue again while the pool drains: the pool's wait alone
+    # decides when it fits (1.75 s from now, within the target)
+    assert late.value.retry_after_s == pytest.approx(0.0)
     now[0] = 60.0  # idle for longer than the window, then a burst: forecast from the 200 tokens/s it showed
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(200.0)
     with pytest.raises(Overloaded):
@@ -227,6 +243,28 @@ def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():
     assert adm.estimated_wait_s(ServePath.DISAGGREGATED, 1200) == pytest.approx(1.5)  # (4) two clumps ahead
 
 
+def test_admission_judges_by_the_p90_and_retry_after_tells_the_likely_drain():
+    """Clumps come in threes 0.2 s apart, then a second's pause: a tenth of a second after a clump the next
+    one is 0.1 s away two times in three, 0.9 s away one time in three. Admission refuses on the 0.9 s; the
+    client is told the likely 0.1 s past the target, not the 0.85 s the bound is past it."""
+    now = [0.0]
+    queue = FakeDispatcher(queued=[5000])
+    adm = Admission(queue, target_s=0.05, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for period in range(6):
+        for offset_s in (0.0, 0.2, 0.4):
+            now[0] = 1.4 * period + offset_s
+            for _ in range(5):
+                adm.prefilled(ServePath.DISAGGREGATED, 200, 0.5)
+    queue.queued[:] = [800]
+    now[0] += 0.1
+    forecast = adm.forecast(ServePath.DISAGGREGATED, 200)
+    assert forecast is not None
+    assert (forecast.bound_s, forecast.likely_s) == (pytest.approx(0.9), pytest.approx(0.1))
+    with pytest.raises(Overloaded) as refused:
+        adm.check(ServePath.DISAGGREGATED, 200)
+    assert refused.value.retry_after_s == pytest.approx(0.1 - 0.05)
+
+
 def test_moments_when_the_pool_ran_out_of_work_are_not_replayed():
     """A lightly loaded pool finishes each prompt and idles: its pace is the arrivals', so the replay has no
     answer and the fluid estimate (queue over the measured rate) stands."""
@@ -250,11 +288,11 @@ async def test_the_router_answers_429_with_the_computed_retry_after(valkey_url, 
         admission = app.state.router.runner.admission
         checked = []
         check = admission.check
-        admission.check = lambda *a, **kw: (checked.append(kw["retry"]), check(*a, **kw))[1]
+        admission.check = lambda *a, **kw: (checked.append(kw["retry_count"]), check(*a, **kw))[1]
         resp = await http.post("/v1/completions", json=body)
         again = await http.post("/v1/completions", json=body, headers={"x-stainless-retry-count": "1"})
         wait_s = admission.estimated_wait_s(ServePath.DISAGGREGATED, 5)
-    assert checked == [False, True]  # the SDK's retry count reaches admission
+    assert checked == [None, 1]  # the SDK's retry count reaches admission, and its absence
     assert again.status_code == 429
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "overloaded"
     assert int(resp.headers["Retry-After"]) == math.ceil(wait_s - 1.0)

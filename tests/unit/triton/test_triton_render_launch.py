@@ -110,3 +110,33 @@ def test_stopping_a_process_returns_once_its_whole_group_is_gone():
     finally:
         launch.stop_process(proc, timeout_s=0.0)
     assert launch.group_members(proc.pid) == []
+
+
+def test_a_server_stopped_before_it_was_ready_leaves_no_python_env_behind(tmp_path):
+    """Triton's Python backend makes /tmp/python_env_* at start, whatever TMPDIR says, and only a normal exit
+    removes it: one killed while it started (never ready, so never claimed) is removed by stop() too, and a
+    directory that was there before it started is not touched."""
+    import tempfile
+    import time
+
+    foreign = tempfile.mkdtemp(prefix="python_env_", dir="/tmp")
+    server = tmp_path / "tritonserver"
+    server.write_text('#!/bin/sh\nd=$(mktemp -d /tmp/python_env_XXXXXX)\necho "$d" > "$TMPDIR/made"\nexec sleep 60\n')
+    server.chmod(0o755)
+    binary = launch.TritonBinary(executable=server, backend_dir=None, cache_dir=None, lib_dirs=())
+    proc = launch.TritonProcess("prefill-0", "prefill", tmp_path, binary, launch.Ports(1, 2, 3, 4), {},
+                                tmp_path / "log")
+    try:
+        proc.start()
+        made = proc.tmp_dir / "made"  # type: ignore[operator]
+        deadline = time.monotonic() + 30
+        while not (made.exists() and made.read_text().endswith("\n")):  # an external process's file
+            assert time.monotonic() < deadline, "the stand-in server made no directory"
+            time.sleep(0.01)
+        made_dir = made.read_text().strip()
+        proc.stop(timeout_s=5)
+        assert not os.path.exists(made_dir)
+        assert os.path.isdir(foreign)
+    finally:
+        proc.stop()
+        os.rmdir(foreign)
