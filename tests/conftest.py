@@ -6,15 +6,21 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from trt_disagg.config import parse_deployment
 
+if TYPE_CHECKING:
+    from trt_disagg.engine.weights import LoadedModel
+
 
 def build_engine(root: Path, source: dict, *, tp: int = 1, pp: int = 1, max_tokens: int = 4096,
-                 max_input_len: int = 256, max_seq_len: int = 512, max_batch_size: int = 8) -> Path:
-    """A colocated engine directory for `source` at tp x pp, built with the real build step."""
+                 max_input_len: int = 256, max_seq_len: int = 512, max_batch_size: int = 8,
+                 model: LoadedModel | None = None) -> Path:
+    """A colocated engine directory for `source` at tp x pp, built with the real build step (from `model`,
+    `source` already loaded, when given)."""
     from trt_disagg.engine_build.builder import build_deployment
 
     name = f"{source['source']}-tp{tp}pp{pp}"
@@ -28,7 +34,7 @@ def build_engine(root: Path, source: dict, *, tp: int = 1, pp: int = 1, max_toke
         },
         "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
     })
-    build_deployment(dep, engines_root=root)
+    build_deployment(dep, engines_root=root, model=model)
     return root / name / "colocated"
 
 
@@ -71,10 +77,21 @@ GGUF = {"source": "gguf"}
 
 
 @pytest.fixture(scope="session")
-def smollm2_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], Path]:
-    """SmolLM2 at every layout, built once per session (the GGUF conversion takes seconds per layout)."""
+def smollm2_model() -> LoadedModel:
+    """The SmolLM2 GGUF loaded once per session: parsing and dequantizing it takes seconds each time."""
+    from trt_disagg.config import ModelSource
+    from trt_disagg.engine.weights import load_source
+
+    return load_source(ModelSource(**GGUF))
+
+
+@pytest.fixture(scope="session")
+def smollm2_engines(tmp_path_factory: pytest.TempPathFactory,
+                    smollm2_model: LoadedModel) -> dict[tuple[int, int], Path]:
+    """SmolLM2 at every layout, built once per session."""
     root = tmp_path_factory.mktemp("smollm2-engines")
-    return {layout: build_engine(root, GGUF, tp=layout[0], pp=layout[1], max_tokens=2048) for layout in LAYOUTS}
+    return {layout: build_engine(root, GGUF, tp=layout[0], pp=layout[1], max_tokens=2048, model=smollm2_model)
+            for layout in LAYOUTS}
 
 
 def run_to_completion(engine, max_steps: int = 10_000) -> dict[str, list[int]]:

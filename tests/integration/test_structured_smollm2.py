@@ -44,7 +44,7 @@ PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, 
 
 
 @pytest.fixture(scope="module")
-def smollm2_pd(tmp_path_factory: pytest.TempPathFactory):
+def smollm2_pd(tmp_path_factory: pytest.TempPathFactory, smollm2_model):
     """SmolLM2 on one prefill and one decode instance (TP1 each: the layouts' hand-off is tested elsewhere)."""
     from trt_disagg.engine_build.builder import build_deployment
 
@@ -56,7 +56,7 @@ def smollm2_pd(tmp_path_factory: pytest.TempPathFactory):
     dep = dep.model_copy(update={"name": "smollm2-structured", "colocated_servers": None,
                                  "context_servers": dep.context_servers.model_copy(update=one),
                                  "generation_servers": dep.generation_servers.model_copy(update=one)})
-    build_deployment(dep, engines_root=root)
+    build_deployment(dep, engines_root=root, model=smollm2_model)
     cluster = LocalCluster(dep, engines_root=root, start_router=False, ready_timeout_s=300)
     cluster.start()
     yield cluster, root

@@ -60,6 +60,7 @@ class LoadedModel:
     state_dict: dict[str, torch.Tensor]  # HF Llama names, dtype = source.dtype
     weights_digest: str  # sha256 of the source file(s), or of the tensors for the tiny model
     tokenizer: Any  # a transformers tokenizer
+    source: ModelSource | None = None  # what it was loaded from (load_source)
 
     @property
     def fingerprint(self) -> str:
@@ -279,21 +280,21 @@ def load_source(source: ModelSource) -> LoadedModel:
         model = _tiny_model(source.seed)
         state = _materialise(model.state_dict(), dtype)
         shape = shape_from_hf_config(model.config.to_dict(), "model")
-        return LoadedModel(shape, state, tensors_sha256(state), smollm2_tokenizer())
+        return LoadedModel(shape, state, tensors_sha256(state), smollm2_tokenizer(), source)
     if source.source == "gguf":
         path = resolve_gguf(source)
         log.info("loading GGUF %s (dequantizing)", path)
         model = _gguf_model(path)
         shape = shape_from_hf_config(model.config.to_dict(), "model.path")
         state = _materialise(model.state_dict(), dtype)
-        return LoadedModel(shape, state, file_sha256(path), _gguf_tokenizer(str(path)))
+        return LoadedModel(shape, state, file_sha256(path), _gguf_tokenizer(str(path)), source)
     path = resolve_hf_dir(source)
     shape = shape_from_hf_config(json.loads((path / "config.json").read_text()), "model.path")
     log.info("loading safetensors from %s", path)
     state = _materialise(_load_hf_tensors(path), dtype)
     if EMBED not in state:
         raise UserError(f"model.path: {path} has no {EMBED}")
-    return LoadedModel(shape, state, source_digest(source), _hf_tokenizer(path))
+    return LoadedModel(shape, state, source_digest(source), _hf_tokenizer(path), source)
 
 
 def build_hf_reference(source: ModelSource) -> Any:

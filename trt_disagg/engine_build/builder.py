@@ -222,18 +222,31 @@ def _copy_tokenizer(model_dir: str, engine_dir: Path) -> None:
                     XGRAMMAR_TOKENIZER_INFO, exc)
 
 
+def _check_loaded(source: ModelSource, model: LoadedModel) -> None:
+    """A model handed to the build was loaded from `source` itself (a caller's mistake otherwise)."""
+    if model.source != source:
+        raise ValueError(f"the loaded model is not the deployment's model: loaded from {model.source}, "
+                         f"the deployment names {source}")
+
+
 def build_deployment(dep: Deployment, *, engines_root: Path | None = None, roles: list[str] | None = None,
-                     force: bool = False, dry_run: bool = False,
-                     observer: BuildObserver | None = None) -> list[RoleResult]:
-    """Build (or, dry run, validate and render) every selected role; returns one result per role."""
+                     force: bool = False, dry_run: bool = False, observer: BuildObserver | None = None,
+                     model: LoadedModel | None = None) -> list[RoleResult]:
+    """Build (or, dry run, validate and render) every selected role; returns one result per role.
+
+    `model`: `dep.model` already loaded (load_source), for a caller that builds several deployments of one
+    source, a sweep over layouts for instance: loading a GGUF (parsing, dequantizing) takes longer than
+    sharding and writing a small engine, so it is done once."""
     obs = observer or NullObserver()
     plans = plan_build(dep, engines_root=engines_root, roles=roles, force=force)
     _validate_static(dep, plans, dry_run)
     python_todo = [p for p in plans if p.backend == "python" and not p.up_to_date]
-    model: LoadedModel | None = None
+    if model is not None:
+        _check_loaded(dep.model, model)
     if python_todo and not dry_run:
-        obs.message(f"loading model source {dep.model.source} ({dep.model.path or 'default'})")
-        model = load_source(dep.model)
+        if model is None:
+            obs.message(f"loading model source {dep.model.source} ({dep.model.path or 'default'})")
+            model = load_source(dep.model)
         _validate_parallelism(plans, model.shape)
     elif python_todo:
         _validate_parallelism(plans, peek_shape(dep.model))

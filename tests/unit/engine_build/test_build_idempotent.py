@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
 from tests.unit.engine_build.build_support import LoadCounter
 from trt_disagg.config import Deployment
 from trt_disagg.contract import Role
@@ -62,3 +64,16 @@ def test_force_and_seed_rebuild(make_dep: Callable[..., Deployment], loads: Load
 
     plan = plan_build(changed, roles=["colocated"])[0]
     assert not plan.up_to_date and plan.inputs_digest != before
+
+
+def test_a_model_loaded_by_the_caller_is_built_from_and_must_be_the_source(
+        make_dep: Callable[..., Deployment], loads: LoadCounter, tiny_model) -> None:
+    """A sweep over layouts loads its source once and hands it to each build; one loaded from another source
+    (another seed, another dtype) is refused before anything is written."""
+    dep = make_dep()
+    results = build_deployment(dep, model=tiny_model)
+    assert set(statuses(results).values()) == {BuildStatus.BUILT} and loads.calls == 0
+    for other in (make_dep(model={"source": "tiny", "seed": 1}),
+                  make_dep(model={"source": "tiny", "seed": 0, "dtype": "bfloat16"})):
+        with pytest.raises(ValueError, match="the loaded model is not"):
+            build_deployment(other, force=True, model=tiny_model)
