@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
-from router.admission import RETRY_COUNT_HEADER
+from router.admission import RETRY_COUNT_HEADER, quantile_of
 from trt_disagg.bench.loadgen import DONE, sse_data
 from trt_disagg.contract import Role
 from trt_disagg.registry_read import list_instances
@@ -270,7 +270,7 @@ def agrees(announced_s: float, drain_s: float) -> bool:
 
 def pct(xs: list[float], q: float) -> float | None:
     """The q-quantile of xs (nearest rank below), None for none."""
-    return sorted(xs)[int(q * (len(xs) - 1))] if xs else None
+    return quantile_of(sorted(xs), q) if xs else None
 
 
 def overload_summary(outcomes: list[Outcome], rate_rps: float, target_s: float, capacity_rps: float) -> dict:

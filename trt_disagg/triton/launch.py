@@ -286,18 +286,19 @@ class TritonProcess:
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
             self._tmp_dir = None
-        if self._python_envs is None:  # stopped before it was ready: what appeared since its start is its own
-            self._claim_python_envs()
-        remove_empty_dirs(self._python_envs or set())
-        _CLAIMED_PYTHON_ENVS.difference_update(self._python_envs or set())
+        # stopped before it was ready: what appeared since its start is its own
+        envs = self._python_envs if self._python_envs is not None else self._claim_python_envs()
+        remove_empty_dirs(envs)
+        _CLAIMED_PYTHON_ENVS.difference_update(envs)
         self._python_envs = None
 
-    def _claim_python_envs(self) -> None:
+    def _claim_python_envs(self) -> set[str]:
         """The Python backend's directories that appeared since start() and no other server claimed: this
         server's (two servers starting together: the first to claim takes both, and removes both when stopped;
         an empty one a live server holds is unused, so removing it early costs that server nothing)."""
-        self._python_envs = python_env_dirs() - self._python_envs_before - _CLAIMED_PYTHON_ENVS
-        _CLAIMED_PYTHON_ENVS.update(self._python_envs)
+        envs = self._python_envs = python_env_dirs() - self._python_envs_before - _CLAIMED_PYTHON_ENVS
+        _CLAIMED_PYTHON_ENVS.update(envs)
+        return envs
 
     def _remove_shm(self) -> None:
         shm = Path("/dev/shm")
