@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -156,25 +157,30 @@ def test_redis_unreachable_for_10s_in_flight_streams_finish_new_work_gets_503_th
         wait_for(f"router on {router} serving again", lambda r=router: post_status(d, r, [1, 2, 3]) == 200, 40)
 
 
+PREFILL_ONLY = """
+import json, sys
+import tritonclient.grpc as grpcclient
+from trt_disagg.triton.tensors import client_inputs
+url, prompts = sys.argv[1], json.loads(sys.argv[2])
+client = grpcclient.InferenceServerClient(url)
+try:
+    for prompt in prompts:
+        r = client.infer("prefill", client_inputs(grpcclient, prompt, 4, None, streaming=False),
+                         parameters={"request_type": "context_only"})
+        print(r.as_numpy("context_phase_params").tobytes().hex())
+finally:
+    client.close()
+"""
+
+
 def test_partitioned_prefill_hosts_unpulled_kv_expires_and_is_freed(failing):
-    import tritonclient.grpc as grpcclient
-
-    from trt_disagg.triton.tensors import client_inputs
-
     d = failing
     prefill_url = f"{d.lab.hosts[LAYOUT.prefill].address}:{GRPC_PORT}"
-
-    def prefill_only(prompt: list[int]) -> bytes:
-        """What a router does first: a context_only request; its handle is then never pulled."""
-        client = grpcclient.InferenceServerClient(prefill_url)
-        try:
-            r = client.infer("prefill", client_inputs(grpcclient, prompt, 4, None, streaming=False),
-                             parameters={"request_type": "context_only"})
-            return r.as_numpy("context_phase_params").tobytes()  # type: ignore[no-any-return]
-        finally:
-            client.close()
-
-    handles = [d.lab.call("h4", lambda p=p: prefill_only(p), 60) for p in prompts(3)]
+    # What a router does first: context_only requests whose handles are then never pulled. gRPC connects from
+    # its own threads, which a `lab.call` thread cannot place in the host, so the client is a process there.
+    out = d.lab.exec("h4", sys.executable, "-c", PREFILL_ONLY, prefill_url, json.dumps(prompts(3)))
+    handles = out.split()
+    assert len(handles) == 3, out
     assert all(handles)
     # (1) the prefill instance holds the three un-pulled KVs and says so in Redis
     wait_for("3 pending hand-offs published", lambda: read_load(d, "prefill", 0).get("pending_kv_handoffs") == 3, 10)

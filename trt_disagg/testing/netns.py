@@ -168,7 +168,11 @@ class NetnsLab:
         return proc
 
     def call(self, host: str, fn: Callable[[], T], timeout_s: float = 300.0) -> T:
-        """`fn()` in a thread inside `host`'s network namespace; its result (or its exception)."""
+        """`fn()` in a thread inside `host`'s network namespace; its result (or its exception).
+
+        Only sockets opened by this thread are in the host. A library that connects from threads of its own
+        (gRPC's event engine) may connect from the machine's namespace instead, where the lab's addresses
+        lead elsewhere: run such a client as a process on the host (`exec`, `spawn`)."""
         path = f"/var/run/netns/{self.hosts[host].netns}"
         box: dict[str, object] = {}
 
@@ -194,9 +198,13 @@ class NetnsLab:
             raise box["error"]  # type: ignore[misc]
         return box["value"]  # type: ignore[return-value]
 
-    def exec(self, host: str, *cmd: str) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.hosts[host].netns, *cmd], capture_output=True,
-                              text=True, check=True).stdout
+    def exec(self, host: str, *cmd: str, timeout_s: float = 120.0) -> str:
+        """`cmd` run to its end on `host`: its stdout; its stderr in the error when it fails."""
+        done = subprocess.run(["ip", "netns", "exec", self.hosts[host].netns, *cmd], capture_output=True,
+                              text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} on {host} exited {done.returncode}: {done.stderr[-2000:]}")
+        return done.stdout
 
     # ---- links ----
     def shape(self, host: str, *, rate_mbit: float | None = None, delay_ms: float = 0.0,
