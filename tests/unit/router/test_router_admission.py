@@ -221,6 +221,19 @@ def test_time_already_spent_in_the_router_counts_and_an_idle_pool_keeps_the_capa
         adm.check(ServePath.DISAGGREGATED, 500)  # (50 + 500) / 200 = 2.75 s
 
 
+def test_completions_leave_the_window_as_time_passes_with_none_arriving():
+    """The window is built once per change, and time alone changes it: its oldest completions expire."""
+    now = [0.0]
+    adm = Admission(FakeDispatcher(queued=[100]), target_s=2.0, window_s=10.0,  # type: ignore[arg-type]
+                    clock=lambda: now[0])
+    for second, tokens in enumerate([100] * 5 + [300] * 5):  # a completion a second, work always queued
+        now[0] = float(second)
+        adm.prefilled(ServePath.DISAGGREGATED, tokens, 5.0)
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx((4 * 100 + 5 * 300) / 9.0)
+    now[0] = 14.5  # nothing new; the first five (100 tokens each) are older than the window now
+    assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(4 * 300 / 4.0)
+
+
 def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():
     """First tokens come back in clumps (1000 tokens at once, every second): the wait depends on how long until
     the next clump, which a rate alone cannot tell; a 429's Retry-After is when the router admits again."""
