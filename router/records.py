@@ -81,10 +81,11 @@ class TransitionRefused(Exception):
 
 @dataclass(frozen=True)
 class Step:
-    """One transition of a batch (`RecordStore.create(..., then=[...])`)."""
+    """One transition of a batch (`RecordStore.create(..., then=[...])`, `RecordStore.transitions`)."""
 
     to: RequestState
     fields: dict[str, str | int | float] = field(default_factory=dict)
+    handle: bytes | None = None  # stored with the record by `transitions` (a new record is created without)
 
 
 @dataclass
@@ -145,6 +146,19 @@ class RecordStore:
         keys, args = self._script_call(request_id, to, handle, fields)
         reply = await self._script(keys=keys, args=args)
         return self._check(request_id, [reply], [to])[0]
+
+    async def transitions(self, request_id: str, steps: Sequence[Step]) -> None:
+        """`transition` for each of `steps` in order, in one round trip and atomically (MULTI/EXEC).
+
+        Raises TransitionRefused for the first step not allowed; none is applied then when the record is
+        missing, the ones before it otherwise."""
+        if len(steps) == 1:
+            await self.transition(request_id, to=steps[0].to, handle=steps[0].handle, **steps[0].fields)
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for step in steps:
+            self._queue_transition(pipe, request_id, step.to, step.handle, step.fields)
+        self._check(request_id, await pipe.execute(), [step.to for step in steps])
 
     def _script_call(self, request_id: str, to: RequestState, handle: bytes | None,
                      fields: Mapping[str, str | int | float]) -> tuple[list[str], list[Any]]:

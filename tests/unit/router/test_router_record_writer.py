@@ -75,3 +75,28 @@ async def test_a_record_lost_with_a_restarted_redis_is_written_again_whole(store
     rec = await store.get("w4")
     assert rec.state is S.DONE and rec.fields["prefill_instance"] == "prefill-0"
     assert [e["state"] for e in rec.events] == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE", "DONE"]
+
+
+async def test_transitions_queued_behind_a_write_in_flight_go_to_redis_together(store):
+    batches: list[list[RequestState]] = []
+    write_steps = store.transitions
+
+    async def counted(request_id, steps):
+        batches.append([step.to for step in steps])
+        await write_steps(request_id, steps)
+
+    store.transitions = counted
+    w = RequestRecordWriter(store, "w5", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    w.dispatch("disaggregated", prefill_instance="prefill-0")  # (1) the creation is in flight ...
+    w.enter_with_handle(S.PREFILL_DONE, b"h", first_token=7)  # ... these two wait for it, and go as one
+    w.enter(S.DECODE_DISPATCHED, decode_instance="decode-0")
+    await w.flush()
+    assert batches == [[S.PREFILL_DONE, S.DECODE_DISPATCHED]]
+    assert await store.get_handle("w5") == b"h"  # the hand-off's handle went along
+    w.enter(S.DECODING)  # (2) nothing in flight: its write starts on the next turn of the loop, with the end
+    await w.settle(Ending.done("length"), output_tokens=2)
+    assert batches[1:] == [[S.DECODING, S.DONE]]
+    rec = await store.get("w5")
+    assert [e["state"] for e in rec.events] == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE",
+                                                "DECODE_DISPATCHED", "DECODING", "DONE"]
+    assert rec.state is S.DONE and rec.fields["decode_instance"] == "decode-0" and rec.fields["first_token"] == "7"
