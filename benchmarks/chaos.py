@@ -318,14 +318,20 @@ async def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_in(root: Path, args: argparse.Namespace) -> dict:
+def tiny_cluster(root: Path, ttft_slo_s: float) -> tuple[LocalCluster, Path]:
+    """The tiny deployment (2 decode instances, admission against the TTFT SLO) built under `root`, not
+    started; with its config's path."""
     from trt_disagg.engine_build.builder import build_deployment
 
-    config = write_config(root, free_port(), args.ttft_slo_s)
+    config = write_config(root, free_port(), ttft_slo_s)
     dep = load_deployment(config)
     print("building the tiny engines ...", flush=True)
     build_deployment(dep, engines_root=root)
-    cluster = LocalCluster(dep, config_path=config, engines_root=root, start_router=True, ready_timeout_s=300)
+    return LocalCluster(dep, config_path=config, engines_root=root, start_router=True, ready_timeout_s=300), config
+
+
+async def run_in(root: Path, args: argparse.Namespace) -> dict:
+    cluster, _ = tiny_cluster(root, args.ttft_slo_s)
     temp_before = temp_entries()  # (the scratch directory `root` among them)
     print("starting the deployment ...", flush=True)
     cluster.start()

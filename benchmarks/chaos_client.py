@@ -9,6 +9,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,10 +224,12 @@ async def lean_request(url: str, body: bytes, phase: str, retry_count: int | Non
     return out
 
 
-async def burst(url: str, rate_rps: float, args: argparse.Namespace, capacity_rps: float) -> dict:
+async def burst(url: str | Sequence[str], rate_rps: float, args: argparse.Namespace, capacity_rps: float) -> dict:
     """Open-loop Poisson arrivals at `rate_rps` for burst_s, then one probe every PROBE_GAP_S (while the
     burst's admitted requests are still running) until the router admits one: every 429 has a next
-    admission, seen at the resolution of the arrivals, to measure its Retry-After against."""
+    admission, seen at the resolution of the arrivals, to measure its Retry-After against. Several router
+    URLs take the arrivals in turn (as a load balancer would); the probes go to the first."""
+    urls = [url] if isinstance(url, str) else list(url)
     rng = random.Random(0)
     body = json.dumps({"model": "chaos", "prompt": LONG, "max_tokens": 2, "temperature": 0,
                        "stream": True}).encode()
@@ -234,12 +237,12 @@ async def burst(url: str, rate_rps: float, args: argparse.Namespace, capacity_rp
     start = next_s = time.monotonic()
     end = start + args.burst_s
     while next_s < end:
-        tasks.append(asyncio.create_task(lean_request(url, body, "burst")))
+        tasks.append(asyncio.create_task(lean_request(urls[len(tasks) % len(urls)], body, "burst")))
         # Poisson arrivals on a fixed schedule: a busy event loop sends late, not fewer
         next_s += rng.expovariate(rate_rps)
         await asyncio.sleep(max(0.0, next_s - time.monotonic()))
     probes = []
-    while (probe := await lean_request(url, body, "probe")).retry_after_s is not None:
+    while (probe := await lean_request(urls[0], body, "probe")).retry_after_s is not None:
         probes.append(probe)
         if time.monotonic() - end > 120:
             raise RuntimeError("the router admitted nothing for 120 s after the burst")

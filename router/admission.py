@@ -6,7 +6,11 @@ computed from the queue, instead of admitting work that cannot be served in time
                      this router's own leases make it exact between heartbeats
     estimated wait = the time the pool takes to prefill (queue + this prompt) tokens from now, replayed from
                      its completions of the last window_s (below), at p90 (the target is met at p90); the
-                     fluid (queue + prompt) / prefill rate while the window holds too few of them
+                     fluid (queue + prompt) / prefill rate while the window holds too few of them. A router
+                     sees only the completions of its own requests: with other routers sending to the pool,
+                     the pool is through (queue + prompt) when this router's completions are through its share
+                     of it (its part of the tokens prefilled in the window, from the counts routers publish:
+                     router/dispatch.py), so that share is what it replays
     refuse when waited + estimated wait > target (request_timeout_s, or the TTFT SLO with
                      admission_target=ttft); waited: what the request spent at the router before admission
                      (its connection in the accept queue, the event loop: router/received.py)
@@ -67,12 +71,15 @@ that left work queued to the next: exact while it is saturated, and idle stretch
 tokens per second of its recent prefill calls, queueing included (exact while it is not). Both are
 measured, not modelled: they follow the engine as served on this machine, whatever its load. A pool that
 finished nothing within the window keeps the rate it last showed: a burst after idle time is forecast from
-the capacity the pool had, not admitted whole until its first prefill comes back. With no prefill ever
-finished there is no evidence of a queue that does not move, and everything is admitted.
+the capacity the pool had, not admitted whole until its first prefill comes back. A router with none of the
+window's prefills of its own while other routers saw some (it has just started behind a load balancer) goes
+by the pace they saw. With no prefill ever finished there is no evidence of a queue that does not move, and
+everything is admitted.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
@@ -182,7 +189,10 @@ class Admission:
     def prefilled(self, path: ServePath, prompt_tokens: int, duration_s: float) -> None:
         """A prefill of `prompt_tokens` finished on `path`'s pool (its first token came back) after
         `duration_s` from the call."""
-        queued = self.queued_tokens(path) if path in POOL_ROLE else 0
+        queued = 0
+        if path in POOL_ROLE:
+            queued = self.queued_tokens(path)
+            self._dispatch.count_prefilled(POOL_ROLE[path], prompt_tokens)
         self._done[path].append(Prefilled(self._clock(), prompt_tokens, duration_s, queued))
         self._windows.pop(path, None)
         self._expire(path)
@@ -238,13 +248,28 @@ class Admission:
     def forecast(self, path: ServePath, prompt_tokens: int) -> Forecast | None:
         """How long a request of `prompt_tokens` sent to `path`'s pool now would wait for its prefill: the
         replay's WAIT_QUANTILE and median, or the fluid estimate for both; None with no rate measured."""
+        ahead = self.queued_tokens(path) + prompt_tokens  # the pool's, from every router
+        own_tokens, others_tokens = self._window_tokens(path)
+        if others_tokens and not own_tokens:
+            # none of the window's prefills were this router's (it has just started, or had no traffic): the
+            # pool's pace as the other routers saw it, not everything admitted until a prefill of its own returns
+            pool_s = ahead * self._window_s / others_tokens
+            return Forecast(pool_s, pool_s)
         rate = self.rate_tokens_per_s(path)
         if rate is None:
             return None
-        ahead = self.queued_tokens(path) + prompt_tokens
+        # this router's completions are its share of the pool's: the pool is through `ahead` when they are
+        # through that share of it
+        ahead = math.ceil(ahead * own_tokens / (own_tokens + others_tokens)) if others_tokens else ahead
         if (drains := self._replayed_drains(path, ahead)) is None:
             return Forecast(ahead / rate, ahead / rate)
         return Forecast(quantile_of(drains, WAIT_QUANTILE), quantile_of(drains, 0.5))
+
+    def _window_tokens(self, path: ServePath) -> tuple[int, int]:
+        """Prompt tokens prefilled on `path`'s pool within the window: for this router, for the other routers."""
+        window = self._window(path)
+        own = window.served[-1] if window.served else 0
+        return own, self._dispatch.others_prefilled_tokens(POOL_ROLE[path], self._clock() - self._window_s)
 
     def estimated_wait_s(self, path: ServePath, prompt_tokens: int) -> float | None:
         """The wait admission judges by (the forecast's WAIT_QUANTILE); None with no rate measured."""

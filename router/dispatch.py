@@ -3,14 +3,16 @@
     Redis ──refresh() every refresh_interval_s──▶ snapshot: live instances + their published load
       trtd:role:<role>, trtd:instance:<id>, trtd:load:<id>        (written by the instances; trt_disagg.keys)
       trtd:drain:<id>                                             (written by /admin: take no new work)
-      trtd:router_inflight:<router_id>  HASH instance -> outstanding work this router sent there
+      trtd:router_inflight:<router_id>  HASH instance -> outstanding work this router sent there,
+                                        and "#prefilled:<role>" -> prompt tokens it saw prefilled there, all time
     pick(role) = policy.choose(candidates)                        (in memory, no Redis round trip)
 
 The load of an instance is what it published (queued prompt tokens, running sequences, free KV blocks)
 and what the routers have outstanding on it: every router publishes its own outstanding counts at each
 refresh and reads the others', so several routers agree without a Redis call on the request path. Each
 figure is a lower bound of the truth (the instance's is a moment old, a router's misses the others' last
-refresh), so a policy takes the larger of the two.
+refresh), so a policy takes the larger of the two. The prefilled counts let each router's admission
+(router/admission.py) tell which part of a pool's completions it sees: its own are only its share.
 
 Policies are chosen by name from `POLICIES` (least_loaded, round_robin, kv_aware: router/kv_routing.py); adding one is one class and one
 line. Conditional disaggregation: `choose_path` sends prompts shorter than the threshold (or every prompt,
@@ -24,7 +26,7 @@ import itertools
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +38,10 @@ from trt_disagg.keys import ROUTERS_KEY, as_text, drain_key, load_key, router_in
 from trt_disagg.registry_read import list_instances
 
 log = logging.getLogger(__name__)
+
+PREFILLED_FIELD = "#prefilled:"  # + role: a field of a router's inflight hash no instance id can take
+PEER_PREFILLED_KEPT_S = 120.0  # how far back the peers' prefilled counts are kept (admission's window is less)
+
 
 class ServePath(enum.StrEnum):
     DISAGGREGATED = "disaggregated"
@@ -156,6 +162,10 @@ class Dispatcher:
         self._max_queued_prompt_tokens = max_queued_prompt_tokens
         self._publish_ttl_ms = max(1, int(publish_ttl_s * 1000))
         self._mine: dict[str, Outstanding] = defaultdict(Outstanding)
+        self._prefilled: dict[Role, int] = defaultdict(int)  # prompt tokens this router saw prefilled, all time
+        self._peer_prefilled: dict[tuple[str, Role], int] = {}  # each peer's count as last read
+        # what the peers prefilled between two reads: (monotonic time of the read, role, tokens)
+        self._peer_increments: deque[tuple[float, Role, int]] = deque()
         self.kv: KVRouting | None = None  # the block index (router.kv_routing), set when policy is kv_aware
         self._last_seen_s: dict[str, float] = {}  # instance id -> monotonic time of the last refresh listing it
         self.snapshot = Snapshot()
@@ -196,9 +206,32 @@ class Dispatcher:
             del self._last_seen_s[instance_id]
         return lost
 
+    def count_prefilled(self, role: Role, prompt_tokens: int) -> None:
+        """A prefill this router sent to `role`'s pool finished: published with its outstanding work."""
+        self._prefilled[role] += prompt_tokens
+
+    def others_prefilled_tokens(self, role: Role, since_s: float) -> int:
+        """Prompt tokens the other routers saw prefilled on `role`'s pool since `since_s` (monotonic), as
+        far as their last published counts tell (one refresh interval late at most)."""
+        return sum(n for at_s, r, n in self._peer_increments if r is role and at_s >= since_s)
+
+    def _read_peer_prefilled(self, peer: str, table: dict[Any, Any], read_s: float) -> None:
+        for field_name, raw in table.items():
+            name = as_text(field_name)
+            if not name.startswith(PREFILLED_FIELD):
+                continue
+            role, count = Role(name[len(PREFILLED_FIELD):]), int(raw)
+            before = self._peer_prefilled.get((peer, role))
+            self._peer_prefilled[(peer, role)] = count
+            if before is not None and count > before:  # (a restarted peer counts from 0 again)
+                self._peer_increments.append((read_s, role, count - before))
+        while self._peer_increments and self._peer_increments[0][0] < read_s - PEER_PREFILLED_KEPT_S:
+            self._peer_increments.popleft()
+
     async def _exchange_outstanding(self, now: float) -> dict[str, Outstanding]:
         mine = {k: json.dumps([v.prompt_tokens, v.sequences]) for k, v in self._mine.items()
                 if v.prompt_tokens or v.sequences}
+        mine.update({f"{PREFILLED_FIELD}{role.value}": str(n) for role, n in self._prefilled.items()})
         key = router_inflight_key(self.router_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
@@ -216,8 +249,12 @@ class Dispatcher:
         pipe = self._redis.pipeline(transaction=False)
         for peer in peers:
             pipe.hgetall(router_inflight_key(peer))
-        for table in await pipe.execute():
+        read_s = time.monotonic()
+        for peer, table in zip(peers, await pipe.execute(), strict=True):
+            self._read_peer_prefilled(peer, table, read_s)
             for inst, raw in table.items():
+                if as_text(inst).startswith(PREFILLED_FIELD):
+                    continue
                 prompt_tokens, sequences = json.loads(raw)
                 o = others[as_text(inst)]
                 o.prompt_tokens += int(prompt_tokens)

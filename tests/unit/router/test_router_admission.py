@@ -26,10 +26,17 @@ from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
 @dataclass
 class FakeDispatcher:
     queued: list[int]
+    others_prefilled: int = 0  # what the other routers saw prefilled within any window asked about
 
     def candidates(self, role: Role, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
         info = InstanceInfo("p", role, "h", "g", "", "", 1, 1, 1, "f", "m")
         return [Candidate(info, InstanceLoad(queued_prompt_tokens=q), Outstanding()) for q in self.queued]
+
+    def count_prefilled(self, role: Role, prompt_tokens: int) -> None:
+        pass
+
+    def others_prefilled_tokens(self, role: Role, since_s: float) -> int:
+        return self.others_prefilled
 
 
 def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_target():
@@ -232,6 +239,33 @@ def test_completions_leave_the_window_as_time_passes_with_none_arriving():
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx((4 * 100 + 5 * 300) / 9.0)
     now[0] = 14.5  # nothing new; the first five (100 tokens each) are older than the window now
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(4 * 300 / 4.0)
+
+
+def test_with_other_routers_a_router_replays_its_share_of_the_pool_queue():
+    """Two routers take turns on one pool: each sees half of its completions. The pool's queue (every
+    router's work) drains when this router's completions are through half of it, not all of it. A router
+    with none of the window's completions (just started) goes by the pace the other routers saw."""
+    now = [0.0]
+    pool = FakeDispatcher(queued=[1000])
+    adm = Admission(pool, target_s=2.0, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for second in range(9):  # this router's 100 tokens a second; the pool serves 200 a second
+        now[0] = float(second)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)
+    now[0] = 8.0
+    alone = adm.forecast(ServePath.DISAGGREGATED, 200)
+    pool.others_prefilled = 900  # the other router's completions over the same window
+    shared = adm.forecast(ServePath.DISAGGREGATED, 200)
+    assert alone is not None and shared is not None
+    assert alone.bound_s == pytest.approx(12.0)  # 1200 tokens at this router's 100 a second
+    assert shared.bound_s == pytest.approx(6.0)  # its half of them: 1200 tokens at the pool's 200 a second
+    now[0] = 30.0  # none of the window's prefills were this router's, 2000 tokens were the other's
+    pool.others_prefilled = 2000
+    forecast = adm.forecast(ServePath.DISAGGREGATED, 200)
+    assert forecast is not None and forecast.bound_s == pytest.approx(1200 / (2000 / 10.0))  # the pool's pace
+    started = Admission(FakeDispatcher(queued=[1000], others_prefilled=2000), target_s=2.0,  # type: ignore[arg-type]
+                        clock=lambda: 0.0)
+    with pytest.raises(Overloaded):  # a router that just started, none of its own prefills back yet: the same
+        started.check(ServePath.DISAGGREGATED, 200)
 
 
 def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():

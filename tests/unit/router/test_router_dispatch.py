@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from router.dispatch import (
@@ -107,6 +109,26 @@ async def test_full_prefill_queues_are_saturated_not_missing(redis):
     d = make_dispatcher(redis, max_queued=500)
     await d.refresh()
     assert d.pick(Role.PREFILL) is None and d.saturated(Role.PREFILL)
+
+
+async def test_routers_see_what_the_others_saw_prefilled_on_each_pool(redis):
+    await register(redis, "p0", Role.PREFILL)
+    a, b = make_dispatcher(redis, "ra"), make_dispatcher(redis, "rb")
+    start_s = time.monotonic()
+    a.count_prefilled(Role.PREFILL, 500)  # (1) before b first reads a's count: b's baseline, not counted
+    await a.refresh()
+    await b.refresh()
+    assert b.others_prefilled_tokens(Role.PREFILL, start_s) == 0
+    a.count_prefilled(Role.PREFILL, 300)  # (2) then 300 more, and 40 on the colocated pool
+    a.count_prefilled(Role.COLOCATED, 40)
+    await a.refresh()
+    await b.refresh()
+    assert b.others_prefilled_tokens(Role.PREFILL, start_s) == 300
+    assert b.others_prefilled_tokens(Role.COLOCATED, start_s) == 0  # (first seen now: its baseline)
+    assert b.others_prefilled_tokens(Role.PREFILL, time.monotonic() + 1) == 0  # nothing after a later moment
+    assert a.others_prefilled_tokens(Role.PREFILL, start_s) == 0  # its own are not "the others'"
+    assert b.outstanding("p0").prompt_tokens == 0  # the counts are not outstanding work on an instance
+    await a.withdraw()
 
 
 async def test_two_routers_see_each_others_outstanding_work(redis):
