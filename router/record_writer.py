@@ -94,18 +94,23 @@ class RequestRecordWriter:
         walk, earlier = list(self._walk), self._tail
 
         async def write() -> None:
+            failed = False
             if earlier is not None:
                 try:
                     await earlier
                 except Exception:
+                    failed = True
                     log.warning("an earlier record write of %s failed", self.request_id, exc_info=True)
-            # this end, with the transitions before it that a failed write left behind; none when the write
-            # before took it along
+            # this end with the transitions queued since the last write began; none when that write took it
+            # along. After a failed write the end goes alone: the steps between what Redis holds and the ones
+            # left behind are lost, and the end is allowed from any state that is not terminal.
             steps, self._unwritten = self._unwritten, []
+            if failed or not steps:
+                steps = [step]
             if self._stored is None:
                 await self._retried(lambda: self._store.create(self.request_id, then=walk, **self._fields))
             elif self._stored not in TERMINAL:
-                await self._retried(lambda: self._transitions_or_recreate(steps or [step], walk))
+                await self._retried(lambda: self._transitions_or_recreate(steps, walk))
             self._stored = to
 
         self.ending = ending
@@ -139,8 +144,8 @@ class RequestRecordWriter:
             await self._store.transitions(self.request_id, steps)
         except TransitionRefused as exc:
             if exc.current is not None:
-                if exc.to in TERMINAL and exc.current in TERMINAL:  # settled by another party (an orphan sweep)
-                    return
+                if steps[-1].to in TERMINAL and exc.current in TERMINAL:  # settled by another party (an orphan
+                    return  # sweep) before these steps that end it
                 raise
             log.warning("the record of %s is gone (Redis restarted?); writing it again", self.request_id)
             await self._store.create(self.request_id, then=walk, **self._fields)

@@ -148,10 +148,10 @@ class RecordStore:
         return self._check(request_id, [reply], [to])[0]
 
     async def transitions(self, request_id: str, steps: Sequence[Step]) -> None:
-        """`transition` for each of `steps` in order, in one round trip and atomically (MULTI/EXEC).
-
-        Raises TransitionRefused for the first step not allowed; none is applied then when the record is
-        missing, the ones before it otherwise."""
+        """`transition` for each of `steps` in order, in one round trip, none interleaved with another client's
+        (MULTI/EXEC). Each step checks its own edge: a refused one does not stop the ones after it that are
+        allowed from the state it left (none, when the record is missing). Raises TransitionRefused for the
+        first step refused. The caller (router/record_writer.py) sends steps that follow from what Redis holds."""
         if len(steps) == 1:
             await self.transition(request_id, to=steps[0].to, handle=steps[0].handle, **steps[0].fields)
             return

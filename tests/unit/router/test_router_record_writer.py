@@ -100,3 +100,40 @@ async def test_transitions_queued_behind_a_write_in_flight_go_to_redis_together(
     assert [e["state"] for e in rec.events] == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "PREFILL_DONE",
                                                 "DECODE_DISPATCHED", "DECODING", "DONE"]
     assert rec.state is S.DONE and rec.fields["decode_instance"] == "decode-0" and rec.fields["first_token"] == "7"
+
+
+async def test_after_a_write_is_given_up_the_end_is_still_written(store, caplog):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    write_steps, calls = store.transitions, []
+
+    async def first_one_lost(request_id, steps):
+        calls.append([step.to for step in steps])
+        if len(calls) == 1:
+            raise RedisConnectionError("Redis unreachable past record_retry_s")
+        await write_steps(request_id, steps)
+
+    store.transitions = first_one_lost
+    w = RequestRecordWriter(store, "w6", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    w.dispatch("disaggregated", prefill_instance="prefill-0")
+    await w.flush()
+    w.enter_with_handle(S.PREFILL_DONE, b"h", first_token=7)  # (1) its write is given up
+    with pytest.raises(RedisConnectionError):
+        await w.flush()
+    w.enter(S.DECODE_DISPATCHED, decode_instance="decode-0")  # (2) queued behind the failed write: never sent
+    await w.settle(Ending.cancelled("client disconnected"))  # (3) the end alone, from what Redis holds
+    assert calls[1:] == [[S.CANCELLED]]
+    rec = await store.get("w6")
+    assert rec.state is S.CANCELLED
+    assert [e["state"] for e in rec.events] == ["RECEIVED", "PREFILL_QUEUED", "PREFILLING", "CANCELLED"]
+
+
+async def test_steps_that_end_a_request_another_party_settled_are_dropped_quietly(store, caplog):
+    w = RequestRecordWriter(store, "w7", {"model": "m", "prompt_tokens": 3, "max_tokens": 4})
+    w.dispatch("disaggregated", prefill_instance="prefill-0")
+    await w.flush()
+    assert await store.try_settle("w7", to=S.FAILED, error="router restarted")  # an orphan sweep
+    w.enter_with_handle(S.PREFILL_DONE, b"h", first_token=7)  # goes with the end, in one batch
+    await w.settle(Ending.done("length"), output_tokens=1)
+    assert (await store.get("w7")).state is S.FAILED  # the sweep's end stands
+    assert "failed" not in caplog.text
