@@ -30,8 +30,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.chaos import idle, tiny_cluster  # noqa: E402
 from benchmarks.chaos_client import args_with, burst, capacity_rps, until  # noqa: E402
+from benchmarks.chaos_deployment import idle, tiny_cluster  # noqa: E402
 from trt_disagg.triton.cluster import LocalCluster  # noqa: E402
 from trt_disagg.triton.launch import free_port, stop_process  # noqa: E402
 

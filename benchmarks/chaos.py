@@ -41,7 +41,6 @@ from pathlib import Path
 
 import httpx
 import redis.asyncio as aioredis
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -59,6 +58,7 @@ from benchmarks.chaos_client import (  # noqa: E402
     registered,
     until,
 )
+from benchmarks.chaos_deployment import idle, tiny_cluster  # noqa: E402
 from benchmarks.chaos_retries import (  # noqa: E402
     retry_queue_empty,
     retry_queue_s,
@@ -67,27 +67,11 @@ from benchmarks.chaos_retries import (  # noqa: E402
     return_share,
 )
 from tests.faults.helpers import group_pids, rank_pids, shm_left, temp_entries  # noqa: E402
-from trt_disagg.config import load_deployment, parse_deployment  # noqa: E402
 from trt_disagg.contract import Role  # noqa: E402
-from trt_disagg.registry_read import list_instances  # noqa: E402
 from trt_disagg.triton.cluster import LocalCluster  # noqa: E402
-from trt_disagg.triton.launch import free_port  # noqa: E402
 from trt_disagg.triton.supervise import Supervisor  # noqa: E402
 
 # ---- the deployment -------------------------------------------------------------------------------------
-
-
-def write_config(root: Path, router_port: int, ttft_slo_s: float) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    raw["name"] = "chaos"
-    raw["generation_servers"]["num_instances"] = 2
-    raw["engines_dir"] = str(root)
-    raw["slo"]["ttft_s"] = ttft_slo_s
-    raw["router"].update(port=router_port, admission="ttft")
-    path = root / "chaos.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    parse_deployment(raw)  # fail here, not in the router process, if the YAML is wrong
-    return path
 
 
 class Supervising:
@@ -197,22 +181,6 @@ async def references(url: str, args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
-async def idle(cluster: LocalCluster) -> bool:
-    """No instance runs a sequence or holds un-pulled KV (what a leak would leave)."""
-    from trt_disagg.registry_read import get_load
-
-    client = aioredis.from_url(str(cluster.redis_url))
-    try:
-        for role in Role:
-            for info in await list_instances(client, role):
-                load = await get_load(client, info.instance_id)
-                if load is None or load.running_sequences or load.pending_kv_handoffs:
-                    return False
-        return True
-    finally:
-        await client.aclose()
-
-
 async def faults_under_load(cluster: LocalCluster, args: argparse.Namespace) -> tuple[list[FaultResult], Load]:
     url = str(cluster.router_url)
     load = Load(url, await references(url, args), args)
@@ -316,18 +284,6 @@ async def run(args: argparse.Namespace) -> dict:
         return await run_in(root, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def tiny_cluster(root: Path, ttft_slo_s: float) -> tuple[LocalCluster, Path]:
-    """The tiny deployment (2 decode instances, admission against the TTFT SLO) built under `root`, not
-    started; with its config's path."""
-    from trt_disagg.engine_build.builder import build_deployment
-
-    config = write_config(root, free_port(), ttft_slo_s)
-    dep = load_deployment(config)
-    print("building the tiny engines ...", flush=True)
-    build_deployment(dep, engines_root=root)
-    return LocalCluster(dep, config_path=config, engines_root=root, start_router=True, ready_timeout_s=300), config
 
 
 async def run_in(root: Path, args: argparse.Namespace) -> dict:

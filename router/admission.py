@@ -249,7 +249,9 @@ class Admission:
         """How long a request of `prompt_tokens` sent to `path`'s pool now would wait for its prefill: the
         replay's WAIT_QUANTILE and median, or the fluid estimate for both; None with no rate measured."""
         ahead = self.queued_tokens(path) + prompt_tokens  # the pool's, from every router
-        own_tokens, others_tokens = self._window_tokens(path)
+        window = self._window(path)
+        own_tokens = window.served[-1] if window.served else 0  # within the window: this router's, the others'
+        others_tokens = self._dispatch.others_prefilled_tokens(POOL_ROLE[path], self._clock() - self._window_s)
         if others_tokens and not own_tokens:
             # none of the window's prefills were this router's (it has just started, or had no traffic): the
             # pool's pace as the other routers saw it, not everything admitted until a prefill of its own returns
@@ -264,12 +266,6 @@ class Admission:
         if (drains := self._replayed_drains(path, ahead)) is None:
             return Forecast(ahead / rate, ahead / rate)
         return Forecast(quantile_of(drains, WAIT_QUANTILE), quantile_of(drains, 0.5))
-
-    def _window_tokens(self, path: ServePath) -> tuple[int, int]:
-        """Prompt tokens prefilled on `path`'s pool within the window: for this router, for the other routers."""
-        window = self._window(path)
-        own = window.served[-1] if window.served else 0
-        return own, self._dispatch.others_prefilled_tokens(POOL_ROLE[path], self._clock() - self._window_s)
 
     def estimated_wait_s(self, path: ServePath, prompt_tokens: int) -> float | None:
         """The wait admission judges by (the forecast's WAIT_QUANTILE); None with no rate measured."""

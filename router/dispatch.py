@@ -164,8 +164,8 @@ class Dispatcher:
         self._mine: dict[str, Outstanding] = defaultdict(Outstanding)
         self._prefilled: dict[Role, int] = defaultdict(int)  # prompt tokens this router saw prefilled, all time
         self._peer_prefilled: dict[tuple[str, Role], int] = {}  # each peer's count as last read
-        # what the peers prefilled between two reads: (monotonic time of the read, role, tokens)
-        self._peer_increments: deque[tuple[float, Role, int]] = deque()
+        # per pool, what the peers prefilled since the read before: (monotonic time of the read, tokens)
+        self._peer_increments: dict[Role, deque[tuple[float, int]]] = defaultdict(deque)
         self.kv: KVRouting | None = None  # the block index (router.kv_routing), set when policy is kv_aware
         self._last_seen_s: dict[str, float] = {}  # instance id -> monotonic time of the last refresh listing it
         self.snapshot = Snapshot()
@@ -212,21 +212,21 @@ class Dispatcher:
 
     def others_prefilled_tokens(self, role: Role, since_s: float) -> int:
         """Prompt tokens the other routers saw prefilled on `role`'s pool since `since_s` (monotonic), as
-        far as their last published counts tell (one refresh interval late at most)."""
-        return sum(n for at_s, r, n in self._peer_increments if r is role and at_s >= since_s)
+        far as their last published counts tell (one refresh interval late at most). Read newest first, so a
+        check (on every request) touches only the reads within its window."""
+        tokens = 0
+        for at_s, n in reversed(self._peer_increments[role]):
+            if at_s < since_s:
+                break
+            tokens += n
+        return tokens
 
-    def _read_peer_prefilled(self, peer: str, table: dict[Any, Any], read_s: float) -> None:
-        for field_name, raw in table.items():
-            name = as_text(field_name)
-            if not name.startswith(PREFILLED_FIELD):
-                continue
-            role, count = Role(name[len(PREFILLED_FIELD):]), int(raw)
-            before = self._peer_prefilled.get((peer, role))
-            self._peer_prefilled[(peer, role)] = count
-            if before is not None and count > before:  # (a restarted peer counts from 0 again)
-                self._peer_increments.append((read_s, role, count - before))
-        while self._peer_increments and self._peer_increments[0][0] < read_s - PEER_PREFILLED_KEPT_S:
-            self._peer_increments.popleft()
+    def _peer_prefilled_increment(self, peer: str, role: Role, count: int) -> int:
+        """How much `peer`'s prefilled count on `role` grew since the last read (0 the first time, and after the
+        peer restarted: it counts from 0 again)."""
+        before = self._peer_prefilled.get((peer, role))
+        self._peer_prefilled[(peer, role)] = count
+        return count - before if before is not None and count > before else 0
 
     async def _exchange_outstanding(self, now: float) -> dict[str, Outstanding]:
         mine = {k: json.dumps([v.prompt_tokens, v.sequences]) for k, v in self._mine.items()
@@ -250,15 +250,23 @@ class Dispatcher:
         for peer in peers:
             pipe.hgetall(router_inflight_key(peer))
         read_s = time.monotonic()
+        prefilled: dict[Role, int] = defaultdict(int)
         for peer, table in zip(peers, await pipe.execute(), strict=True):
-            self._read_peer_prefilled(peer, table, read_s)
-            for inst, raw in table.items():
-                if as_text(inst).startswith(PREFILLED_FIELD):
+            for name, raw in ((as_text(k), v) for k, v in table.items()):
+                if name.startswith(PREFILLED_FIELD):
+                    role = Role(name[len(PREFILLED_FIELD):])
+                    prefilled[role] += self._peer_prefilled_increment(peer, role, int(raw))
                     continue
                 prompt_tokens, sequences = json.loads(raw)
-                o = others[as_text(inst)]
+                o = others[name]
                 o.prompt_tokens += int(prompt_tokens)
                 o.sequences += int(sequences)
+        for increments in self._peer_increments.values():
+            while increments and increments[0][0] < read_s - PEER_PREFILLED_KEPT_S:
+                increments.popleft()
+        for role, tokens in prefilled.items():
+            if tokens:
+                self._peer_increments[role].append((read_s, tokens))
         return others
 
     async def withdraw(self) -> None:

@@ -131,10 +131,9 @@ class RequestRecordWriter:
 
     async def _write_unwritten(self) -> None:
         """Every transition queued and not yet written, in one round trip: taken when this write's turn comes,
-        so the ones queued while earlier writes were in flight go along."""
+        so the ones queued while earlier writes were in flight go along (it is queued only with one waiting,
+        and runs only if every write before it succeeded, so there is at least that one)."""
         steps, self._unwritten = self._unwritten, []
-        if not steps:  # the end's write took them (after a failed write)
-            return
         walk = list(self._walk)  # the unwritten steps are its tail
         await self._retried(lambda: self._transitions_or_recreate(steps, walk))
         self._stored = steps[-1].to
