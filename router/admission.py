@@ -73,7 +73,8 @@ measured, not modelled: they follow the engine as served on this machine, whatev
 finished nothing within the window keeps the rate it last showed: a burst after idle time is forecast from
 the capacity the pool had, not admitted whole until its first prefill comes back. A router with none of the
 window's prefills of its own while other routers saw some (it has just started behind a load balancer) goes
-by the pace they saw. With no prefill ever finished there is no evidence of a queue that does not move, and
+by the pace they saw, over the time it has been reading their counts (its uptime, while that is shorter than
+the window; the idle time within it counts too, which errs towards refusing). With no prefill ever finished there is no evidence of a queue that does not move, and
 everything is admitted.
 """
 
@@ -251,11 +252,14 @@ class Admission:
         ahead = self.queued_tokens(path) + prompt_tokens  # the pool's, from every router
         window = self._window(path)
         own_tokens = window.served[-1] if window.served else 0  # within the window: this router's, the others'
-        others_tokens = self._dispatch.others_prefilled_tokens(POOL_ROLE[path], self._clock() - self._window_s)
+        others = self._dispatch.others_prefilled(POOL_ROLE[path], self._clock() - self._window_s)
+        others_tokens = others.tokens
         if others_tokens and not own_tokens:
             # none of the window's prefills were this router's (it has just started, or had no traffic): the
-            # pool's pace as the other routers saw it, not everything admitted until a prefill of its own returns
-            pool_s = ahead * self._window_s / others_tokens
+            # pool's pace as the other routers saw it, not everything admitted until a prefill of its own
+            # returns; over the time their counts cover, which for a router that just started is its uptime,
+            # not the window (over the window, its first seconds would see the pool window / uptime too slow)
+            pool_s = ahead * others.covered_s / others_tokens
             return Forecast(pool_s, pool_s)
         rate = self.rate_tokens_per_s(path)
         if rate is None:

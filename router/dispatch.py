@@ -57,6 +57,14 @@ class Outstanding:
     sequences: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PeerPrefills:
+    """What the other routers saw prefilled on a pool over a stretch of time: their pace there."""
+
+    tokens: int
+    covered_s: float  # the time those tokens were counted over (0: no count read yet)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """An instance as a policy sees it: identity, published load, and what all routers have outstanding."""
@@ -166,6 +174,9 @@ class Dispatcher:
         self._peer_prefilled: dict[tuple[str, Role], int] = {}  # each peer's count as last read
         # per pool, what the peers prefilled since the read before: (monotonic time of the read, tokens)
         self._peer_increments: dict[Role, deque[tuple[float, int]]] = defaultdict(deque)
+        # per pool, the first read that found a peer's count there: the increments cover the time since then
+        self._peers_counted_since: dict[Role, float] = {}
+        self._last_peer_read_s: float | None = None  # the latest read of the peers' counts (monotonic)
         self.kv: KVRouting | None = None  # the block index (router.kv_routing), set when policy is kv_aware
         self._last_seen_s: dict[str, float] = {}  # instance id -> monotonic time of the last refresh listing it
         self.snapshot = Snapshot()
@@ -210,16 +221,20 @@ class Dispatcher:
         """A prefill this router sent to `role`'s pool finished: published with its outstanding work."""
         self._prefilled[role] += prompt_tokens
 
-    def others_prefilled_tokens(self, role: Role, since_s: float) -> int:
+    def others_prefilled(self, role: Role, since_s: float) -> PeerPrefills:
         """Prompt tokens the other routers saw prefilled on `role`'s pool since `since_s` (monotonic), as
-        far as their last published counts tell (one refresh interval late at most). Read newest first, so a
-        check (on every request) touches only the reads within its window."""
+        far as their last published counts tell (one refresh interval late at most), and the seconds that
+        covers: from `since_s`, or from this router's first read of a count there when that is later (a
+        router that just started knows nothing of the time before it). Read newest first, so a check (on
+        every request) touches only the reads within its window."""
         tokens = 0
         for at_s, n in reversed(self._peer_increments[role]):
             if at_s < since_s:
                 break
             tokens += n
-        return tokens
+        first_s, last_s = self._peers_counted_since.get(role), self._last_peer_read_s
+        covered_s = 0.0 if first_s is None or last_s is None else max(0.0, last_s - max(since_s, first_s))
+        return PeerPrefills(tokens, covered_s)
 
     def _peer_prefilled_increment(self, peer: str, role: Role, count: int) -> int:
         """How much `peer`'s prefilled count on `role` grew since the last read (0 the first time, and after the
@@ -265,8 +280,10 @@ class Dispatcher:
             while increments and increments[0][0] < read_s - PEER_PREFILLED_KEPT_S:
                 increments.popleft()
         for role, tokens in prefilled.items():
+            self._peers_counted_since.setdefault(role, read_s)
             if tokens:
                 self._peer_increments[role].append((read_s, tokens))
+        self._last_peer_read_s = read_s
         return others
 
     async def withdraw(self) -> None:

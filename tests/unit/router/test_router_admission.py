@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from router.admission import HONOURED_RETRY_AFTER_S, Admission, retry_count
-from router.dispatch import Candidate, Outstanding, ServePath
+from router.dispatch import Candidate, Outstanding, PeerPrefills, ServePath
 from router.errors import Overloaded
 from router.metrics import RouterMetrics
 from tests.unit.router.router_testkit import (
@@ -26,7 +26,8 @@ from trt_disagg.contract import InstanceInfo, InstanceLoad, Role
 @dataclass
 class FakeDispatcher:
     queued: list[int]
-    others_prefilled: int = 0  # what the other routers saw prefilled within any window asked about
+    others_tokens: int = 0  # what the other routers saw prefilled within any window asked about ...
+    others_covered_s: float = 10.0  # ... counted over this long
 
     def candidates(self, role: Role, exclude: frozenset[str] = frozenset()) -> list[Candidate]:
         info = InstanceInfo("p", role, "h", "g", "", "", 1, 1, 1, "f", "m")
@@ -35,8 +36,8 @@ class FakeDispatcher:
     def count_prefilled(self, role: Role, prompt_tokens: int) -> None:
         pass
 
-    def others_prefilled_tokens(self, role: Role, since_s: float) -> int:
-        return self.others_prefilled
+    def others_prefilled(self, role: Role, since_s: float) -> PeerPrefills:
+        return PeerPrefills(self.others_tokens, self.others_covered_s)
 
 
 def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_target():
@@ -253,19 +254,24 @@ def test_with_other_routers_a_router_replays_its_share_of_the_pool_queue():
         adm.prefilled(ServePath.DISAGGREGATED, 100, 5.0)
     now[0] = 8.0
     alone = adm.forecast(ServePath.DISAGGREGATED, 200)
-    pool.others_prefilled = 900  # the other router's completions over the same window
+    pool.others_tokens = 900  # the other router's completions over the same window
     shared = adm.forecast(ServePath.DISAGGREGATED, 200)
     assert alone is not None and shared is not None
     assert alone.bound_s == pytest.approx(12.0)  # 1200 tokens at this router's 100 a second
     assert shared.bound_s == pytest.approx(6.0)  # its half of them: 1200 tokens at the pool's 200 a second
     now[0] = 30.0  # none of the window's prefills were this router's, 2000 tokens were the other's
-    pool.others_prefilled = 2000
+    pool.others_tokens = 2000
     forecast = adm.forecast(ServePath.DISAGGREGATED, 200)
     assert forecast is not None and forecast.bound_s == pytest.approx(1200 / (2000 / 10.0))  # the pool's pace
-    started = Admission(FakeDispatcher(queued=[1000], others_prefilled=2000), target_s=2.0,  # type: ignore[arg-type]
+    started = Admission(FakeDispatcher(queued=[1000], others_tokens=2000), target_s=2.0,  # type: ignore[arg-type]
                         clock=lambda: 0.0)
     with pytest.raises(Overloaded):  # a router that just started, none of its own prefills back yet: the same
         started.check(ServePath.DISAGGREGATED, 200)
+    # up 2 s, it has read 400 tokens of the others' (their 200 a second): the pool's pace is over those 2 s,
+    # not over the window it has not seen (that would be 40 a second, and every request refused)
+    up_2s = Admission(FakeDispatcher(queued=[0], others_tokens=400, others_covered_s=2.0),  # type: ignore[arg-type]
+                      target_s=2.0, clock=lambda: 2.0)
+    assert up_2s.check(ServePath.DISAGGREGATED, 200) == pytest.approx(1.0)
 
 
 def test_a_clumped_pool_is_forecast_from_where_now_falls_between_its_clumps():

@@ -117,16 +117,20 @@ async def test_routers_see_what_the_others_saw_prefilled_on_each_pool(redis):
     start_s = time.monotonic()
     a.count_prefilled(Role.PREFILL, 500)  # (1) before b first reads a's count: b's baseline, not counted
     await a.refresh()
+    b_first_read_s = time.monotonic()
     await b.refresh()
-    assert b.others_prefilled_tokens(Role.PREFILL, start_s) == 0
+    assert b.others_prefilled(Role.PREFILL, start_s).tokens == 0
     a.count_prefilled(Role.PREFILL, 300)  # (2) then 300 more, and 40 on the colocated pool
     a.count_prefilled(Role.COLOCATED, 40)
     await a.refresh()
     await b.refresh()
-    assert b.others_prefilled_tokens(Role.PREFILL, start_s) == 300
-    assert b.others_prefilled_tokens(Role.COLOCATED, start_s) == 0  # (first seen now: its baseline)
-    assert b.others_prefilled_tokens(Role.PREFILL, time.monotonic() + 1) == 0  # nothing after a later moment
-    assert a.others_prefilled_tokens(Role.PREFILL, start_s) == 0  # its own are not "the others'"
+    seen = b.others_prefilled(Role.PREFILL, start_s - 60)
+    assert seen.tokens == 300
+    # counted over the time since b first read a's count (b knows nothing before it), not the 60 s asked about
+    assert 0 < seen.covered_s <= time.monotonic() - b_first_read_s
+    assert b.others_prefilled(Role.COLOCATED, start_s).tokens == 0  # (first seen now: its baseline)
+    assert b.others_prefilled(Role.PREFILL, time.monotonic() + 1).tokens == 0  # nothing after a later moment
+    assert a.others_prefilled(Role.PREFILL, start_s).tokens == 0  # its own are not "the others'"
     assert b.outstanding("p0").prompt_tokens == 0  # the counts are not outstanding work on an instance
     await a.withdraw()
 
