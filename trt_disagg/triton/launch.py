@@ -182,10 +182,15 @@ class TritonProcess:
         return f"{self.host}:{self.ports.http}"
 
     def command(self) -> list[str]:
+        # --disable-auto-complete-config: the rendered config.pbtxt is complete, and with auto-complete on the
+        # Python backend starts a whole stub process (interpreter, model.py's imports) only to ask the model
+        # for a config it does not change, before the stub that serves. Measured on the tiny engines, idle:
+        # an instance's restart 7-8 s -> 3-4 s, a deployment's cold start 20 s -> 12 s.
         cmd = [str(self._binary.executable), f"--model-repository={self.repo_dir}",
                f"--grpc-port={self.ports.grpc}", f"--http-port={self.ports.http}",
                f"--grpc-address={self.bind}", f"--http-address={self.bind}",
                "--exit-on-error=true", "--strict-readiness=true",
+               "--disable-auto-complete-config",
                f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--log-verbose=0",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         if self._binary.metrics_server:
