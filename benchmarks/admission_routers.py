@@ -10,8 +10,13 @@ deployment (`admission: ttft`, 2 s target), side by side:
     one router    admitted, 429, admitted TTFT p50/p90 against the target
     two routers   the same, the arrivals alternating between them (as a load balancer would), after both
                   served the pool for a few seconds (steady operation, not a router that just started)
+    retrying      the same burst over two routers from clients that retry a 429 as openai-python does (after
+                  its retry-after-ms, at most twice; each attempt to the next router): the refused clients of
+                  both routers wait in one queue outside, and each router places its own behind the others'
+                  (router/admission.py): clients served, admitted TTFT, Retry-After against the drain of the
+                  work ahead, the pool's pace against its capacity
 
-    .venv/bin/python benchmarks/admission_routers.py     # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/admission_routers.py     # ~6 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.chaos_client import args_with, burst, capacity_rps, until  # noqa: E402
 from benchmarks.chaos_deployment import idle, tiny_cluster  # noqa: E402
+from benchmarks.chaos_retries import retry_report, retrying_burst  # noqa: E402
 from trt_disagg.triton.cluster import LocalCluster  # noqa: E402
 from trt_disagg.triton.launch import free_port, stop_process  # noqa: E402
 
@@ -83,6 +89,9 @@ async def run_in(root: Path, args: argparse.Namespace) -> dict:
         print("the same burst spread over two routers ...", flush=True)
         two = await burst(urls, 4 * capacity, args, capacity)
         await until(lambda: idle(cluster), 60, "instances idle after the burst")
+        print("clients retrying, over two routers ...", flush=True)
+        retrying = await retrying_burst(urls, 4 * capacity, args, capacity)
+        await until(lambda: idle(cluster), 60, "instances idle after the burst")
     finally:
         if other is not None:
             stop_process(other, timeout_s=10)
@@ -92,10 +101,11 @@ async def run_in(root: Path, args: argparse.Namespace) -> dict:
     print(row("one router", one))
     print(row("two routers", two))
     print(f"admitted two routers / one: {two['admitted'] / max(1, one['admitted']):.2f}")
+    print("\n".join(retry_report(retrying)))
     keep = ("rate_rps", "sent", "admitted", "refused_429", "admitted_ttft_p50_s", "admitted_ttft_p90_s",
             "admitted_within_target")
     return {"capacity_rps": capacity, "one_router": {k: one[k] for k in keep},
-            "two_routers": {k: two[k] for k in keep}, "args": vars(args)}
+            "two_routers": {k: two[k] for k in keep}, "retrying_two_routers": retrying, "args": vars(args)}
 
 
 def main() -> None:

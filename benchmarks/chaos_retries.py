@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import time
 from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -60,10 +62,12 @@ async def retry_queue_empty(url: str) -> bool:
     return await retry_queue_s(url) <= 0.0
 
 
-async def retrying_client(url: str, body: bytes) -> Client:
+async def retrying_client(urls: Iterator[str], body: bytes) -> Client:
+    """One caller; each attempt goes to the next of `urls` (one router, or several behind a load balancer that
+    takes turns: a retry may reach another router than the one that refused it)."""
     client = Client(time.monotonic())
     for retry_count in range(1 + MAX_RETRIES):  # sent as the SDK sends it: the router paces by it
-        attempt = await lean_request(url, body, "retrying burst", retry_count)
+        attempt = await lean_request(next(urls), body, "retrying burst", retry_count)
         client.attempts.append(attempt)
         wait_s = attempt.retry_after_s
         if wait_s is None or not 0 < wait_s <= HONOURED_RETRY_AFTER_S:
@@ -72,9 +76,11 @@ async def retrying_client(url: str, body: bytes) -> Client:
     return client
 
 
-async def retrying_burst(url: str, rate_rps: float, args: argparse.Namespace, capacity_rps: float) -> dict:
+async def retrying_burst(url: str | Sequence[str], rate_rps: float, args: argparse.Namespace,
+                         capacity_rps: float) -> dict:
     """Poisson arrivals of new clients at `rate_rps` for burst_s (the same schedule as the plain burst), each
-    retrying its 429s as above."""
+    retrying its 429s as above; several router URLs take the attempts in turn, as a load balancer would."""
+    urls = itertools.cycle([url] if isinstance(url, str) else list(url))
     rng = random.Random(0)
     body = json.dumps({"model": "chaos", "prompt": LONG, "max_tokens": 2, "temperature": 0,
                        "stream": True}).encode()
@@ -82,7 +88,7 @@ async def retrying_burst(url: str, rate_rps: float, args: argparse.Namespace, ca
     next_s = time.monotonic()
     end = next_s + args.burst_s
     while next_s < end:
-        tasks.append(asyncio.create_task(retrying_client(url, body)))
+        tasks.append(asyncio.create_task(retrying_client(urls, body)))
         next_s += rng.expovariate(rate_rps)
         await asyncio.sleep(max(0.0, next_s - time.monotonic()))
     return retry_summary(list(await asyncio.gather(*tasks)), rate_rps, args.ttft_slo_s, capacity_rps)

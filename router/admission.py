@@ -51,8 +51,9 @@ after their retries; their returns also pile into the router's accept queue, whi
 it admits (measured at 4x overload with clients retrying as openai-python does: admitted TTFT p90 3-7 s
 against a 2 s target). So each refusal takes the next place in that outside queue: the first is told the
 backlog's excess, each later one the place after the prompts of those told before it, at the pool's measured
-prefill rate (`_paced_until`, per router; it lapses on its own once the router stops refusing; /metrics
-shows it). Admission itself is unchanged (it reserves nothing: a client that never comes back costs no
+prefill rate (`_paced_until`; it lapses on its own once the router stops refusing; /metrics shows it).
+With several routers on a pool the outside queue is one: each router publishes until when its own refused
+clients hold places (router/dispatch.py) and places the clients it refuses after all of them. Admission itself is unchanged (it reserves nothing: a client that never comes back costs no
 capacity), so a request arriving for the first time and admitted while refused clients wait for their places
 took pool time ahead of them: their queue moves back by its prompt. Whether a request is a retry the client
 says (`x-stainless-retry-count`, sent by OpenAI's SDKs on every attempt, 0 on the first); a retry admitted
@@ -209,6 +210,17 @@ class Admission:
         self._last_rate[path] = rate
         return rate
 
+    def _pool_rate(self, path: ServePath) -> float | None:
+        """The pool's prefill rate, for the spacing of places: this router's (rate_tokens_per_s) is that of its
+        own completions, its share of the pool's when other routers send there too. The places every router
+        hands out make one queue, so each is spaced at the pool's pace: at this router's alone, two routers'
+        queues together would announce twice the wait."""
+        rate = self.rate_tokens_per_s(path)
+        window = self._window(path)
+        own = window.served[-1] if window.served else 0
+        others = self._dispatch.others_prefilled(POOL_ROLE[path], self._clock() - self._window_s).tokens
+        return rate * (own + others) / own if rate and own and others else rate
+
     def _window(self, path: ServePath) -> _Window:
         self._expire(path)
         if (window := self._windows.get(path)) is None:
@@ -333,17 +345,19 @@ class Admission:
         now = self._clock()
         share = self.returns.share()
         paced = self._paced(path, share)
-        back_at = max(now + excess_s, paced)
+        # the clients the other routers refused are in the same queue outside: this one comes after them too
+        queue_end = paced + self._dispatch.others_paced_s(POOL_ROLE[path])
+        back_at = max(now + excess_s, queue_end)
         recent = self._recent_excess[path]
         recent.append(max(0.0, backlog_excess_s))
-        rate = self.rate_tokens_per_s(path)  # measured: a refusal comes from a forecast, which needs one
+        rate = self._pool_rate(path)  # measured: a refusal comes from a forecast, which needs one
         if takes_place and rate and back_at - now <= HONOURED_RETRY_AFTER_S:
             # The queue ends after this client's prompt, if it comes back (as a share of clients do): behind
             # the backlog, whose end is the latest refusals' typical excess, not this one's. A forecast is now
             # and then far off (clumped completions, a stalled moment): the client it refused is told it, the
             # clients after it are not held back by it.
             backlog_end = now + median(recent)
-            self._paced_until[path] = paced + share * (max(0.0, backlog_end - paced) + prompt_tokens / rate)
+            self._set_paced(path, paced + share * (max(0.0, backlog_end - queue_end) + prompt_tokens / rate))
             self.returns.handed_out(back_at)
         return back_at - now
 
@@ -355,8 +369,8 @@ class Admission:
         paced_until = self._paced(path, share)
         if paced_until <= self._clock():
             return
-        if rate := self.rate_tokens_per_s(path):
-            self._paced_until[path] = paced_until + share * prompt_tokens / rate
+        if rate := self._pool_rate(path):
+            self._set_paced(path, paced_until + share * prompt_tokens / rate)
 
     def _paced(self, path: ServePath, share: float) -> float:
         """When the clients refused so far on `path` will have had their places, at the return share `share`:
@@ -367,9 +381,15 @@ class Admission:
         counted_at = self._paced_share.get(path, share)
         if until > now and counted_at != share:
             until = now + (until - now) * share / counted_at
-            self._paced_until[path] = until
+            self._set_paced(path, until)
         self._paced_share[path] = share
         return max(until, now)
+
+    def _set_paced(self, path: ServePath, until: float) -> None:
+        """Move the end of this router's refused clients' places on `path`, and tell the other routers (their
+        refused clients queue behind these: router/dispatch.py publishes it)."""
+        self._paced_until[path] = until
+        self._dispatch.publish_paced(POOL_ROLE[path], until - self._clock())
 
     def retry_queue_s(self, path: ServePath) -> float:
         """Seconds until the clients refused so far on `path` will have had their places (0: none waiting)."""

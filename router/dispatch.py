@@ -4,7 +4,9 @@
       trtd:role:<role>, trtd:instance:<id>, trtd:load:<id>        (written by the instances; trt_disagg.keys)
       trtd:drain:<id>                                             (written by /admin: take no new work)
       trtd:router_inflight:<router_id>  HASH instance -> outstanding work this router sent there,
-                                        and "#prefilled:<role>" -> prompt tokens it saw prefilled there, all time
+                                        "#prefilled:<role>" -> prompt tokens it saw prefilled there, all time,
+                                        "#paced:<role>" -> until when (wall clock) the clients it refused
+                                        there hold places (router/admission.py)
     pick(role) = policy.choose(candidates)                        (in memory, no Redis round trip)
 
 The load of an instance is what it published (queued prompt tokens, running sequences, free KV blocks)
@@ -12,7 +14,8 @@ and what the routers have outstanding on it: every router publishes its own outs
 refresh and reads the others', so several routers agree without a Redis call on the request path. Each
 figure is a lower bound of the truth (the instance's is a moment old, a router's misses the others' last
 refresh), so a policy takes the larger of the two. The prefilled counts let each router's admission
-(router/admission.py) tell which part of a pool's completions it sees: its own are only its share.
+(router/admission.py) tell which part of a pool's completions it sees: its own are only its share; the
+paced times let it place the clients it refuses behind those the others refused.
 
 Policies are chosen by name from `POLICIES` (least_loaded, round_robin, kv_aware: router/kv_routing.py); adding one is one class and one
 line. Conditional disaggregation: `choose_path` sends prompts shorter than the threshold (or every prompt,
@@ -40,6 +43,7 @@ from trt_disagg.registry_read import list_instances
 log = logging.getLogger(__name__)
 
 PREFILLED_FIELD = "#prefilled:"  # + role: a field of a router's inflight hash no instance id can take
+PACED_FIELD = "#paced:"  # + role: until when (time.time()) this router's refused clients hold places there
 PEER_PREFILLED_KEPT_S = 120.0  # how far back the peers' prefilled counts are kept (admission's window is less)
 
 
@@ -177,6 +181,8 @@ class Dispatcher:
         # per pool, the first read that found a peer's count there: the increments cover the time since then
         self._peers_counted_since: dict[Role, float] = {}
         self._last_peer_read_s: float | None = None  # the latest read of the peers' counts (monotonic)
+        self._paced_until: dict[Role, float] = {}  # published: until when (wall clock) our refused clients wait
+        self._peer_paced_until: dict[Role, list[float]] = {}  # the peers' as last read
         self.kv: KVRouting | None = None  # the block index (router.kv_routing), set when policy is kv_aware
         self._last_seen_s: dict[str, float] = {}  # instance id -> monotonic time of the last refresh listing it
         self.snapshot = Snapshot()
@@ -236,6 +242,17 @@ class Dispatcher:
         covered_s = 0.0 if first_s is None or last_s is None else max(0.0, last_s - max(since_s, first_s))
         return PeerPrefills(tokens, covered_s)
 
+    def publish_paced(self, role: Role, remaining_s: float) -> None:
+        """The clients this router refused on `role`'s pool hold places for `remaining_s` more seconds:
+        published at the next refresh (as a wall-clock time: the routers may be on different hosts)."""
+        self._paced_until[role] = time.time() + remaining_s
+
+    def others_paced_s(self, role: Role) -> float:
+        """Seconds of places the other routers' refused clients still hold on `role`'s pool, together (as of
+        their last published times)."""
+        now = time.time()
+        return sum(max(0.0, until - now) for until in self._peer_paced_until.get(role, ()))
+
     def _peer_prefilled_increment(self, peer: str, role: Role, count: int) -> int:
         """How much `peer`'s prefilled count on `role` grew since the last read (0 the first time, and after the
         peer restarted: it counts from 0 again)."""
@@ -247,6 +264,8 @@ class Dispatcher:
         mine = {k: json.dumps([v.prompt_tokens, v.sequences]) for k, v in self._mine.items()
                 if v.prompt_tokens or v.sequences}
         mine.update({f"{PREFILLED_FIELD}{role.value}": str(n) for role, n in self._prefilled.items()})
+        mine.update({f"{PACED_FIELD}{role.value}": f"{until:.3f}" for role, until in self._paced_until.items()
+                     if until > now})
         key = router_inflight_key(self.router_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
@@ -260,14 +279,19 @@ class Dispatcher:
         others: dict[str, Outstanding] = defaultdict(Outstanding)
         peers = [as_text(r) for r in routers if as_text(r) != self.router_id]
         if not peers:
+            self._peer_paced_until = {}
             return others
         pipe = self._redis.pipeline(transaction=False)
         for peer in peers:
             pipe.hgetall(router_inflight_key(peer))
         read_s = time.monotonic()
         prefilled: dict[Role, int] = defaultdict(int)
+        paced: dict[Role, list[float]] = defaultdict(list)
         for peer, table in zip(peers, await pipe.execute(), strict=True):
             for name, raw in ((as_text(k), v) for k, v in table.items()):
+                if name.startswith(PACED_FIELD):
+                    paced[Role(name[len(PACED_FIELD):])].append(float(raw))
+                    continue
                 if name.startswith(PREFILLED_FIELD):
                     role = Role(name[len(PREFILLED_FIELD):])
                     prefilled[role] += self._peer_prefilled_increment(peer, role, int(raw))
@@ -284,6 +308,7 @@ class Dispatcher:
             if tokens:
                 self._peer_increments[role].append((read_s, tokens))
         self._last_peer_read_s = read_s
+        self._peer_paced_until = dict(paced)
         return others
 
     async def withdraw(self) -> None:

@@ -4,7 +4,7 @@ the queue; with no evidence of a stuck queue everything is admitted."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -36,8 +36,17 @@ class FakeDispatcher:
     def count_prefilled(self, role: Role, prompt_tokens: int) -> None:
         pass
 
+    others_paced: float = 0.0  # seconds of places the other routers' refused clients hold
+    published_paced: dict[Role, float] = field(default_factory=dict)
+
     def others_prefilled(self, role: Role, since_s: float) -> PeerPrefills:
         return PeerPrefills(self.others_tokens, self.others_covered_s)
+
+    def publish_paced(self, role: Role, remaining_s: float) -> None:
+        self.published_paced[role] = remaining_s
+
+    def others_paced_s(self, role: Role) -> float:
+        return self.others_paced
 
 
 def test_wait_is_queue_over_measured_rate_and_retry_after_is_the_drain_past_the_target():
@@ -79,15 +88,22 @@ def test_the_rate_is_what_the_pool_served_while_busy():
     assert adm.rate_tokens_per_s(ServePath.DISAGGREGATED) == pytest.approx(100.0)
 
 
+def serving_100_tokens_a_second() -> tuple[FakeDispatcher, Admission, list[float]]:
+    """A pool with 4000 prompt tokens queued that served 100 tokens a second for 10 s (a 2 s target): a
+    request of 500 tokens would wait 45 s. Returns the pool, its admission and the clock to move."""
+    now = [0.0]
+    pool = FakeDispatcher(queued=[3000, 1000])
+    adm = Admission(pool, target_s=2.0, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    for i in range(10):
+        now[0] = float(i)
+        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    return pool, adm, now
+
+
 def test_refused_clients_are_told_their_place_behind_those_refused_before_them():
     """Refused clients come back (OpenAI's SDKs retry a 429): each is told when the backlog it was refused for,
     and the prompts of the clients told to come back before it, will have drained; the queue lapses with time."""
-    now = [0.0]
-    adm = Admission(FakeDispatcher(queued=[3000, 1000]), target_s=2.0, window_s=10.0,  # type: ignore[arg-type]
-                    clock=lambda: now[0])
-    for i in range(10):  # 100 tokens/s served
-        now[0] = float(i)
-        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    _, adm, now = serving_100_tokens_a_second()
     told = []
     for prompt in (500, 200, 300):  # three refusals at the same moment: waits 45, 42 and 43 s
         with pytest.raises(Overloaded) as refused:
@@ -111,13 +127,24 @@ def test_refused_clients_are_told_their_place_behind_those_refused_before_them()
     assert refused.value.retry_after_s == pytest.approx(43.0)
 
 
+def test_with_other_routers_refused_clients_are_placed_behind_theirs_too():
+    """Several routers on one pool: the clients each refused wait in one queue outside. A router places the
+    clients it refuses after the places the others published, and publishes how long its own hold; places are
+    spaced at the pool's pace, not at this router's share of it."""
+    pool, adm, now = serving_100_tokens_a_second()
+    pool.others_tokens = 1000  # another router's completions, as many as this one's: the pool serves 200 a second
+    pool.others_paced = 60.0  # the other routers' refused clients hold 60 s of places (past this backlog)
+    told = []
+    for prompt in (500, 200, 300):
+        with pytest.raises(Overloaded) as refused:
+            adm.check(ServePath.DISAGGREGATED, prompt)
+        told.append(refused.value.retry_after_s)
+        assert pool.published_paced[Role.PREFILL] == pytest.approx(sum((500, 200, 300)[:len(told)]) / 200)
+    assert told == pytest.approx([60.0, 62.5, 63.5])  # after theirs, then after the prompts told before it
+
+
 def test_a_first_arrival_admitted_ahead_of_waiting_refused_clients_moves_their_places_back():
-    now = [0.0]
-    pool = FakeDispatcher(queued=[3000, 1000])
-    adm = Admission(pool, target_s=2.0, window_s=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
-    for i in range(10):  # 100 tokens/s served
-        now[0] = float(i)
-        adm.prefilled(ServePath.DISAGGREGATED, 100, 2.0)
+    pool, adm, now = serving_100_tokens_a_second()
     with pytest.raises(Overloaded):
         adm.check(ServePath.DISAGGREGATED, 500)  # told 43 s; the next refused client 48 s
     assert adm.retry_queue_s(ServePath.DISAGGREGATED) == pytest.approx(48.0)

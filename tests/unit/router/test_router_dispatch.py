@@ -135,6 +135,23 @@ async def test_routers_see_what_the_others_saw_prefilled_on_each_pool(redis):
     await a.withdraw()
 
 
+async def test_routers_see_how_long_the_others_refused_clients_hold_places(redis):
+    await register(redis, "p0", Role.PREFILL)
+    a, b = make_dispatcher(redis, "ra"), make_dispatcher(redis, "rb")
+    a.publish_paced(Role.PREFILL, 30.0)
+    before_s = time.time()
+    await a.refresh()
+    await b.refresh()
+    seen = b.others_paced_s(Role.PREFILL)
+    assert 30.0 - (time.time() - before_s) - 0.01 <= seen <= 30.001  # less the time since it was published
+    assert b.others_paced_s(Role.COLOCATED) == 0.0 and a.others_paced_s(Role.PREFILL) == 0.0  # not its own
+    a.publish_paced(Role.PREFILL, 0.0)  # its places have passed: no longer published
+    await a.refresh()
+    await b.refresh()
+    assert b.others_paced_s(Role.PREFILL) == 0.0
+    await a.withdraw()
+
+
 async def test_two_routers_see_each_others_outstanding_work(redis):
     await register(redis, "d0", Role.DECODE)
     await register(redis, "d1", Role.DECODE)
