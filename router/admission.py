@@ -46,37 +46,40 @@ Why Retry-After counts the clients refused before this one: they come back. Open
 default (openai-python: twice, after `retry-after-ms` when it is under two minutes), so under overload the
 refused clients are a queue of their own, outside the router, that drains into the pool as fast as the pool
 takes work and no faster. Announced only the backlog each was refused for (the same for all of them, held at
-the target by admission: ~0 past it), they all come back at once, are refused again together and give up
-after their retries; their returns also pile into the router's accept queue, which then delays the requests
-it admits (measured at 4x overload with clients retrying as openai-python does: admitted TTFT p90 3-7 s
-against a 2 s target). So each refusal takes the next place in that outside queue: the first is told the
-backlog's excess, each later one the place after the prompts of those told before it, at the pool's measured
-prefill rate (`_paced_until`; it lapses on its own once the router stops refusing; /metrics shows it).
-With several routers on a pool the outside queue is one: each router publishes until when its own refused
-clients hold places (router/dispatch.py) and places the clients it refuses after all of them. Admission itself is unchanged (it reserves nothing: a client that never comes back costs no
-capacity), so a request arriving for the first time and admitted while refused clients wait for their places
-took pool time ahead of them: their queue moves back by its prompt. Whether a request is a retry the client
-says (`x-stainless-retry-count`, sent by OpenAI's SDKs on every attempt, 0 on the first); a retry admitted
-takes the place it was given and moves nothing. A client that says nothing (curl, a load generator, a plain
-HTTP library) is told the queue as it is and takes no place: its return could not be told from a first
-arrival, so a place held for it could never be claimed and would only delay the clients after it. Places are
-only worth holding for clients that come back: each counts by the share of refused clients that did lately
-(router/returns.py: retries claim places, places passed by unclaimed settle), and the queue already handed
-out is rescaled whenever that share moves, so SDK clients that never return (`max_retries=0`) soon stop
-lengthening the places of those after them. One told more than an SDK waits, two minutes, takes no place.
+the target by admission: ~0 past it), they all come back at once, are refused again together and give up after
+their retries; their returns also pile into the router's accept queue, which then delays the requests it
+admits (measured at 4x overload with clients retrying as openai-python does: admitted TTFT p90 3-7 s against a
+2 s target). So each refusal takes the next place in that outside queue: the first is told the backlog's
+excess, each later one the place after the prompts of those told before it, at the pool's measured prefill
+rate (`_paced_until`; it lapses on its own once the router stops refusing; /metrics shows it). With several
+routers on a pool the outside queue is one: each router publishes until when its own refused clients hold
+places (router/dispatch.py) and places the clients it refuses after all of them. Admission itself is unchanged
+(it reserves nothing: a client that never comes back costs no capacity), so a request arriving for the first
+time and admitted while refused clients wait for their places took pool time ahead of them: their queue moves
+back by its prompt. Whether a request is a retry the client says (`x-stainless-retry-count`, sent by OpenAI's
+SDKs on every attempt, 0 on the first); a retry admitted takes the place it was given and moves nothing. A
+client that says nothing (curl, a load generator, a plain HTTP library) is told the queue as it is and takes
+no place: its return could not be told from a first arrival, so a place held for it could never be claimed and
+would only delay the clients after it. Places are only worth holding for clients that come back: each counts
+by the share of refused clients that did lately (router/returns.py: retries claim places, places passed by
+unclaimed settle), and the queue already handed out is rescaled whenever that share moves, so SDK clients that
+never return (`max_retries=0`) soon stop lengthening the places of those after them. One told more than an SDK
+waits, two minutes, takes no place.
 
 
-The rate (for the fluid fallback, and the spacing of places) is the larger of two measured lower bounds of
-the pool's capacity: the prompt tokens it finished per second of the window's busy time (from a completion
-that left work queued to the next: exact while it is saturated, and idle stretches do not count), and the
-tokens per second of its recent prefill calls, queueing included (exact while it is not). Both are
-measured, not modelled: they follow the engine as served on this machine, whatever its load. A pool that
-finished nothing within the window keeps the rate it last showed: a burst after idle time is forecast from
-the capacity the pool had, not admitted whole until its first prefill comes back. A router with none of the
-window's prefills of its own while other routers saw some (it has just started behind a load balancer) goes
-by the pace they saw, over the time it has been reading their counts (its uptime, while that is shorter than
-the window; the idle time within it counts too, which errs towards refusing). With no prefill ever finished there is no evidence of a queue that does not move, and
-everything is admitted.
+The rate (for the fluid fallback, and the spacing of places) is the larger of two measured lower bounds of the
+pool's capacity: the prompt tokens it finished per second of the window's busy time (from a completion that
+left work queued to the next: exact while it is saturated, and idle stretches do not count), and the tokens
+per second of its recent prefill calls, queueing included (exact while it is not). Both are measured, not
+modelled: they follow the engine as served on this machine, whatever its load. With other routers on the pool,
+this rate is of this router's completions, its share of the pool's: the places (one queue for all routers) are
+spaced at the pool's pace, the rate scaled by all routers' prefilled tokens over its own. A pool that finished
+nothing within the window keeps the rate it last showed: a burst after idle time is forecast from the capacity
+the pool had, not admitted whole until its first prefill comes back. A router with none of the window's
+prefills of its own while other routers saw some (it has just started behind a load balancer) goes by the pace
+they saw, over the time it has been reading their counts (its uptime, while that is shorter than the window;
+the idle time within it counts too, which errs towards refusing). With no prefill ever finished there is no
+evidence of a queue that does not move, and everything is admitted.
 """
 
 from __future__ import annotations
