@@ -93,7 +93,7 @@ from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from statistics import median
 
-from router.dispatch import Dispatcher, ServePath
+from router.dispatch import Dispatcher, PeerPrefills, ServePath
 from router.errors import Overloaded
 from router.returns import Returns
 from trt_disagg.contract import Role
@@ -219,10 +219,14 @@ class Admission:
         hands out make one queue, so each is spaced at the pool's pace: at this router's alone, two routers'
         queues together would announce twice the wait."""
         rate = self.rate_tokens_per_s(path)
-        window = self._window(path)
-        own = window.served[-1] if window.served else 0
-        others = self._dispatch.others_prefilled(POOL_ROLE[path], self._clock() - self._window_s).tokens
-        return rate * (own + others) / own if rate and own and others else rate
+        own, others = self._window_tokens(path)
+        return rate * (own + others.tokens) / own if rate and own and others.tokens else rate
+
+    def _window_tokens(self, path: ServePath) -> tuple[int, PeerPrefills]:
+        """Prompt tokens prefilled on `path`'s pool within the window: this router's, and the other routers'."""
+        served = self._window(path).served
+        return (served[-1] if served else 0,
+                self._dispatch.others_prefilled(POOL_ROLE[path], self._clock() - self._window_s))
 
     def _window(self, path: ServePath) -> _Window:
         self._expire(path)
@@ -265,9 +269,7 @@ class Admission:
         """How long a request of `prompt_tokens` sent to `path`'s pool now would wait for its prefill: the
         replay's WAIT_QUANTILE and median, or the fluid estimate for both; None with no rate measured."""
         ahead = self.queued_tokens(path) + prompt_tokens  # the pool's, from every router
-        window = self._window(path)
-        own_tokens = window.served[-1] if window.served else 0  # within the window: this router's, the others'
-        others = self._dispatch.others_prefilled(POOL_ROLE[path], self._clock() - self._window_s)
+        own_tokens, others = self._window_tokens(path)
         others_tokens = others.tokens
         if others_tokens and not own_tokens:
             # none of the window's prefills were this router's (it has just started, or had no traffic): the
